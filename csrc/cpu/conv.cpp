@@ -1,0 +1,116 @@
+// conv_li on the CPU: learned-image patches of a conv layer's output neurons.
+//
+// out[b, o, y, x] = gate[b,o,y,x] * scale[o] * sum_{i in group(o), ky, kx} W[o,i,ky,kx] *
+//                   place(patches[b, i, y*s + ky*d - p, x*s + kx*d - p])
+//
+// Work is split over output neurons with the output channel fastest, so that consecutive
+// neurons of one thread share their input patches (hot in cache). A neuron whose
+// gate * scale is zero is written as zeros without any work; an input neuron with
+// in_active == false, or a zero weight, is skipped.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "nns_cuda/checks.h"
+#include "nns_cuda/geometry.h"
+#include "nns_cuda/validate.h"
+
+namespace nns_cuda {
+namespace {
+
+template <typename scalar_t>
+void conv_li_cpu_kernel(const ConvDims& g, const scalar_t* P, const bool* act,
+                        const scalar_t* W, const scalar_t* scale, const scalar_t* gate,
+                        const int64_t* rowoff, const int64_t* coloff, scalar_t* out) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int64_t pin = g.D * g.Rhi * g.Rwi;
+  const int64_t pout = g.D * g.rho * g.rwo;
+  const int64_t K2 = g.Kh * g.Kw;
+  const int64_t n_total = g.B * g.Ho * g.Wo * g.Co;
+  const int64_t cost = std::max<int64_t>(1, pout + g.Cig * K2 * pin);
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / cost);
+  at::parallel_for(0, n_total, grain, [&](int64_t begin, int64_t end) {
+    std::vector<opmath_t> acc(pout);
+    for (int64_t n = begin; n < end; ++n) {
+      int64_t t = n;
+      const int64_t o = t % g.Co; t /= g.Co;
+      const int64_t x = t % g.Wo; t /= g.Wo;
+      const int64_t y = t % g.Ho;
+      const int64_t b = t / g.Ho;
+      const int64_t nidx = ((b * g.Co + o) * g.Ho + y) * g.Wo + x;
+      scalar_t* dst = out + nidx * pout;
+      opmath_t mul = scale ? static_cast<opmath_t>(scale[o]) : opmath_t(1);
+      if (gate) mul *= static_cast<opmath_t>(gate[nidx]);
+      if (mul == opmath_t(0)) {  // gated-off output neuron: no work
+        std::fill(dst, dst + pout, scalar_t(0));
+        continue;
+      }
+      std::fill(acc.begin(), acc.end(), opmath_t(0));
+      const int64_t grp = o / g.Cog;
+      const scalar_t* Wo_ = W + o * g.Cig * K2;
+      for (int64_t ky = 0; ky < g.Kh; ++ky) {
+        const int64_t dy = rowoff[y * g.Kh + ky];
+        if (dy == kNoTap) continue;
+        const int64_t yi = tap_index(y, ky, g.sh, g.ph, g.dh);
+        for (int64_t kx = 0; kx < g.Kw; ++kx) {
+          const int64_t dx = coloff[x * g.Kw + kx];
+          if (dx == kNoTap) continue;
+          const int64_t xi = tap_index(x, kx, g.sw, g.pw, g.dw);
+          for (int64_t ii = 0; ii < g.Cig; ++ii) {
+            const int64_t i = grp * g.Cig + ii;
+            const int64_t src_n = ((b * g.Ci + i) * g.Hi + yi) * g.Wi + xi;
+            if (act && !act[src_n]) continue;  // inactive input neuron: zero patch
+            const opmath_t w = static_cast<opmath_t>(Wo_[ii * K2 + ky * g.Kw + kx]);
+            if (w == opmath_t(0)) continue;
+            const scalar_t* src = P + src_n * pin;
+            for (int64_t d = 0; d < g.D; ++d) {
+              for (int64_t r = 0; r < g.Rhi; ++r) {
+                opmath_t* arow = acc.data() + (d * g.rho + r + dy) * g.rwo + dx;
+                const scalar_t* srow = src + (d * g.Rhi + r) * g.Rwi;
+                for (int64_t q = 0; q < g.Rwi; ++q) arow[q] += w * static_cast<opmath_t>(srow[q]);
+              }
+            }
+          }
+        }
+      }
+      for (int64_t e = 0; e < pout; ++e) dst[e] = static_cast<scalar_t>(acc[e] * mul);
+    }
+  });
+}
+
+at::Tensor conv_li_cpu(const at::Tensor& patches, const at::Tensor& ay_in, const at::Tensor& ax_in,
+                       const std::optional<at::Tensor>& in_active, const at::Tensor& weight,
+                       const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& gate,
+                       const at::Tensor& ay_out, const at::Tensor& ax_out, at::IntArrayRef stride,
+                       at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                       int64_t rh_out, int64_t rw_out) {
+  const ConvDims g = check_conv_li(patches, ay_in, ax_in, in_active, weight, scale, gate, ay_out,
+                                   ax_out, stride, padding, dilation, groups, rh_out, rw_out);
+  const at::Tensor tab = conv_offset_table(g, ay_in, ax_in, ay_out, ax_out);
+  auto out = at::empty({g.B, g.Co, g.Ho, g.Wo, g.D, g.rho, g.rwo}, patches.options());
+  if (out.numel() == 0) return out;
+  const auto dt = patches.scalar_type();
+  const at::Tensor P = patches.contiguous();
+  const at::Tensor W = weight.to(dt).contiguous();
+  const at::Tensor A = in_active.has_value() ? in_active->contiguous() : at::Tensor();
+  const at::Tensor S = scale.has_value() ? scale->to(dt).contiguous() : at::Tensor();
+  const at::Tensor Gt = gate.has_value() ? gate->to(dt).contiguous() : at::Tensor();
+  const int64_t* t = tab.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(dt, "conv_li_cpu", [&] {
+    conv_li_cpu_kernel<scalar_t>(
+        g, P.data_ptr<scalar_t>(), A.defined() ? A.data_ptr<bool>() : nullptr,
+        W.data_ptr<scalar_t>(), S.defined() ? S.data_ptr<scalar_t>() : nullptr,
+        Gt.defined() ? Gt.data_ptr<scalar_t>() : nullptr, t, t + g.Ho * g.Kh,
+        out.data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace nns_cuda
+
+TORCH_LIBRARY_IMPL(nns_cuda, CPU, m) { m.impl("conv_li", &nns_cuda::conv_li_cpu); }

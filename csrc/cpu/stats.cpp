@@ -1,0 +1,142 @@
+// Reductions of a layer's patches on the CPU: li_stats (fused per-neuron statistics, the
+// patch is read once and never written) and filter_fold (filter images L^k = sum a * LI).
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <vector>
+
+#include "nns_cuda/checks.h"
+#include "nns_cuda/geometry.h"
+#include "nns_cuda/validate.h"
+
+namespace nns_cuda {
+namespace {
+
+// Statistic order of nns_cuda/reference/stats.py (STAT_NAMES).
+constexpr int kNumStats = 11;
+
+template <typename scalar_t>
+void li_stats_cpu_kernel(const StatDims& g, const scalar_t* P, const int64_t* ay,
+                         const int64_t* ax, const scalar_t* X, const scalar_t* F, scalar_t* out) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int64_t pin = g.D * g.Rh * g.Rw;
+  const int64_t nn = g.B * g.C * g.Ho * g.Wo;
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, pin));
+  at::parallel_for(0, nn, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const int64_t x = n % g.Wo, y = (n / g.Wo) % g.Ho, b = n / (g.Wo * g.Ho * g.C);
+      const scalar_t* src = P + n * pin;
+      std::array<opmath_t, kNumStats> tot{};
+      for (int64_t d = 0; d < g.D; ++d) {
+        for (int64_t r = 0; r < g.Rh; ++r) {
+          const scalar_t* lrow = src + (d * g.Rh + r) * g.Rw;
+          const scalar_t* xrow = X + ((b * g.D + d) * g.H + ay[y] + r) * g.W + ax[x];
+          const scalar_t* frow = F + (b * g.H + ay[y] + r) * g.W + ax[x];
+          // Row partial sums, then the totals: keeps float32 rounding error O(Rw + D*Rh).
+          std::array<opmath_t, kNumStats> s{};
+          for (int64_t q = 0; q < g.Rw; ++q) {
+            const opmath_t li = lrow[q], xv = xrow[q], f = frow[q];
+            const opmath_t nz = li != opmath_t(0) ? opmath_t(1) : opmath_t(0);
+            const opmath_t xnz = xv * nz;
+            s[0] += nz * f;
+            s[1] += nz * (opmath_t(1) - f);
+            s[2] += std::abs(li);
+            s[3] += li;
+            s[4] += li * li;
+            s[5] += xv * li;
+            s[6] += li * f;
+            s[7] += li * li * f;
+            s[8] += xnz * f;
+            s[9] += xnz * xnz * f;
+            s[10] += xv * li * f;
+          }
+          for (int k = 0; k < kNumStats; ++k) tot[k] += s[k];
+        }
+      }
+      for (int k = 0; k < kNumStats; ++k) out[n * kNumStats + k] = static_cast<scalar_t>(tot[k]);
+    }
+  });
+}
+
+at::Tensor li_stats_cpu(const at::Tensor& patches, const at::Tensor& ay, const at::Tensor& ax,
+                        const at::Tensor& x, const at::Tensor& fg) {
+  const StatDims g = check_li_stats(patches, ay, ax, x, fg);
+  auto out = at::empty({g.B, g.C, g.Ho, g.Wo, kNumStats}, patches.options());
+  if (out.numel() == 0) return out;
+  const auto dt = patches.scalar_type();
+  const at::Tensor P = patches.contiguous();
+  const at::Tensor X = x.to(dt).contiguous();
+  const at::Tensor F = fg.to(dt).contiguous();
+  const at::Tensor AY = ay.contiguous(), AX = ax.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(dt, "li_stats_cpu", [&] {
+    li_stats_cpu_kernel<scalar_t>(g, P.data_ptr<scalar_t>(), AY.data_ptr<int64_t>(),
+                                  AX.data_ptr<int64_t>(), X.data_ptr<scalar_t>(),
+                                  F.data_ptr<scalar_t>(), out.data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+// filter_fold: one task per (b, c, d) image plane, which is owned by that task (no races);
+// every patch row is scaled by its neuron's activation and added in place while hot.
+// Neurons with a zero activation are skipped.
+template <typename scalar_t>
+void filter_fold_cpu_kernel(const StatDims& g, const scalar_t* P, const int64_t* ay,
+                            const int64_t* ax, const scalar_t* A, scalar_t* out) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int64_t pin = g.D * g.Rh * g.Rw;
+  const int64_t HW = g.H * g.W;
+  const int64_t nplanes = g.B * g.C * g.D;
+  const int64_t cost = std::max<int64_t>(1, HW + g.Ho * g.Wo * g.Rh * g.Rw);
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / cost);
+  at::parallel_for(0, nplanes, grain, [&](int64_t begin, int64_t end) {
+    std::vector<opmath_t> acc(HW);
+    for (int64_t pl = begin; pl < end; ++pl) {
+      const int64_t d = pl % g.D, bc = pl / g.D;
+      std::fill(acc.begin(), acc.end(), opmath_t(0));
+      for (int64_t y = 0; y < g.Ho; ++y) {
+        for (int64_t x = 0; x < g.Wo; ++x) {
+          const int64_t n = (bc * g.Ho + y) * g.Wo + x;
+          const opmath_t a = static_cast<opmath_t>(A[n]);
+          if (a == opmath_t(0)) continue;
+          const scalar_t* src = P + n * pin + d * g.Rh * g.Rw;
+          for (int64_t r = 0; r < g.Rh; ++r) {
+            opmath_t* arow = acc.data() + (ay[y] + r) * g.W + ax[x];
+            const scalar_t* srow = src + r * g.Rw;
+            for (int64_t q = 0; q < g.Rw; ++q) arow[q] += a * static_cast<opmath_t>(srow[q]);
+          }
+        }
+      }
+      scalar_t* dst = out + pl * HW;
+      for (int64_t e = 0; e < HW; ++e) dst[e] = static_cast<scalar_t>(acc[e]);
+    }
+  });
+}
+
+at::Tensor filter_fold_cpu(const at::Tensor& patches, const at::Tensor& ay, const at::Tensor& ax,
+                           const at::Tensor& act, int64_t h, int64_t w) {
+  const StatDims g = check_filter_fold(patches, ay, ax, act, h, w);
+  auto out = at::empty({g.B, g.C, g.D, g.H, g.W}, patches.options());
+  if (out.numel() == 0) return out;
+  const auto dt = patches.scalar_type();
+  const at::Tensor P = patches.contiguous();
+  const at::Tensor A = act.to(dt).contiguous();
+  const at::Tensor AY = ay.contiguous(), AX = ax.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(dt, "filter_fold_cpu", [&] {
+    filter_fold_cpu_kernel<scalar_t>(g, P.data_ptr<scalar_t>(), AY.data_ptr<int64_t>(),
+                                     AX.data_ptr<int64_t>(), A.data_ptr<scalar_t>(),
+                                     out.data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace nns_cuda
+
+TORCH_LIBRARY_IMPL(nns_cuda, CPU, m) {
+  m.impl("li_stats", &nns_cuda::li_stats_cpu);
+  m.impl("filter_fold", &nns_cuda::filter_fold_cpu);
+}

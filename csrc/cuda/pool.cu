@@ -1,0 +1,156 @@
+// Routing ops on CUDA: maxpool_li (arg-max routing) and place_li (re-windowing / residual
+// accumulation). One thread per output element (consecutive threads: consecutive elements of
+// one output patch, so writes and the reads of each source row are coalesced).
+//
+// maxpool_li's checks depend on the indices (device data): a first kernel validates every
+// neuron and raises a flag, read back once (one small device->host copy) before returning;
+// the copy kernel guards its reads so that invalid indices never read out of bounds.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "nns_cuda/checks.h"
+#include "nns_cuda/cuda_launch.h"
+#include "nns_cuda/geometry.h"
+#include "nns_cuda/validate.h"
+
+namespace nns_cuda {
+namespace {
+
+constexpr int kErrRange = 1;
+constexpr int kErrFit = 2;
+
+__global__ void maxpool_li_validate_kernel(const PoolDims g, const int64_t* __restrict__ I,
+                                           const int64_t* __restrict__ ayi,
+                                           const int64_t* __restrict__ axi,
+                                           const int64_t* __restrict__ ayo,
+                                           const int64_t* __restrict__ axo, int* err) {
+  const int64_t nn = g.B * g.C * g.Ho * g.Wo;
+  const int64_t HW = g.Hi * g.Wi;
+  for (int64_t n = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; n < nn;
+       n += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t idx = I[n];
+    if (idx < 0 || idx >= HW) {
+      atomicOr(err, kErrRange);
+      continue;
+    }
+    const int64_t x = n % g.Wo, y = (n / g.Wo) % g.Ho;
+    const int64_t dy = ayi[idx / g.Wi] - ayo[y];
+    const int64_t dx = axi[idx % g.Wi] - axo[x];
+    if (!window_fits(dy, g.Rhi, g.rho) || !window_fits(dx, g.Rwi, g.rwo)) atomicOr(err, kErrFit);
+  }
+}
+
+template <typename scalar_t>
+__global__ void maxpool_li_cuda_kernel(const PoolDims g, const scalar_t* __restrict__ P,
+                                       const int64_t* __restrict__ I,
+                                       const int64_t* __restrict__ ayi,
+                                       const int64_t* __restrict__ axi,
+                                       const int64_t* __restrict__ ayo,
+                                       const int64_t* __restrict__ axo,
+                                       scalar_t* __restrict__ out) {
+  const int64_t pin = g.D * g.Rhi * g.Rwi;
+  const int64_t pout = g.D * g.rho * g.rwo;
+  const int64_t HW = g.Hi * g.Wi;
+  const int64_t total = g.B * g.C * g.Ho * g.Wo * pout;
+  for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < total;
+       e += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t n = e / pout, k = e % pout;
+    const int64_t q = k % g.rwo, r = (k / g.rwo) % g.rho, d = k / (g.rwo * g.rho);
+    const int64_t idx = I[n];
+    scalar_t v = scalar_t(0);
+    if (idx >= 0 && idx < HW) {  // invalid indices are reported by the validation kernel
+      const int64_t x = n % g.Wo, y = (n / g.Wo) % g.Ho, bc = n / (g.Wo * g.Ho);
+      const int64_t dy = ayi[idx / g.Wi] - ayo[y];
+      const int64_t dx = axi[idx % g.Wi] - axo[x];
+      const int64_t si = placed_source_index(d, r, q, dy, dx, g.Rhi, g.Rwi);
+      if (si >= 0) v = P[(bc * HW + idx) * pin + si];
+    }
+    out[e] = v;
+  }
+}
+
+at::Tensor maxpool_li_cuda(const at::Tensor& patches, const at::Tensor& ay_in,
+                           const at::Tensor& ax_in, const at::Tensor& indices,
+                           const at::Tensor& ay_out, const at::Tensor& ax_out, int64_t rh_out,
+                           int64_t rw_out) {
+  const PoolDims g =
+      check_maxpool_li(patches, ay_in, ax_in, indices, ay_out, ax_out, rh_out, rw_out);
+  const c10::cuda::CUDAGuard guard(patches.device());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  auto out = at::empty({g.B, g.C, g.Ho, g.Wo, g.D, g.rho, g.rwo}, patches.options());
+  const int64_t nn = g.B * g.C * g.Ho * g.Wo;
+  if (nn == 0) return out;
+  const at::Tensor I = indices.contiguous();
+  const at::Tensor ayi = ay_in.contiguous(), axi = ax_in.contiguous();
+  const at::Tensor ayo = ay_out.contiguous(), axo = ax_out.contiguous();
+  at::Tensor err = at::zeros({1}, patches.options().dtype(at::kInt));
+  maxpool_li_validate_kernel<<<blocks_for(nn, kThreads), kThreads, 0, stream>>>(
+      g, I.data_ptr<int64_t>(), ayi.data_ptr<int64_t>(), axi.data_ptr<int64_t>(),
+      ayo.data_ptr<int64_t>(), axo.data_ptr<int64_t>(), err.data_ptr<int>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (out.numel() > 0) {
+    const at::Tensor P = patches.contiguous();
+    AT_DISPATCH_FLOATING_TYPES(patches.scalar_type(), "maxpool_li_cuda", [&] {
+      maxpool_li_cuda_kernel<scalar_t><<<blocks_for(out.numel(), kThreads), kThreads, 0, stream>>>(
+          g, P.data_ptr<scalar_t>(), I.data_ptr<int64_t>(), ayi.data_ptr<int64_t>(),
+          axi.data_ptr<int64_t>(), ayo.data_ptr<int64_t>(), axo.data_ptr<int64_t>(),
+          out.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  const int flags = err.item<int>();  // one device->host copy
+  TORCH_CHECK_VALUE(!(flags & kErrRange), NNS_MAXPOOL_RANGE_MSG(g));
+  TORCH_CHECK_VALUE(!(flags & kErrFit), NNS_MAXPOOL_FIT_MSG);
+  return out;
+}
+
+template <typename scalar_t>
+__global__ void place_li_cuda_kernel(const PoolDims g, const scalar_t* __restrict__ P,
+                                     const int64_t* __restrict__ rowoff,
+                                     const int64_t* __restrict__ coloff,
+                                     const scalar_t* __restrict__ acc, scalar_t* __restrict__ out) {
+  const int64_t pin = g.D * g.Rhi * g.Rwi;
+  const int64_t pout = g.D * g.rho * g.rwo;
+  const int64_t total = g.B * g.C * g.Ho * g.Wo * pout;
+  for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < total;
+       e += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t n = e / pout, k = e % pout;
+    const int64_t q = k % g.rwo, r = (k / g.rwo) % g.rho, d = k / (g.rwo * g.rho);
+    const int64_t x = n % g.Wo, y = (n / g.Wo) % g.Ho;
+    const int64_t si = placed_source_index(d, r, q, rowoff[y], coloff[x], g.Rhi, g.Rwi);
+    scalar_t v = si >= 0 ? P[n * pin + si] : scalar_t(0);
+    if (acc) v += acc[e];
+    out[e] = v;
+  }
+}
+
+at::Tensor place_li_cuda(const at::Tensor& patches, const at::Tensor& ay_in,
+                         const at::Tensor& ax_in, const at::Tensor& ay_out,
+                         const at::Tensor& ax_out, int64_t rh_out, int64_t rw_out,
+                         const std::optional<at::Tensor>& accumulate) {
+  const PoolDims g =
+      check_place_li(patches, ay_in, ax_in, ay_out, ax_out, rh_out, rw_out, accumulate);
+  const c10::cuda::CUDAGuard guard(patches.device());
+  const at::Tensor tab = place_offset_table(g, ay_in, ax_in, ay_out, ax_out).to(patches.device());
+  auto out = at::empty({g.B, g.C, g.Ho, g.Wo, g.D, g.rho, g.rwo}, patches.options());
+  if (out.numel() == 0) return out;
+  const at::Tensor P = patches.contiguous();
+  const at::Tensor A = accumulate.has_value() ? accumulate->contiguous() : at::Tensor();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t* rowoff = tab.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(patches.scalar_type(), "place_li_cuda", [&] {
+    place_li_cuda_kernel<scalar_t><<<blocks_for(out.numel(), kThreads), kThreads, 0, stream>>>(
+        g, P.data_ptr<scalar_t>(), rowoff, rowoff + g.Ho,
+        A.defined() ? A.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace nns_cuda
+
+TORCH_LIBRARY_IMPL(nns_cuda, CUDA, m) {
+  m.impl("maxpool_li", &nns_cuda::maxpool_li_cuda);
+  m.impl("place_li", &nns_cuda::place_li_cuda);
+}

@@ -1,0 +1,163 @@
+// Reductions of a layer's patches on CUDA.
+//
+// li_stats: one warp per neuron. Lanes stride over the neuron's [D, Rh, Rw] patch (coalesced
+// reads of the patch and of the matching rows of x and fg), accumulate the 11 statistics in
+// registers and reduce them with warp shuffles; the patch is read once and nothing but the
+// 11 numbers is written.
+//
+// filter_fold: gather by output pixel, no atomics: one thread per (b, c, d, Y, X) output
+// element sums act * patch over the neurons whose windows cover (Y, X) (tables of covering
+// rows / columns built on the host from the anchors), in a fixed order, so the result is
+// deterministic. Neurons with a zero activation are skipped.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include "nns_cuda/checks.h"
+#include "nns_cuda/cuda_launch.h"
+#include "nns_cuda/geometry.h"
+#include "nns_cuda/validate.h"
+
+namespace nns_cuda {
+namespace {
+
+constexpr int kNumStats = 11;  // nns_cuda/reference/stats.py STAT_NAMES order
+constexpr int kWarpsPerBlock = kThreads / 32;
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    li_stats_cuda_kernel(const StatDims g, const scalar_t* __restrict__ P,
+                         const int64_t* __restrict__ ay, const int64_t* __restrict__ ax,
+                         const scalar_t* __restrict__ X, const scalar_t* __restrict__ F,
+                         scalar_t* __restrict__ out) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int64_t pin = g.D * g.Rh * g.Rw;
+  const int64_t nn = g.B * g.C * g.Ho * g.Wo;
+  for (int64_t n = blockIdx.x * (int64_t)kWarpsPerBlock + warp; n < nn;
+       n += (int64_t)gridDim.x * kWarpsPerBlock) {  // uniform per warp
+    const int64_t x = n % g.Wo, y = (n / g.Wo) % g.Ho, b = n / (g.Wo * g.Ho * g.C);
+    const int64_t y0 = ay[y], x0 = ax[x];
+    const scalar_t* src = P + n * pin;
+    opmath_t s[kNumStats];
+#pragma unroll
+    for (int k = 0; k < kNumStats; ++k) s[k] = opmath_t(0);
+    for (int64_t e = lane; e < pin; e += 32) {
+      const int64_t q = e % g.Rw, r = (e / g.Rw) % g.Rh, d = e / (g.Rw * g.Rh);
+      const opmath_t li = static_cast<opmath_t>(src[e]);
+      const opmath_t xv = static_cast<opmath_t>(X[((b * g.D + d) * g.H + y0 + r) * g.W + x0 + q]);
+      const opmath_t f = static_cast<opmath_t>(F[(b * g.H + y0 + r) * g.W + x0 + q]);
+      const opmath_t nz = li != opmath_t(0) ? opmath_t(1) : opmath_t(0);
+      const opmath_t xnz = xv * nz;
+      s[0] += nz * f;
+      s[1] += nz * (opmath_t(1) - f);
+      s[2] += li < opmath_t(0) ? -li : li;
+      s[3] += li;
+      s[4] += li * li;
+      s[5] += xv * li;
+      s[6] += li * f;
+      s[7] += li * li * f;
+      s[8] += xnz * f;
+      s[9] += xnz * xnz * f;
+      s[10] += xv * li * f;
+    }
+#pragma unroll
+    for (int k = 0; k < kNumStats; ++k) {
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) s[k] += __shfl_xor_sync(0xffffffffu, s[k], off);
+    }
+    if (lane == 0) {
+#pragma unroll
+      for (int k = 0; k < kNumStats; ++k) out[n * kNumStats + k] = static_cast<scalar_t>(s[k]);
+    }
+  }
+}
+
+at::Tensor li_stats_cuda(const at::Tensor& patches, const at::Tensor& ay, const at::Tensor& ax,
+                         const at::Tensor& x, const at::Tensor& fg) {
+  const StatDims g = check_li_stats(patches, ay, ax, x, fg);  // copies the anchors to the host
+  const c10::cuda::CUDAGuard guard(patches.device());
+  auto out = at::empty({g.B, g.C, g.Ho, g.Wo, kNumStats}, patches.options());
+  if (out.numel() == 0) return out;
+  const auto dt = patches.scalar_type();
+  const at::Tensor P = patches.contiguous();
+  const at::Tensor X = x.to(dt).contiguous();
+  const at::Tensor F = fg.to(dt).contiguous();
+  const at::Tensor AY = ay.contiguous(), AX = ax.contiguous();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t nn = g.B * g.C * g.Ho * g.Wo;
+  AT_DISPATCH_FLOATING_TYPES(dt, "li_stats_cuda", [&] {
+    li_stats_cuda_kernel<scalar_t><<<blocks_for(nn, kWarpsPerBlock), kThreads, 0, stream>>>(
+        g, P.data_ptr<scalar_t>(), AY.data_ptr<int64_t>(), AX.data_ptr<int64_t>(),
+        X.data_ptr<scalar_t>(), F.data_ptr<scalar_t>(), out.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+template <typename scalar_t>
+__global__ void filter_fold_cuda_kernel(const StatDims g, const scalar_t* __restrict__ P,
+                                        const int64_t* __restrict__ ay,
+                                        const int64_t* __restrict__ ax,
+                                        const scalar_t* __restrict__ A,
+                                        const int64_t* __restrict__ row_ptr,
+                                        const int64_t* __restrict__ col_ptr,
+                                        const int64_t* __restrict__ row_idx,
+                                        const int64_t* __restrict__ col_idx,
+                                        scalar_t* __restrict__ out) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int64_t pin = g.D * g.Rh * g.Rw;
+  const int64_t total = g.B * g.C * g.D * g.H * g.W;
+  for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < total;
+       e += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t X = e % g.W, Y = (e / g.W) % g.H, d = (e / (g.W * g.H)) % g.D;
+    const int64_t bc = e / (g.W * g.H * g.D);
+    opmath_t acc = opmath_t(0);
+    for (int64_t i = row_ptr[Y]; i < row_ptr[Y + 1]; ++i) {
+      const int64_t y = row_idx[i];
+      const int64_t r = Y - ay[y];
+      for (int64_t j = col_ptr[X]; j < col_ptr[X + 1]; ++j) {
+        const int64_t x = col_idx[j];
+        const int64_t n = (bc * g.Ho + y) * g.Wo + x;
+        const opmath_t a = static_cast<opmath_t>(A[n]);
+        if (a == opmath_t(0)) continue;
+        acc += a * static_cast<opmath_t>(P[n * pin + (d * g.Rh + r) * g.Rw + (X - ax[x])]);
+      }
+    }
+    out[e] = static_cast<scalar_t>(acc);
+  }
+}
+
+at::Tensor filter_fold_cuda(const at::Tensor& patches, const at::Tensor& ay, const at::Tensor& ax,
+                            const at::Tensor& act, int64_t h, int64_t w) {
+  const StatDims g = check_filter_fold(patches, ay, ax, act, h, w);
+  const c10::cuda::CUDAGuard guard(patches.device());
+  auto out = at::empty({g.B, g.C, g.D, g.H, g.W}, patches.options());
+  if (out.numel() == 0) return out;
+  const at::Tensor tab = fold_cover_table(g, ay, ax).to(patches.device());
+  const auto dt = patches.scalar_type();
+  const at::Tensor P = patches.contiguous();
+  const at::Tensor A = act.to(dt).contiguous();
+  const at::Tensor AY = ay.contiguous(), AX = ax.contiguous();
+  const int64_t* row_ptr = tab.data_ptr<int64_t>();
+  const int64_t* col_ptr = row_ptr + (g.H + 1);
+  const int64_t* row_idx = col_ptr + (g.W + 1);
+  const int64_t* col_idx = row_idx + g.Ho * g.Rh;
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(dt, "filter_fold_cuda", [&] {
+    filter_fold_cuda_kernel<scalar_t><<<blocks_for(out.numel(), kThreads), kThreads, 0, stream>>>(
+        g, P.data_ptr<scalar_t>(), AY.data_ptr<int64_t>(), AX.data_ptr<int64_t>(),
+        A.data_ptr<scalar_t>(), row_ptr, col_ptr, row_idx, col_idx, out.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace nns_cuda
+
+TORCH_LIBRARY_IMPL(nns_cuda, CUDA, m) {
+  m.impl("li_stats", &nns_cuda::li_stats_cuda);
+  m.impl("filter_fold", &nns_cuda::filter_fold_cuda);
+}

@@ -1,0 +1,57 @@
+// linear_li, device-generic (ATen GEMMs), shared by the CPU and CUDA registrations.
+//
+// out[b, o] = gate[b, o] * sum_i W[o, i] * dense[b, i]   (dense: [B, Nin, P], P = D*H*W)
+//
+// Gate sparsity: when at most half of the (b, o) gates are non-zero, only the active rows are
+// computed, per sample b, as a GEMM of the gathered weight rows ([n_active_b, Nin] x
+// [Nin, P]); the rest of the output is zero. Otherwise one batched GEMM and a row scaling.
+// The active counts cost one small device->host copy on a GPU.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+
+#include "nns_cuda/validate.h"
+
+namespace nns_cuda {
+
+inline at::Tensor linear_li_impl(const at::Tensor& dense, const at::Tensor& weight,
+                                 const std::optional<at::Tensor>& gate) {
+  const LinearDims g = check_linear_li(dense, weight, gate);
+  const auto dt = dense.scalar_type();
+  if (g.B * g.Nout * g.P == 0 || g.Nin == 0) {
+    // Empty product (or empty sum over Nin): the result is all zeros.
+    return at::zeros({g.B, g.Nout, g.P}, dense.options());
+  }
+  const at::Tensor D = dense.contiguous();
+  const at::Tensor W = weight.to(dt).contiguous();
+  if (!gate.has_value()) return at::matmul(W, D).contiguous();
+  const at::Tensor G = gate->to(dt).contiguous();
+  const at::Tensor nz = G.ne(0);
+  const at::Tensor counts = nz.sum(1).to(at::kCPU).contiguous();  // [B] active outputs per sample
+  const int64_t* cnt = counts.data_ptr<int64_t>();
+  int64_t nnz = 0;
+  for (int64_t b = 0; b < g.B; ++b) nnz += cnt[b];
+  if (2 * nnz >= g.B * g.Nout) {
+    at::Tensor out = at::matmul(W, D).contiguous();
+    out.mul_(G.unsqueeze(-1));
+    return out;
+  }
+  at::Tensor out = at::zeros({g.B, g.Nout, g.P}, dense.options());
+  if (nnz == 0) return out;
+  const at::Tensor idx = nz.nonzero();  // [nnz, 2], row-major: grouped by b, ascending o
+  int64_t off = 0;
+  for (int64_t b = 0; b < g.B; ++b) {
+    const int64_t c = cnt[b];
+    if (c == 0) continue;
+    const at::Tensor rows = idx.narrow(0, off, c).select(1, 1);
+    off += c;
+    at::Tensor res = at::mm(W.index_select(0, rows), D.select(0, b));
+    res.mul_(G.select(0, b).index_select(0, rows).unsqueeze(1));
+    out.select(0, b).index_put_({rows}, res);  // unique rows: deterministic
+  }
+  return out;
+}
+
+}  // namespace nns_cuda

@@ -1,0 +1,458 @@
+"""Shared plumbing for the neuron-level analyses (``fq.py``, ``chapter3.py``).
+
+Private module. It holds
+
+* the named warnings of the analyses,
+* input validation with messages that name the problem and the fix (SPEC §6),
+* iteration over a data set of ``(x, y, fg_mask)`` batches,
+* thin adapters to the public engine API (imported lazily, so the analyses import even when the
+  engine is absent; every adapter can be replaced by an injected function),
+* a forward-hook trace of the model's leaf-module calls, used to pick default layers.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .masking import resolve_module
+
+__all__ = [
+    "FQWarning",
+    "EmptyForegroundWarning",
+    "NoBackgroundWarning",
+    "ZeroInputWarning",
+    "Batch",
+    "iter_batches",
+    "check_layers",
+    "check_finite",
+    "check_input",
+    "check_mask",
+    "check_eval",
+    "model_device",
+    "make_scan",
+    "make_li_fn",
+    "make_filter_fn",
+    "trace_calls",
+    "conv_act_layers",
+    "output_layer_name",
+    "layer_outputs",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# warnings
+# --------------------------------------------------------------------------------------------
+class FQWarning(UserWarning):
+    """Base class of the warnings of the neuron-level analyses."""
+
+
+class EmptyForegroundWarning(FQWarning):
+    """A sample has no active input entry in its foreground (``N_f = 0``): its ``F`` is 0.
+
+    Raised when the foreground mask is empty (an all-background sample) or when the input is 0
+    everywhere inside the mask. SPEC §3 sets ``F = 0`` for such samples.
+    """
+
+
+class NoBackgroundWarning(FQWarning):
+    """A sample's foreground mask covers the whole image, so ``N^n_x = 0`` and ``F = 0``.
+
+    Eq. 4-6 is used literally (SPEC §3 [decision]): its first factor counts learned-image entries
+    in the background, so a sample without background has ``F = 0`` for every neuron. Data sets
+    without boxes (CIFAR loaded without annotations) therefore give ``FQ = 0`` everywhere.
+    """
+
+
+class ZeroInputWarning(FQWarning):
+    """A sample's input is zero everywhere, so ``count(x) = strength(x) = 0`` and the
+    knowledge-quantity ratios of SPEC §2 are undefined for it; the sample is left out."""
+
+
+# --------------------------------------------------------------------------------------------
+# validation
+# --------------------------------------------------------------------------------------------
+def check_finite(name: str, t: Tensor, where: str) -> None:
+    """Raise ``ValueError`` if ``t`` holds NaN or Inf."""
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        n_nan = int(torch.isnan(t).sum())
+        n_inf = int(torch.isinf(t).sum())
+        raise ValueError(
+            f"{where}: {name} contains {n_nan} NaN and {n_inf} Inf entries; the measures are "
+            "undefined for non-finite values. Clean the input (e.g. torch.nan_to_num) or drop the sample."
+        )
+
+
+def check_input(x: Tensor, where: str, *, dims: Tuple[int, ...] = (4,), name: str = "x") -> Tensor:
+    """Check that ``x`` is a finite floating tensor with one of the allowed ranks."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(x).__name__}.")
+    if not x.is_floating_point():
+        raise TypeError(f"{where}: {name} must be a floating-point tensor, got {x.dtype}; convert it with {name}.float().")
+    if x.dim() not in dims:
+        want = " or ".join(f"{d}-D" for d in dims)
+        raise ValueError(f"{where}: {name} must be {want} ([B, D, H, W] for a batch), got shape {list(x.shape)}.")
+    check_finite(name, x, where)
+    return x
+
+
+def check_mask(mask: Optional[Tensor], x: Tensor, where: str, *, batched: bool, required: bool = True) -> Optional[Tensor]:
+    """Check a foreground mask against its input.
+
+    ``batched``: ``x`` is ``[B, D, H, W]`` and the mask must be ``[B, H, W]``; otherwise ``x`` is
+    ``[D, H, W]`` and the mask ``[H, W]``. The mask must be ``torch.bool``.
+    """
+    if mask is None:
+        if required:
+            raise ValueError(
+                f"{where}: a foreground mask is required (bool [H, W] per sample, from the object's "
+                "bounding box). Pass torch.ones(H, W, dtype=torch.bool) only if you really mean "
+                "'everything is foreground' (then F = 0, SPEC §3)."
+            )
+        return None
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"{where}: fg_mask must be a torch.Tensor of dtype torch.bool, got {type(mask).__name__}.")
+    if mask.dtype != torch.bool:
+        raise TypeError(
+            f"{where}: fg_mask must have dtype torch.bool, got {mask.dtype}. Convert it explicitly, "
+            "e.g. fg_mask > 0.5 for a float mask or fg_mask.bool() for a 0/1 integer mask."
+        )
+    H, W = x.shape[-2:]
+    want = (x.shape[0], H, W) if batched else (H, W)
+    if tuple(mask.shape) != tuple(want):
+        raise ValueError(
+            f"{where}: fg_mask must have shape {list(want)} to match the input {list(x.shape)} "
+            f"(one [H, W] mask per sample, broadcast over the D channels), got {list(mask.shape)}."
+        )
+    return mask.to(x.device)
+
+
+def check_eval(model: nn.Module, where: str) -> None:
+    if model.training:
+        raise ValueError(
+            f"{where}: the model is in training mode; call model.eval() first (dropout and "
+            "batch-norm must be frozen for learned images and losses to be well defined)."
+        )
+
+
+def _split_call(name: str) -> Tuple[str, Optional[int]]:
+    if ":" in name:
+        base, _, idx = name.rpartition(":")
+        if idx.isdigit():
+            return base, int(idx)
+    return name, None
+
+
+def check_layers(model: nn.Module, layers: Sequence[str] | str, where: str) -> List[str]:
+    """Return ``layers`` as a list after checking that every name exists in the model.
+
+    A name may carry a call index (``"layer1.0.relu:1"``, SPEC §0); the base name is checked.
+    Raises ``KeyError`` (with close names) for an unknown layer.
+    """
+    if isinstance(layers, str):
+        layers = [layers]
+    layers = list(layers)
+    if not layers:
+        raise ValueError(f"{where}: no layers given; pass qualified module names such as ['features.1'].")
+    for name in layers:
+        if not isinstance(name, str):
+            raise TypeError(f"{where}: layer names must be strings, got {name!r}.")
+        try:
+            resolve_module(model, _split_call(name)[0])
+        except KeyError as e:
+            raise KeyError(f"{where}: {e.args[0]}") from None
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"{where}: duplicate layer names in {layers}.")
+    return layers
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
+    return torch.device("cpu")
+
+
+# --------------------------------------------------------------------------------------------
+# data
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Batch:
+    """One validated batch: ``x [B, D, H, W]``, ``y [B]`` long or None, ``fg_mask [B, H, W]`` bool or None,
+    and ``offset``, the data-set index of its first sample."""
+
+    x: Tensor
+    y: Optional[Tensor]
+    fg_mask: Optional[Tensor]
+    offset: int
+
+
+def _unpack_item(item: Any) -> Tuple[Any, Any, Any]:
+    if isinstance(item, Tensor):
+        return item, None, None
+    if isinstance(item, Mapping):
+        def get(*keys):
+            for k in keys:
+                if k in item:
+                    return item[k]
+            return None
+        return get("x", "image", "input", "inputs"), get("y", "label", "labels", "target"), get("fg_mask", "mask", "box_mask")
+    if isinstance(item, (tuple, list)):
+        if len(item) == 1:
+            return item[0], None, None
+        if len(item) == 2:
+            return item[0], item[1], None
+        if len(item) == 3:
+            return item[0], item[1], item[2]
+    raise TypeError(
+        "data must yield batches (x, y, fg_mask), (x, y) or x, or dicts with keys 'x', 'y', "
+        f"'fg_mask'; got an item of type {type(item).__name__}"
+        + (f" with {len(item)} entries" if isinstance(item, (tuple, list)) else "")
+        + "."
+    )
+
+
+def iter_batches(
+    data: Any,
+    where: str,
+    *,
+    batch_size: int = 64,
+    device: Optional[torch.device] = None,
+    need_labels: bool = False,
+    need_mask: bool = False,
+    input_dims: Tuple[int, ...] = (4,),
+    max_samples: Optional[int] = None,
+) -> Iterator[Batch]:
+    """Iterate over ``data`` as validated batches.
+
+    ``data`` may be a ``DataLoader`` or any iterable of batches (``(x, y, fg_mask)``,
+    ``(x, y)``, ``x`` or dicts), a map-style ``Dataset`` of single samples (wrapped in a
+    ``DataLoader`` with ``batch_size``), or one batch given as a tuple of tensors.
+    """
+    from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+    if isinstance(data, Dataset) and not isinstance(data, IterableDataset) and not isinstance(data, DataLoader):
+        data = DataLoader(data, batch_size=batch_size, shuffle=False)
+    elif isinstance(data, tuple) and data and isinstance(data[0], Tensor):
+        data = [data]
+    elif isinstance(data, Tensor):
+        data = [data]
+    offset = 0
+    for bi, item in enumerate(data):
+        x, y, m = _unpack_item(item)
+        label = f"{where} (batch {bi})"
+        x = check_input(x, label, dims=input_dims)
+        if device is not None:
+            x = x.to(device)
+        if y is not None:
+            if not isinstance(y, Tensor):
+                y = torch.as_tensor(y)
+            if y.dim() == 0:
+                y = y.view(1)
+            if y.is_floating_point() or y.dtype == torch.bool:
+                raise TypeError(f"{label}: labels y must be integer class indices, got dtype {y.dtype}.")
+            if y.shape != (x.shape[0],):
+                raise ValueError(f"{label}: labels y must have shape [{x.shape[0]}], got {list(y.shape)}.")
+            y = y.long().to(x.device)
+        elif need_labels:
+            raise ValueError(
+                f"{label}: this analysis needs class labels, but the data yields no y. Pass batches "
+                "(x, y, fg_mask) or (x, y) with integer labels."
+            )
+        if m is None and need_mask:
+            raise ValueError(
+                f"{label}: this analysis needs a foreground mask per sample (bool [B, H, W], from the "
+                "bounding box), but the data yields none. Pass batches (x, y, fg_mask)."
+            )
+        if m is not None:
+            if x.dim() != 4:
+                raise ValueError(f"{label}: a foreground mask needs image inputs [B, D, H, W], got {list(x.shape)}.")
+            m = check_mask(m, x, label, batched=True)
+        if max_samples is not None and offset + x.shape[0] > max_samples:
+            keep = max_samples - offset
+            if keep <= 0:
+                return
+            x = x[:keep]
+            y = None if y is None else y[:keep]
+            m = None if m is None else m[:keep]
+        yield Batch(x, y, m, offset)
+        offset += x.shape[0]
+        if max_samples is not None and offset >= max_samples:
+            return
+    if offset == 0:
+        raise ValueError(f"{where}: the data set is empty (no batch was yielded).")
+
+
+# --------------------------------------------------------------------------------------------
+# engine adapters (lazy; replaceable by injected functions)
+# --------------------------------------------------------------------------------------------
+#: ``scan_fn(model, x, fg_mask, layers) -> {layer: (activations [B, *shape], stats [B, *shape, NUM_STATS])}``
+#: (an object with ``.activations`` and ``.stats`` per layer is accepted too).
+ScanFn = Callable[[nn.Module, Tensor, Optional[Tensor], Sequence[str]], Mapping[str, Any]]
+#: ``li_fn(model, x, layer, neurons) -> [B, n, D, H, W]`` (``neurons=None``: ``[B, *shape, D, H, W]``).
+LiFn = Callable[..., Tensor]
+#: ``filter_fn(model, x, layer) -> [B, C, D, H, W]``.
+FilterFn = Callable[[nn.Module, Tensor, str], Tensor]
+
+
+def _engine():
+    try:
+        from . import engine  # noqa: WPS433 (lazy on purpose)
+    except ImportError as e:  # pragma: no cover - depends on the engine issue
+        raise ImportError(
+            "nns_cuda.engine is not available (" + str(e) + "); the neuron-level analyses need it "
+            "to compute learned images. Install/build nns_cuda, or pass scan_fn= / li_fn= / filter_fn= "
+            "to inject your own."
+        ) from e
+    return engine
+
+
+def _unpack_layer_result(r: Any, layer: str) -> Tuple[Tensor, Optional[Tensor]]:
+    if isinstance(r, (tuple, list)) and len(r) == 2:
+        return r[0], r[1]
+    act = getattr(r, "activations", None)
+    if act is None:
+        raise TypeError(f"scan result for layer {layer!r} has no activations (got {type(r).__name__}).")
+    return act, getattr(r, "stats", None)
+
+
+def layer_outputs(model: nn.Module, x: Tensor, layers: Sequence[str]) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """Run ``model(x)`` and capture the outputs of ``layers`` (call-indexed names allowed; hooks removed)."""
+    captured: Dict[str, Tensor] = {}
+    handles = []
+    counters: Dict[str, int] = {}
+    try:
+        for name in layers:
+            base, call = _split_call(name)
+            mod = resolve_module(model, base)
+
+            def hook(m, i, o, _name=name, _base=base, _call=call):
+                k = counters.get(_name, 0)
+                counters[_name] = k + 1
+                if _call is None or k == _call:
+                    # clone: a later in-place op (ResNet's `out += identity`) must not change it
+                    captured[_name] = o.clone() if isinstance(o, Tensor) else o
+            handles.append(mod.register_forward_hook(hook))
+        out = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return out, captured
+
+
+def make_scan(model: nn.Module, layers: Sequence[str], scan_fn: Optional[ScanFn], *, stats: bool = True):
+    """Return ``scan(x, fg_mask) -> {layer: (activations, stats)}`` using ``scan_fn`` or the engine's
+    ``Scanner(model, layers, stats=True)`` (built once per call of an analysis)."""
+    layers = list(layers)
+    if scan_fn is not None:
+        def scan(x: Tensor, fg_mask: Optional[Tensor]):
+            res = scan_fn(model, x, fg_mask, layers)
+            return {l: _unpack_layer_result(res[l], l) for l in layers}
+        return scan
+    scanner = _engine().Scanner(model, layers=layers, stats=stats)
+
+    def scan(x: Tensor, fg_mask: Optional[Tensor]):
+        res = scanner.scan(x, fg_mask=fg_mask) if stats else scanner.scan(x)
+        return {l: _unpack_layer_result(res[l], l) for l in layers}
+    return scan
+
+
+def make_li_fn(li_fn: Optional[LiFn]) -> LiFn:
+    if li_fn is not None:
+        return li_fn
+
+    def f(model, x, layer, neurons=None):
+        return _engine().learned_images(model, x, layer, neurons=neurons)
+    return f
+
+
+def make_filter_fn(filter_fn: Optional[FilterFn]) -> FilterFn:
+    if filter_fn is not None:
+        return filter_fn
+
+    def f(model, x, layer):
+        return _engine().filter_images(model, x, layer)
+    return f
+
+
+# --------------------------------------------------------------------------------------------
+# model structure
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Call:
+    """One call of a leaf module during a forward pass."""
+
+    name: str  # qualified name, with ':k' when the module is called more than once
+    module: nn.Module
+    out_shape: Tuple[int, ...]  # without the batch dimension
+
+
+_ACT = (nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid)
+_POOL = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+
+
+def trace_calls(model: nn.Module, x: Tensor) -> List[Call]:
+    """Run ``model(x)`` once with forward hooks on every leaf module and return the calls in order.
+
+    Hooks are removed afterwards, also on error.
+    """
+    raw: List[Tuple[str, nn.Module, Tuple[int, ...]]] = []
+    handles = []
+    try:
+        for name, mod in model.named_modules():
+            if name and not list(mod.children()):
+                def hook(m, i, o, _n=name):
+                    if isinstance(o, Tensor):
+                        raw.append((_n, m, tuple(o.shape[1:])))
+                handles.append(mod.register_forward_hook(hook))
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    counts: Dict[str, int] = {}
+    for n, _, _ in raw:
+        counts[n] = counts.get(n, 0) + 1
+    seen: Dict[str, int] = {}
+    calls = []
+    for n, m, s in raw:
+        k = seen.get(n, 0)
+        seen[n] = k + 1
+        calls.append(Call(n if counts[n] == 1 else f"{n}:{k}", m, s))
+    return calls
+
+
+def conv_act_layers(calls: Sequence[Call]) -> List[str]:
+    """Names of the activation calls that follow a ``Conv2d`` (directly or through a BatchNorm):
+    the thesis's 'convolutional layers' (conv + activation, §4.4.1), in call order."""
+    out = []
+    for i, c in enumerate(calls):
+        if isinstance(c.module, _ACT) and len(c.out_shape) == 3:
+            j = i - 1
+            while j >= 0 and isinstance(calls[j].module, (nn.BatchNorm2d,)):
+                j -= 1
+            if j >= 0 and isinstance(calls[j].module, nn.Conv2d):
+                out.append(c.name)
+    return out
+
+
+def pool_layers(calls: Sequence[Call]) -> List[str]:
+    """Names of the 2-D pooling calls with a spatial output larger than 1×1, in call order."""
+    return [c.name for c in calls if isinstance(c.module, _POOL) and len(c.out_shape) == 3 and c.out_shape[1] * c.out_shape[2] > 1]
+
+
+def output_layer_name(calls: Sequence[Call]) -> str:
+    """The last leaf call of the forward pass (the output layer of a sequential classifier)."""
+    if not calls:
+        raise ValueError("the model has no leaf modules to take as its output layer; pass output_layer=.")
+    return calls[-1].name
+
+
+def warn_once(category, message: str, count: int, total: int, first: Sequence[int]) -> None:
+    if count:
+        idx = ", ".join(str(i) for i in list(first)[:5])
+        warnings.warn(f"{message} ({count} of {total} samples; first indices: {idx}).", category, stacklevel=3)

@@ -1,0 +1,840 @@
+"""The NNS engine: learned images of all neurons of all layers (SPEC §1, DESIGN §2).
+
+Two exact strategies:
+
+* ``"forward"`` — forward patch propagation. The learned images of every node are carried as
+  receptive-field patches ``[B, C, Ho, Wo, D, Rh, Rw]`` (``nns_cuda.reference.ops`` documents the
+  layout) and pushed through the frozen network node by node: conv taps place each input
+  neuron's patch into its output neuron's window, ReLU gates zero inactive neurons (their
+  images are all-zero and cost nothing in the kernels), max-pool routes the arg-max patch,
+  average pools average, BatchNorm scales, linear layers are dense GEMMs over full-image
+  patches, residual ``+`` re-windows and sums. Statistics and filter images are reduced from
+  the patches of the requested layers.
+* ``"reverse"`` — one vector–Jacobian product per neuron or filter, batched with
+  stacked copies of the batch; any resolution, memory ∝ (chunk × image). Also an oracle.
+
+Backends of the forward strategy: ``"reference"`` (pure PyTorch), ``"cpu"`` (C++ ops),
+``"cuda"`` (CUDA ops); ``"auto"`` prefers CUDA for GPU inputs, then the C++ ops, then the
+reference. Every result records the backend and strategy that ran.
+"""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .graph import GNode, ScanGraph, build_graph
+from .reference import ops as ref_ops
+from .reference.stats import NUM_STATS, STAT_NAMES, li_stats_dense
+
+__all__ = [
+    "learned_images",
+    "filter_images",
+    "layer_image",
+    "Scanner",
+    "ScanResult",
+    "LayerResult",
+    "resolve_backend",
+]
+
+BACKENDS = ("auto", "reference", "cpu", "cuda")
+STRATEGIES = ("auto", "forward", "reverse")
+
+
+# ----------------------------------------------------------------------------- helpers
+def _image_dims(input_shape: Tuple[int, ...]) -> Tuple[int, int, int]:
+    """(D, H, W) of the 'image' for an input of non-batch shape ``input_shape`` (SPEC §0)."""
+    if len(input_shape) == 3:
+        return tuple(input_shape)  # type: ignore[return-value]
+    if len(input_shape) == 2:
+        return (1, input_shape[0], input_shape[1])
+    if len(input_shape) == 1:
+        return (1, 1, input_shape[0])
+    raise ValueError(f"inputs must be [B, D, H, W], [B, H, W] or [B, N]; got non-batch shape {list(input_shape)}")
+
+
+def _check_input(x: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 2:
+        raise ValueError(f"x must have a batch dimension: [B, D, H, W] (or [B, N] for an MLP), got shape {list(x.shape)}")
+    if x.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"x must be float32 or float64, got {x.dtype}; convert with x.float()")
+    if not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(f"x contains {bad} NaN/Inf entries; learned images need finite inputs (clean or drop those samples)")
+
+
+def _ext_has(device_type: str) -> bool:
+    from . import _HAS_EXT
+
+    if not _HAS_EXT:
+        return False
+    key = "CUDA" if device_type == "cuda" else "CPU"
+    try:
+        return bool(torch._C._dispatch_has_kernel_for_dispatch_key("nns_cuda::conv_li", key))
+    except Exception:  # pragma: no cover
+        return False
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Map ``"auto"`` to the fastest available backend for ``device``; validate explicit ones."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if device.type == "cuda" and _ext_has("cuda"):
+            return "cuda"
+        if device.type == "cpu" and _ext_has("cpu"):
+            return "cpu"
+        return "reference"
+    if backend in ("cpu", "cuda"):
+        if device.type != backend:
+            raise ValueError(f"backend={backend!r} needs inputs on {backend}, got {device}; move x with .to('{backend}') "
+                             "or use backend='auto'")
+        if not _ext_has(backend):
+            from . import _EXT_ERROR
+
+            raise RuntimeError(f"backend={backend!r} needs the compiled extension nns_cuda._C with {backend.upper()} "
+                               f"kernels, which is not available ({_EXT_ERROR or 'built without them'}). Rebuild with "
+                               "`pip install --no-build-isolation -e .` (FORCE_CUDA=1 for CUDA) or use backend='reference'.")
+    return backend
+
+
+def _ops(backend: str):
+    if backend == "reference":
+        return ref_ops
+    from . import ops as ext_ops
+
+    return ext_ops
+
+
+def _default_budget(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free * 0.6)
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover
+        total = 8 << 30
+    return int(min(total * 0.25, 8 << 30))
+
+
+@dataclass
+class _Rep:
+    """Learned images of one node: patches [B, C, Ho, Wo, D, Rh, Rw] + anchors; a dense node is
+    a 1×1 grid whose window is the whole image."""
+
+    t: torch.Tensor
+    ay: torch.Tensor
+    ax: torch.Tensor
+    active: Optional[torch.Tensor] = None  # bool [B, C, Ho, Wo]: False -> known all-zero
+
+
+# ----------------------------------------------------------------------------- results
+@dataclass
+class LayerResult:
+    """What a scan produced for one layer.
+
+    Attributes
+    ----------
+    name : str
+    activations : Tensor [B, *shape] — the layer's output values.
+    gates : Tensor [B, *shape] — ``g_n`` (SPEC §1): ReLU gate / LeakyReLU slope, or 1.
+    stats : Tensor [B, *shape, NUM_STATS] or None — fused per-neuron statistics (STAT_NAMES).
+    filter_images : Tensor [B, C, *image] or None — ``L^k`` (SPEC §1), spatial / channel layers.
+    images : Tensor [B, *shape, *image] or None — dense learned images (``keep_images=True``).
+    backend, strategy : what ran.
+    """
+
+    name: str
+    activations: torch.Tensor
+    gates: torch.Tensor
+    stats: Optional[torch.Tensor] = None
+    filter_images: Optional[torch.Tensor] = None
+    images: Optional[torch.Tensor] = None
+    backend: str = ""
+    strategy: str = ""
+
+    def stat(self, name: str) -> torch.Tensor:
+        """One statistic by name (see ``nns_cuda.reference.stats.STAT_NAMES``)."""
+        if self.stats is None:
+            raise ValueError(f"layer {self.name!r} was scanned without stats; pass stats=True to Scanner")
+        if name not in STAT_NAMES:
+            raise KeyError(f"unknown statistic {name!r}; known: {list(STAT_NAMES)}")
+        return self.stats[..., STAT_NAMES.index(name)]
+
+
+@dataclass
+class ScanResult:
+    """Per-layer results of :meth:`Scanner.scan` (mapping-like: ``result[layer]``)."""
+
+    layers: Dict[str, LayerResult]
+    backend: str
+    strategy: str
+    input_shape: Tuple[int, ...] = ()
+    logits: Optional[torch.Tensor] = None
+
+    def __getitem__(self, name: str) -> LayerResult:
+        if name not in self.layers:
+            raise KeyError(f"layer {name!r} was not scanned; scanned: {list(self.layers)}")
+        return self.layers[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.layers
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    def items(self):
+        return self.layers.items()
+
+
+# ----------------------------------------------------------------------------- engine core
+class _Forward:
+    """Forward values of the model (node by node, non-inplace) with gates and arg-max indices."""
+
+    def __init__(self, graph: ScanGraph, x: torch.Tensor, gate_outputs: bool, requires_grad: bool = False):
+        self.graph = graph
+        try:
+            self.values = graph.run(x)
+        except (RuntimeError, ValueError) as e:
+            raise ValueError(f"input of shape {list(x.shape)} does not fit the model: {e}") from e
+        self.gate_outputs = gate_outputs
+
+    def value(self, g: GNode) -> torch.Tensor:
+        return self.values[g.idx]
+
+    def act_gate(self, g: GNode) -> torch.Tensor:
+        """Gate of activation node ``g`` (its local slope at its input)."""
+        z = self.values[g.inputs[0]]
+        if g.kind == "relu":
+            return (z > 0).to(z.dtype)
+        if g.kind == "leaky_relu":
+            return torch.where(z > 0, torch.ones_like(z), torch.full_like(z, g.attrs["slope"]))
+        if g.kind == "act_grad":
+            with torch.enable_grad():
+                zz = z.detach().requires_grad_(True)
+                y = g.module(zz)
+                (d,) = torch.autograd.grad(y.sum(), zz)
+            return d.detach()
+        raise AssertionError(g.kind)
+
+    def neuron_gate(self, g: GNode) -> Optional[torch.Tensor]:
+        """``g_n`` of the neurons of ``g`` beyond what is already in its propagated images, or None."""
+        u = self.graph.gate_user(g)
+        if u is not None:
+            return self.act_gate(u)
+        if self.gate_outputs and g.idx == self.graph.output_idx and g.kind not in ("relu", "leaky_relu", "act_grad"):
+            z = self.values[g.idx]
+            return (z > 0).to(z.dtype)
+        return None
+
+    def full_gate(self, g: GNode) -> torch.Tensor:
+        ng = self.neuron_gate(g)
+        z = self.values[g.idx]
+        return torch.ones_like(z) if ng is None else ng
+
+
+def _bn_scale(mod: nn.Module, dtype) -> torch.Tensor:
+    s = 1.0 / torch.sqrt(mod.running_var.to(dtype) + mod.eps)
+    if mod.weight is not None:
+        s = s * mod.weight.to(dtype)
+    return s
+
+
+class _PatchEngine:
+    """Forward patch propagation of one batch with one backend's ops."""
+
+    def __init__(self, graph: ScanGraph, fwd: _Forward, x: torch.Tensor, backend: str, requested: Sequence[int],
+                 dtype: torch.dtype):
+        self.graph, self.fwd, self.x = graph, fwd, x
+        self.O = _ops(backend)
+        self.requested = set(requested)
+        self.dtype = dtype
+        self.B = x.shape[0]
+        self.D, self.H, self.W = _image_dims(graph.input_shape)
+        self.dev = x.device
+
+    # --- representation helpers
+    def _dense(self, r: _Rep) -> _Rep:
+        if r.t.shape[2] == 1 and r.t.shape[3] == 1 and r.t.shape[5] == self.H and r.t.shape[6] == self.W:
+            return r
+        B, C, Ho, Wo = r.t.shape[:4]
+        z = torch.zeros(Ho, dtype=torch.long, device=self.dev)
+        zx = torch.zeros(Wo, dtype=torch.long, device=self.dev)
+        t = self.O.place_li(r.t, r.ay, r.ax, z, zx, self.H, self.W, None)
+        t = t.reshape(B, C * Ho * Wo, 1, 1, self.D, self.H, self.W)
+        act = None if r.active is None else r.active.reshape(B, C * Ho * Wo, 1, 1)
+        return _Rep(t, self._zero1(), self._zero1(), act)
+
+    def _zero1(self) -> torch.Tensor:
+        return torch.zeros(1, dtype=torch.long, device=self.dev)
+
+    def _window(self, g: GNode, ho: int, wo: int) -> Tuple[int, int, torch.Tensor, torch.Tensor]:
+        rh, ay = g.gy.window(self.H, ho)
+        rw, ax = g.gx.window(self.W, wo)
+        return rh, rw, ay.to(self.dev), ax.to(self.dev)
+
+    def input_rep(self) -> _Rep:
+        B, D, H, W = self.B, self.D, self.H, self.W
+        xi = self.x.reshape(B, D, H, W).to(self.dtype)
+        g0 = self.graph.nodes[0]
+        if g0.spatial:
+            t = torch.zeros(B, D, H, W, D, 1, 1, dtype=self.dtype, device=self.dev)
+            idx = torch.arange(D, device=self.dev)
+            t[:, idx, :, :, idx, 0, 0] = xi.permute(1, 0, 2, 3)
+            ay = torch.arange(H, device=self.dev)
+            ax = torch.arange(W, device=self.dev)
+            return _Rep(t, ay, ax)
+        P = D * H * W
+        t = torch.diag_embed(xi.reshape(B, P)).reshape(B, P, 1, 1, D, H, W)
+        return _Rep(t, self._zero1(), self._zero1())
+
+    # --- node propagation
+    def conv(self, g: GNode, r: _Rep, scale: Optional[torch.Tensor], gate: Optional[torch.Tensor]) -> _Rep:
+        C, Ho, Wo = g.shape
+        rh, rw, ay, ax = self._window(g, Ho, Wo)
+        a = g.attrs
+        w = g.module.weight.detach().to(self.dtype)
+        t = self.O.conv_li(r.t, r.ay, r.ax, r.active, w, scale, gate, ay, ax, list(a["stride"]), list(a["padding"]),
+                           list(a["dilation"]), int(a["groups"]), rh, rw)
+        return _Rep(t, ay, ax, None if gate is None else gate != 0)
+
+    def pool_avg(self, g: GNode, r: _Rep, kernel, stride, padding, ceil_mode, count_include_pad, divisor) -> _Rep:
+        C, Ho, Wo = g.shape
+        Hi, Wi = r.t.shape[2], r.t.shape[3]
+        ones = torch.ones(1, 1, Hi, Wi, dtype=self.dtype, device=self.dev)
+        avg = F.avg_pool2d(ones, kernel, stride, padding, ceil_mode, count_include_pad, divisor)
+        cnt = F.avg_pool2d(ones, kernel, stride, padding, ceil_mode, True, 1)
+        mult = torch.where(cnt > 0, avg / cnt.clamp_min(1), torch.zeros_like(avg))[0, 0]  # [Ho, Wo]
+        gate = mult.view(1, 1, Ho, Wo).expand(self.B, C, Ho, Wo).contiguous()
+        w = torch.ones(C, 1, kernel[0], kernel[1], dtype=self.dtype, device=self.dev)
+        rh, rw, ay, ax = self._window(g, Ho, Wo)
+        t = self.O.conv_li(r.t, r.ay, r.ax, r.active, w, None, gate, ay, ax, list(stride), list(padding), [1, 1], C, rh, rw)
+        return _Rep(t, ay, ax, None)
+
+    def run(self, keep: Dict[int, Any]) -> Dict[int, _Rep]:
+        """Propagate; returns the reps of the requested nodes (with their neuron gates applied)."""
+        graph, fwd = self.graph, self.fwd
+        reps: Dict[int, _Rep] = {}
+        remaining = {g.idx: len(g.users) for g in graph.nodes}
+        out: Dict[int, _Rep] = {}
+        fused: Dict[int, int] = {}  # node idx -> idx of the node whose rep it shares
+        self.gated_by_fusion = set()
+        last_needed = max(self.requested) if self.requested else -1
+        for g in graph.nodes:
+            if g.idx > last_needed:
+                break
+            if g.kind == "aux":
+                continue
+            if g.idx in fused:
+                r = reps[g.inputs[0]]  # a fused chain shares one rep
+            elif g.kind == "input":
+                r = self.input_rep()
+            else:
+                r = self._propagate(g, reps, fused)
+            reps[g.idx] = r
+            if g.idx in self.requested:
+                # a conv fused with the activation that follows it already carries g_n
+                ng = None if g.idx in self.gated_by_fusion else fwd.neuron_gate(g)
+                out[g.idx] = r if ng is None else self._apply_gate(r, ng)
+            for i in g.inputs:
+                remaining[i] -= 1
+                if remaining[i] == 0 and i in reps:
+                    del reps[i]
+        return out
+
+    def _apply_gate(self, r: _Rep, gate: torch.Tensor) -> _Rep:
+        B, C, Ho, Wo = r.t.shape[:4]
+        gt = gate.reshape(B, C, Ho, Wo).to(self.dtype)
+        return _Rep(r.t * gt.view(B, C, Ho, Wo, 1, 1, 1), r.ay, r.ax, gt != 0)
+
+    def _propagate(self, g: GNode, reps: Dict[int, _Rep], fused: Dict[int, int]) -> _Rep:
+        graph, fwd = self.graph, self.fwd
+        k = g.kind
+        r = reps[g.inputs[0]] if g.inputs else None
+        if k == "conv":
+            if not r.t.shape[2:4] == graph.nodes[g.inputs[0]].shape[1:3] or graph.nodes[g.inputs[0]].gy is None:
+                raise AssertionError("conv input must be spatial")
+            scale, gate = None, None
+            # fuse conv [-> bn] [-> relu] when the intermediate nodes' own images are not requested
+            nxt = graph.gate_user(g)
+            chain: List[GNode] = []
+            if nxt is not None:
+                chain = [nxt]
+                gate = fwd.act_gate(nxt)
+            elif len(g.users) == 1 and graph.nodes[g.users[0]].kind == "bn" and g.idx not in self.requested:
+                bn = graph.nodes[g.users[0]]
+                scale = _bn_scale(bn.module, self.dtype)
+                chain = [bn]
+                act = graph.gate_user(bn)
+                if act is not None and bn.idx not in self.requested:
+                    gate = fwd.act_gate(act)
+                    chain.append(act)
+            rep = self.conv(g, r, scale, gate)
+            for c in chain:
+                fused[c.idx] = g.idx
+            if nxt is not None:
+                self.gated_by_fusion.add(g.idx)
+            return rep
+        if k in ("relu", "leaky_relu", "act_grad"):
+            return self._apply_gate(r, fwd.act_gate(g))
+        if k == "bn":
+            s = _bn_scale(g.module, self.dtype)
+            B = r.t.shape[0]
+            if r.t.shape[2] == 1 and r.t.shape[3] == 1 and len(g.shape) != 3:
+                # dense features [B, N]; BN1d over N features (or [B, C, L]: channel-major)
+                N = r.t.shape[1]
+                reps_per = N // s.numel()
+                sv = s.repeat_interleave(reps_per).view(1, N, 1, 1, 1, 1, 1)
+                return _Rep(r.t * sv, r.ay, r.ax, r.active)
+            return _Rep(r.t * s.view(1, -1, 1, 1, 1, 1, 1), r.ay, r.ax, r.active)
+        if k == "identity":
+            return r
+        if k == "maxpool":
+            C, Ho, Wo = g.shape
+            rh, rw, ay, ax = self._window(g, Ho, Wo)
+            ind = fwd.values[("indices", g.idx)]
+            t = self.O.maxpool_li(r.t, r.ay, r.ax, ind, ay, ax, rh, rw)
+            act = None if r.active is None else torch.gather(r.active.flatten(2), 2, ind.flatten(2)).view_as(ind)
+            return _Rep(t, ay, ax, act)
+        if k == "avgpool":
+            a = g.attrs
+            return self.pool_avg(g, r, a["kernel"], a["stride"], a["padding"], a["ceil_mode"], a["count_include_pad"],
+                                 a["divisor_override"])
+        if k == "adaptive_avgpool":
+            if g.attrs.get("regular"):
+                kk = g.attrs["kernel"]
+                return self.pool_avg(g, r, kk, kk, (0, 0), False, True, None)
+            return self._adaptive_dense(g, r)
+        if k == "reshape":
+            return self._dense(r)
+        if k == "linear":
+            d = self._dense(r)
+            B, N = d.t.shape[:2]
+            w = g.module.weight.detach().to(self.dtype)
+            if w.shape[1] != N:
+                raise ValueError(f"linear layer {g.name!r} expects {w.shape[1]} features, its input has {N}")
+            t = self.O.linear_li(d.t.reshape(B, N, -1), w, None)
+            return _Rep(t.reshape(B, w.shape[0], 1, 1, self.D, self.H, self.W), d.ay, d.ax, None)
+        if k == "add":
+            a, b = reps[g.inputs[0]], reps[g.inputs[1]]
+            if g.spatial:
+                C, Ho, Wo = g.shape
+                rh, rw, ay, ax = self._window(g, Ho, Wo)
+                ta = self.O.place_li(a.t, a.ay, a.ax, ay, ax, rh, rw, None)
+                t = self.O.place_li(b.t, b.ay, b.ax, ay, ax, rh, rw, ta)
+                return _Rep(t, ay, ax, None)
+            da, db = self._dense(a), self._dense(b)
+            if da.t.shape != db.t.shape:
+                raise ValueError(f"residual add {g.name!r}: operands have different shapes")
+            return _Rep(da.t + db.t, da.ay, da.ax, None)
+        raise AssertionError(f"unhandled node kind {k}")
+
+    def _adaptive_dense(self, g: GNode, r: _Rep) -> _Rep:
+        d_in = self.graph.nodes[g.inputs[0]]
+        C, Hi, Wi = d_in.shape
+        _, Ho, Wo = g.shape
+
+        def mat(n_in, n_out):
+            A = torch.zeros(n_out, n_in, dtype=self.dtype, device=self.dev)
+            for i in range(n_out):
+                s = (i * n_in) // n_out
+                e = -((-(i + 1) * n_in) // n_out)
+                A[i, s:e] = 1.0 / (e - s)
+            return A
+
+        A = torch.kron(mat(Hi, Ho), mat(Wi, Wo))  # [Ho*Wo, Hi*Wi]
+        d = self._dense(r)
+        B = d.t.shape[0]
+        t = self.O.linear_li(d.t.reshape(B * C, Hi * Wi, -1), A, None)
+        return _Rep(t.reshape(B, C * Ho * Wo, 1, 1, self.D, self.H, self.W), d.ay, d.ax, None)
+
+
+# ----------------------------------------------------------------------------- estimates
+def _node_patch_elems(graph: ScanGraph, g: GNode) -> int:
+    D, H, W = _image_dims(graph.input_shape)
+    if g.kind == "input":
+        return (D * H * W * D) if g.spatial else (D * H * W) ** 2
+    if g.spatial:
+        C, Ho, Wo = g.shape
+        return C * Ho * Wo * D * min(g.gy.R, H) * min(g.gx.R, W)
+    return int(math.prod(g.shape)) * D * H * W
+
+
+def forward_bytes_per_sample(graph: ScanGraph, upto: int, dtype: torch.dtype) -> int:
+    """Rough peak memory (bytes) of the forward strategy per sample up to node ``upto``."""
+    esize = torch.empty((), dtype=dtype).element_size()
+    peak = 0
+    for g in graph.nodes[: upto + 1]:
+        if g.kind == "aux":
+            continue
+        e = _node_patch_elems(graph, g) + sum(_node_patch_elems(graph, graph.nodes[i]) for i in g.inputs)
+        if g.kind == "conv":  # the reference gathers one tap of input patches into output windows
+            e += _node_patch_elems(graph, g) // max(1, g.shape[0]) * graph.nodes[g.inputs[0]].shape[0]
+        peak = max(peak, e)
+    return int(peak * esize * 1.5)
+
+
+# ----------------------------------------------------------------------------- Scanner
+class Scanner:
+    """Scan chosen layers of a model: activations, gates, learned images, statistics, filter images.
+
+    Parameters
+    ----------
+    model : nn.Module (eval mode)
+    layers : list of layer names (``model.named_modules()`` names, ``name:k`` calls, fx op names);
+        None: every scannable node.
+    backend : "auto" | "reference" | "cpu" | "cuda"
+    strategy : "auto" | "forward" | "reverse"
+    max_memory : bytes the scan may use for its working set (None: 60 % of free GPU memory,
+        25 % of RAM up to 8 GiB on the CPU). Larger work is chunked over the batch; when one
+        sample does not fit the forward strategy, "auto" switches to "reverse".
+    stats : reduce the fused per-neuron statistics (SPEC §2–§3) — needs ``fg_mask`` or uses the
+        whole image as foreground.
+    filter_images : compute ``L^k`` for every channel of each layer.
+    keep_images : keep dense learned images of every neuron (memory heavy; small inputs).
+    gate_outputs : gate the model's output neurons by ``S(z)`` too (SPEC §1 [decision]).
+    linearize : None or "gradient" (non-ReLU activations by their local derivative).
+    """
+
+    def __init__(self, model: nn.Module, layers: Optional[Sequence[str]] = None, *, backend: str = "auto",
+                 strategy: str = "auto", max_memory: Optional[int] = None, stats: bool = True,
+                 filter_images: bool = False, keep_images: bool = False, gate_outputs: bool = False,
+                 linearize: Optional[str] = None):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        if max_memory is not None and max_memory <= 0:
+            raise ValueError(f"max_memory must be a positive number of bytes, got {max_memory}")
+        if isinstance(layers, str):
+            layers = [layers]
+        self.model = model
+        self.layers = None if layers is None else list(layers)
+        self.backend = backend
+        self.strategy = strategy
+        self.max_memory = max_memory
+        self.stats = stats
+        self.want_filters = filter_images
+        self.keep_images = keep_images
+        self.gate_outputs = gate_outputs
+        self.linearize = linearize
+
+    def graph(self, x: torch.Tensor) -> ScanGraph:
+        return build_graph(self.model, x[:1], self.linearize)
+
+    def _nodes(self, graph: ScanGraph) -> List[GNode]:
+        if self.layers is None:
+            names = graph.layer_names()
+            seen, nodes = set(), []
+            for n in names:
+                g = graph.resolve(n)
+                if g.idx not in seen:
+                    seen.add(g.idx)
+                    nodes.append(g)
+            return sorted(nodes, key=lambda g: g.idx)
+        return [graph.resolve(n) for n in self.layers]
+
+    @torch.no_grad()
+    def scan(self, x: torch.Tensor, fg_mask: Optional[torch.Tensor] = None) -> ScanResult:
+        """Scan a batch.
+
+        Parameters
+        ----------
+        x : Tensor [B, D, H, W] (or [B, N] for an MLP)
+        fg_mask : bool Tensor [B, H, W] or [H, W] (foreground; for the statistics) or None
+
+        Returns
+        -------
+        ScanResult mapping each requested layer name to a :class:`LayerResult`.
+        """
+        _check_input(x)
+        graph = self.graph(x)
+        names = self.layers if self.layers is not None else None
+        nodes = self._nodes(graph)
+        layer_names = names if names is not None else [g.name for g in nodes]
+        D, H, W = _image_dims(graph.input_shape)
+        fg = _check_mask(fg_mask, x.shape[0], H, W, x.device)
+        backend = resolve_backend(self.backend, x.device)
+        budget = self.max_memory or _default_budget(x.device)
+        dtype = x.dtype
+        strategy = self.strategy
+        upto = max(g.idx for g in nodes)
+        per_sample = forward_bytes_per_sample(graph, upto, dtype)
+        if strategy == "auto":
+            strategy = "forward" if per_sample <= budget else "reverse"
+        if strategy == "forward":
+            chunk = max(1, budget // max(per_sample, 1))
+            if per_sample > budget:
+                raise MemoryError(
+                    f"the forward strategy needs about {per_sample / 2**20:.0f} MiB per sample for these layers, over "
+                    f"max_memory={budget / 2**20:.0f} MiB; raise max_memory or use strategy='reverse'")
+        else:
+            chunk = x.shape[0]
+        parts: List[Dict[str, LayerResult]] = []
+        for s in range(0, x.shape[0], chunk):
+            xb = x[s: s + chunk]
+            fb = fg[s: s + chunk]
+            parts.append(self._scan_batch(graph, nodes, layer_names, xb, fb, backend, strategy, budget))
+        layers = {n: _cat_layer([p[n] for p in parts]) for n in layer_names}
+        return ScanResult(layers, backend if strategy == "forward" else "autograd", strategy, tuple(graph.input_shape))
+
+    def _scan_batch(self, graph, nodes, names, x, fg, backend, strategy, budget) -> Dict[str, LayerResult]:
+        fwd = _Forward(graph, x, self.gate_outputs)
+        D, H, W = _image_dims(graph.input_shape)
+        B = x.shape[0]
+        res: Dict[str, LayerResult] = {}
+        if strategy == "forward":
+            eng = _PatchEngine(graph, fwd, x, backend, [g.idx for g in nodes], x.dtype)
+            reps = eng.run({})
+            O = eng.O
+            x4 = x.reshape(B, D, H, W)
+            for name, g in zip(names, nodes):
+                r = reps[g.idx]
+                lr = self._base(name, g, fwd, backend, strategy)
+                if self.stats:
+                    st = O.li_stats(r.t, r.ay, r.ax, x4, fg.to(x.dtype))
+                    lr.stats = st.reshape(B, *g.shape, NUM_STATS)
+                if self.want_filters:
+                    lr.filter_images = self._fold(O, g, r, fwd, B, D, H, W, graph)
+                if self.keep_images:
+                    lr.images = _rep_dense(O, r, g, B, D, H, W, graph.input_shape)
+                res[name] = lr
+            return res
+        # reverse strategy
+        for name, g in zip(names, nodes):
+            lr = self._base(name, g, fwd, "autograd", strategy)
+            need_dense = self.stats or self.keep_images
+            if need_dense:
+                imgs = _reverse_neurons(graph, x, g, None, self.gate_outputs, budget)
+                if self.stats:
+                    lr.stats = li_stats_dense(imgs.reshape(B, -1, D, H, W), x.reshape(B, D, H, W), fg) \
+                        .reshape(B, *g.shape, NUM_STATS)
+                if self.keep_images:
+                    lr.images = imgs
+                del imgs
+            if self.want_filters:
+                lr.filter_images = _reverse_filters(graph, x, g, self.gate_outputs, budget)
+            res[name] = lr
+        return res
+
+    def _base(self, name, g, fwd: _Forward, backend, strategy) -> LayerResult:
+        return LayerResult(name=name, activations=fwd.value(g).detach(), gates=fwd.full_gate(g).detach(),
+                           backend=backend, strategy=strategy)
+
+    def _fold(self, O, g: GNode, r: _Rep, fwd: _Forward, B, D, H, W, graph) -> torch.Tensor:
+        if len(g.shape) not in (1, 3):
+            raise ValueError(f"filter images need a layer with channels ([C, H, W] or [N]); {g.name!r} has shape {list(g.shape)}")
+        act = fwd.value(g).to(r.t.dtype)
+        if len(g.shape) == 3 and r.t.shape[2:4] == g.shape[1:3] and r.t.shape[1] == g.shape[0]:
+            L = O.filter_fold(r.t, r.ay, r.ax, act, H, W)
+        else:  # dense rep: [B, N, 1, 1, D, H, W]; fold over positions of each channel
+            C = g.shape[0]
+            t = r.t.reshape(B, C, -1, D * H * W)
+            L = (t * act.reshape(B, C, -1, 1)).sum(2).reshape(B, C, D, H, W)
+        return L.reshape(B, g.shape[0], *graph.input_shape)
+
+
+def _cat_layer(parts: List[LayerResult]) -> LayerResult:
+    if len(parts) == 1:
+        return parts[0]
+    p0 = parts[0]
+    cat = lambda attr: None if getattr(p0, attr) is None else torch.cat([getattr(p, attr) for p in parts])  # noqa: E731
+    return LayerResult(p0.name, cat("activations"), cat("gates"), cat("stats"), cat("filter_images"), cat("images"),
+                       p0.backend, p0.strategy)
+
+
+def _check_mask(fg_mask, B, H, W, device) -> torch.Tensor:
+    if fg_mask is None:
+        return torch.ones(B, H, W, dtype=torch.bool, device=device)
+    if not isinstance(fg_mask, torch.Tensor):
+        raise TypeError(f"fg_mask must be a bool Tensor [B, H, W], got {type(fg_mask).__name__}")
+    if fg_mask.dtype != torch.bool:
+        if fg_mask.dtype.is_floating_point or fg_mask.dtype in (torch.uint8, torch.int64, torch.int32):
+            vals = torch.unique(fg_mask)
+            if not bool(((vals == 0) | (vals == 1)).all()):
+                raise ValueError("fg_mask must be boolean (or 0/1); got other values. Threshold it first, e.g. mask > 0.5")
+            fg_mask = fg_mask.bool()
+        else:
+            raise TypeError(f"fg_mask must be bool, got {fg_mask.dtype}")
+    if fg_mask.dim() == 2:
+        fg_mask = fg_mask.unsqueeze(0).expand(B, -1, -1)
+    if tuple(fg_mask.shape) != (B, H, W):
+        raise ValueError(f"fg_mask must be [B, H, W] = {[B, H, W]} (or [H, W]), got {list(fg_mask.shape)}")
+    return fg_mask.to(device)
+
+
+def _rep_dense(O, r: _Rep, g: GNode, B, D, H, W, input_shape) -> torch.Tensor:
+    Ho, Wo = r.t.shape[2:4]
+    if not (Ho == 1 and Wo == 1 and r.t.shape[5] == H and r.t.shape[6] == W):
+        z = torch.zeros(Ho, dtype=torch.long, device=r.t.device)
+        zx = torch.zeros(Wo, dtype=torch.long, device=r.t.device)
+        t = O.place_li(r.t, r.ay, r.ax, z, zx, H, W, None)
+    else:
+        t = r.t
+    return t.reshape(B, *g.shape, *input_shape)
+
+
+# ----------------------------------------------------------------------------- reverse strategy
+def _reverse_forward(graph: ScanGraph, x: torch.Tensor, k: int, gate_outputs: bool):
+    """Run the model on ``k`` stacked copies of the batch with autograd on (samples are
+    independent in eval mode, so one backward pass over the stack gives ``k`` VJPs per sample)."""
+    xr = x.detach().repeat(k, *([1] * (x.dim() - 1))).requires_grad_(True)
+    with torch.enable_grad():
+        vals = graph.run(xr)
+    fwd = _Forward.__new__(_Forward)
+    fwd.graph, fwd.gate_outputs = graph, gate_outputs
+    fwd.values = {key: (v.detach() if isinstance(v, torch.Tensor) else v) for key, v in vals.items()}
+    return xr, vals, fwd
+
+
+def _reverse_chunk(graph: ScanGraph, g: GNode, x: torch.Tensor, n: int, budget: int) -> int:
+    """How many VJPs per sample one stacked backward pass may carry within ``budget``."""
+    per_copy = sum(int(math.prod(nd.shape)) for nd in graph.nodes[: g.idx + 1] if nd.kind != "aux")
+    per_copy = (per_copy * 3 + int(math.prod(graph.input_shape)) * 2) * x.element_size() * x.shape[0]
+    return int(max(1, min(n, budget // max(1, per_copy), 512)))
+
+
+def _reverse_neurons(graph: ScanGraph, x: torch.Tensor, g: GNode, neurons: Optional[torch.Tensor],
+                     gate_outputs: bool, budget: int) -> torch.Tensor:
+    """Dense learned images by batched VJPs: [B, *shape, *input] or [B, n, *input] for ``neurons``."""
+    B = x.shape[0]
+    N = int(math.prod(g.shape))
+    sel = torch.arange(N, device=x.device) if neurons is None else neurons
+    n = sel.numel()
+    P = int(math.prod(graph.input_shape))
+    out = torch.zeros(B, n, P, dtype=x.dtype, device=x.device)
+    chunk = _reverse_chunk(graph, g, x, n, budget)
+    gate = None
+    for s in range(0, n, chunk):
+        idx = sel[s: s + chunk]
+        k = idx.numel()
+        xr, vals, fwd = _reverse_forward(graph, x, k, gate_outputs)
+        if gate is None:
+            gate = fwd.full_gate(g)[:B].reshape(B, N)
+        go = torch.zeros(k, B, N, dtype=x.dtype, device=x.device)
+        go[torch.arange(k, device=x.device), :, idx] = 1
+        with torch.enable_grad():
+            zf = vals[g.idx].reshape(k, B, N)
+            (gr,) = torch.autograd.grad(zf, xr, grad_outputs=go, allow_unused=True)
+        if gr is None:
+            continue
+        li = gr.reshape(k, B, P) * x.reshape(1, B, P) * gate[:, idx].t().unsqueeze(-1)
+        out[:, s: s + k] = li.permute(1, 0, 2)
+    shape = g.shape if neurons is None else (n,)
+    return out.reshape(B, *shape, *graph.input_shape).detach()
+
+
+def _reverse_filters(graph: ScanGraph, x: torch.Tensor, g: GNode, gate_outputs: bool, budget: int) -> torch.Tensor:
+    """Filter images L^k = x ⊙ VJP(cotangent = g ⊙ a restricted to channel k): [B, C, *input]."""
+    if len(g.shape) not in (1, 3):
+        raise ValueError(f"filter images need a layer with channels ([C, H, W] or [N]); {g.name!r} has shape {list(g.shape)}")
+    B = x.shape[0]
+    C = g.shape[0]
+    P = int(math.prod(graph.input_shape))
+    out = torch.zeros(B, C, P, dtype=x.dtype, device=x.device)
+    chunk = _reverse_chunk(graph, g, x, C, budget)
+    cot = None
+    for s in range(0, C, chunk):
+        k = min(chunk, C - s)
+        xr, vals, fwd = _reverse_forward(graph, x, k, gate_outputs)
+        if cot is None:
+            cot = (fwd.full_gate(g)[:B] * fwd.values[g.idx][:B]).reshape(B, C, -1)
+        go = torch.zeros(k, B, C, cot.shape[-1], dtype=x.dtype, device=x.device)
+        ar = torch.arange(k, device=x.device)
+        go[ar, :, s + ar] = cot[:, s: s + k].permute(1, 0, 2)
+        with torch.enable_grad():
+            zf = vals[g.idx].reshape(k, B, C, -1)
+            (gr,) = torch.autograd.grad(zf, xr, grad_outputs=go, allow_unused=True)
+        if gr is None:
+            continue
+        out[:, s: s + k] = (gr.reshape(k, B, P) * x.reshape(1, B, P)).permute(1, 0, 2)
+    return out.reshape(B, C, *graph.input_shape).detach()
+
+
+# ----------------------------------------------------------------------------- functional API
+def _neuron_index(neurons, shape: Tuple[int, ...], device) -> torch.Tensor:
+    flat = []
+    for nrn in neurons:
+        t = (nrn,) if isinstance(nrn, int) else tuple(nrn)
+        if len(t) != len(shape):
+            raise ValueError(f"neuron index {t} has {len(t)} entries; the layer's neurons are indexed by {len(shape)} "
+                             f"(layer output shape {list(shape)})")
+        for v, n in zip(t, shape):
+            if not (0 <= int(v) < n):
+                raise IndexError(f"neuron index {t} out of range for layer output shape {list(shape)}")
+        f = 0
+        for v, n in zip(t, shape):
+            f = f * n + int(v)
+        flat.append(f)
+    return torch.tensor(flat, dtype=torch.long, device=device)
+
+
+def learned_images(model: nn.Module, x: torch.Tensor, layer: str, *, neurons: Optional[Sequence] = None,
+                   backend: str = "auto", strategy: str = "auto", gate_outputs: bool = False,
+                   linearize: Optional[str] = None, max_memory: Optional[int] = None) -> torch.Tensor:
+    """Learned images of the neurons of one layer (SPEC §1).
+
+    Parameters
+    ----------
+    model : nn.Module in eval mode
+    x : Tensor [B, D, H, W] (or [B, N])
+    layer : qualified module name (``model.named_modules()``), ``name:k`` for the k-th call of a
+        reused module, or a container's name for its output
+    neurons : None (all neurons) or a list of index tuples into the layer's output shape
+    backend, strategy, gate_outputs, linearize, max_memory : see :class:`Scanner`
+
+    Returns
+    -------
+    Tensor [B, *layer_output_shape, *x.shape[1:]] (neurons=None) or [B, n, *x.shape[1:]]
+    """
+    _check_input(x)
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    graph = build_graph(model, x[:1], linearize)
+    g = graph.resolve(layer)
+    sel = None if neurons is None else _neuron_index(neurons, g.shape, x.device)
+    budget = max_memory or _default_budget(x.device)
+    if strategy == "auto":
+        few = sel is not None and sel.numel() <= 64
+        strategy = "reverse" if few or forward_bytes_per_sample(graph, g.idx, x.dtype) > budget else "forward"
+    if strategy == "reverse":
+        resolve_backend(backend, x.device)
+        return _reverse_neurons(graph, x, g, sel, gate_outputs, budget)
+    res = Scanner(model, [layer], backend=backend, strategy="forward", max_memory=max_memory, stats=False,
+                  keep_images=True, gate_outputs=gate_outputs, linearize=linearize).scan(x)
+    imgs = res[layer].images
+    if sel is None:
+        return imgs
+    B = x.shape[0]
+    return imgs.reshape(B, -1, *graph.input_shape)[:, sel]
+
+
+def filter_images(model: nn.Module, x: torch.Tensor, layer: str, *, backend: str = "auto", strategy: str = "auto",
+                  max_memory: Optional[int] = None, gate_outputs: bool = False,
+                  linearize: Optional[str] = None) -> torch.Tensor:
+    """Filter learned images ``L^k = Σ_{i,j} LI_{k,i,j} · a^k_{i,j}`` (SPEC §1, eqs. 5-2 / 6-2).
+
+    ``a^k`` is the layer's own output map (for a layer followed by ReLU its gated images make
+    ``Σ LI·z = Σ LI·ReLU(z)``).
+
+    Returns
+    -------
+    Tensor [B, C, *x.shape[1:]]
+    """
+    res = Scanner(model, [layer], backend=backend, strategy=strategy, max_memory=max_memory, stats=False,
+                  filter_images=True, gate_outputs=gate_outputs, linearize=linearize).scan(x)
+    return res[layer].filter_images
+
+
+def layer_image(model: nn.Module, x: torch.Tensor, layer: str, *, backend: str = "auto", strategy: str = "auto",
+                max_memory: Optional[int] = None) -> torch.Tensor:
+    """Layer learned image ``Σ_k L^k`` (SPEC §1, §3.4.1 of the thesis): Tensor [B, *x.shape[1:]]."""
+    return filter_images(model, x, layer, backend=backend, strategy=strategy, max_memory=max_memory).sum(1)

@@ -1,0 +1,481 @@
+"""ScanGraph: the gate-frozen linearisation plan of a model (SPEC §1, DESIGN §1).
+
+The model is traced with ``torch.fx`` into an ordered list of :class:`GNode` (conv, linear,
+pool, BN, ReLU, add, reshape…). Each node knows its inputs, its output shape and, for spatial
+nodes, its receptive-field geometry per axis: jump ``J``, start offset ``P`` and size ``R`` —
+neuron ``(c, y, x)`` sees input rows ``[y·J − P, y·J − P + R)`` (clipped to the image).
+
+Addressing (SPEC §0): a node is addressed by its module's qualified name
+(``model.named_modules()``). A module called more than once per forward pass gets ``name:0``,
+``name:1``… (the bare name then raises, listing the call names). A container's name (a
+residual block ``layer1.0``, a ``Sequential`` ``features``) addresses its output. Functional
+operations (``torch.flatten``, ``+``) are addressed by their ``torch.fx`` node names
+(``flatten``, ``add_1``), listed by :meth:`ScanGraph.layer_names`.
+"""
+from __future__ import annotations
+
+import difflib
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "ScanGraph",
+    "GNode",
+    "Geometry",
+    "build_graph",
+    "UnsupportedModuleError",
+    "SUPPORTED_MODULES",
+]
+
+SUPPORTED_MODULES = (
+    "Conv2d (stride, padding, dilation; groups 1 or depthwise), Linear, ReLU, LeakyReLU, "
+    "MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, BatchNorm1d/2d (eval), Dropout, Flatten / "
+    "torch.flatten / view / reshape, Identity, residual +"
+)
+
+_GRADIENT_ACTIVATIONS = {
+    nn.Sigmoid: torch.sigmoid,
+    nn.Tanh: torch.tanh,
+    nn.GELU: F.gelu,
+    nn.SiLU: F.silu,
+    nn.ELU: F.elu,
+    nn.Softplus: F.softplus,
+    nn.Hardtanh: F.hardtanh,
+    nn.ReLU6: F.relu6,
+    nn.Mish: F.mish,
+}
+
+
+class UnsupportedModuleError(TypeError):
+    """Raised when a model holds a module or operation the scanner cannot linearise."""
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Receptive field along one axis: neuron at position ``i`` sees ``[i·J − P, i·J − P + R)``."""
+
+    J: int
+    P: int
+    R: int
+
+    def window(self, size_in: int, n_out: int) -> Tuple[int, torch.Tensor]:
+        """Stored window size ``min(R, size_in)`` and anchors ``clamp(i·J − P, 0, size_in − Rw)``."""
+        rw = min(self.R, size_in)
+        i = torch.arange(n_out, dtype=torch.long)
+        return rw, (i * self.J - self.P).clamp(0, size_in - rw)
+
+
+@dataclass
+class GNode:
+    idx: int
+    name: str                 # address (SPEC §0)
+    kind: str                 # input, conv, linear, relu, leaky_relu, act_grad, maxpool, avgpool,
+    #                           adaptive_avgpool, bn, identity, reshape, add, aux
+    inputs: List[int]         # indices of the tensor inputs that carry learned images
+    fx_node: fx.Node
+    module: Optional[nn.Module] = None
+    attrs: Dict[str, Any] = field(default_factory=dict)
+    users: List[int] = field(default_factory=list)
+    shape: Tuple[int, ...] = ()   # output shape without the batch dimension
+    gy: Optional[Geometry] = None  # spatial geometry (None: dense / non-spatial)
+    gx: Optional[Geometry] = None
+    scopes: Tuple[str, ...] = ()
+
+    @property
+    def spatial(self) -> bool:
+        return self.gy is not None
+
+    def __repr__(self) -> str:  # pragma: no cover - debugging aid
+        g = f" J={self.gy.J},{self.gx.J} P={self.gy.P},{self.gx.P} R={self.gy.R},{self.gx.R}" if self.gy else ""
+        return f"<{self.idx}:{self.kind} {self.name} {list(self.shape)} in={self.inputs}{g}>"
+
+
+def _pair(v) -> Tuple[int, int]:
+    if isinstance(v, (tuple, list)):
+        return (int(v[0]), int(v[1]))
+    return (int(v), int(v))
+
+
+class ScanGraph:
+    """The frozen-linearisation plan of ``model`` for inputs of one shape.
+
+    Parameters
+    ----------
+    model : nn.Module in eval mode
+    example : Tensor [B, *input_shape] (only its shape, dtype and device are used)
+    linearize : None or "gradient" — allow non-piecewise-linear activations, using their
+        local derivative as the gate (an extension, not part of the thesis; SPEC §1).
+    """
+
+    def __init__(self, model: nn.Module, example: torch.Tensor, linearize: Optional[str] = None):
+        if linearize not in (None, "gradient"):
+            raise ValueError(f"linearize must be None or 'gradient', got {linearize!r}")
+        _check_eval(model)
+        self.model = model
+        self.linearize = linearize
+        self.input_shape = tuple(example.shape[1:])
+        try:
+            self.gm = fx.symbolic_trace(model)
+        except Exception as e:
+            raise UnsupportedModuleError(
+                f"torch.fx could not trace {type(model).__name__}: {e}. The scanner needs a "
+                "model whose forward has no data-dependent control flow.") from e
+        self.modules = dict(model.named_modules())
+        self.nodes: List[GNode] = []
+        self._build()
+        self._shapes(example)
+        self._geometry()
+        self._addresses()
+
+    # ------------------------------------------------------------------ building
+    def _build(self) -> None:
+        fx2idx: Dict[fx.Node, int] = {}
+        calls: Dict[str, int] = {}
+        for n in self.gm.graph.nodes:
+            if n.op == "call_module":
+                calls[n.target] = calls.get(n.target, 0) + 1
+        seen: Dict[str, int] = {}
+        for n in self.gm.graph.nodes:
+            idx = len(self.nodes)
+            stack = n.meta.get("nn_module_stack") or {}
+            scopes = tuple(k.split("@")[0] for k in stack.keys())
+            tensor_inputs = [fx2idx[a] for a in n.all_input_nodes if a in fx2idx
+                             and self.nodes[fx2idx[a]].kind != "aux"]
+            if n.op == "placeholder":
+                if any(nd.kind == "input" for nd in self.nodes):
+                    raise UnsupportedModuleError("the scanner supports models with a single tensor input")
+                g = GNode(idx, "input", "input", [], n)
+            elif n.op == "output":
+                args = n.args[0]
+                if not isinstance(args, fx.Node):
+                    raise UnsupportedModuleError("the model must return a single tensor")
+                self.output_idx = fx2idx[args]
+                continue
+            elif n.op == "get_attr":
+                g = GNode(idx, n.name, "aux", [], n)
+            elif n.op == "call_module":
+                name = n.target
+                k = seen.get(name, 0)
+                seen[name] = k + 1
+                addr = f"{name}:{k}" if calls[name] > 1 else name
+                g = self._module_node(idx, addr, n, self.modules[name], tensor_inputs)
+            else:
+                g = self._function_node(idx, n, tensor_inputs)
+            g.scopes = scopes
+            self.nodes.append(g)
+            fx2idx[n] = idx
+        for g in self.nodes:
+            for i in g.inputs:
+                self.nodes[i].users.append(g.idx)
+
+    def _module_node(self, idx, addr, n, mod, tin) -> GNode:
+        def one_input():
+            if len(tin) != 1:
+                raise UnsupportedModuleError(f"module {addr!r} must take exactly one tensor input")
+        if isinstance(mod, nn.Conv2d):
+            one_input()
+            if mod.padding_mode != "zeros":
+                raise UnsupportedModuleError(f"{addr}: Conv2d padding_mode={mod.padding_mode!r} is not supported; use 'zeros'")
+            if isinstance(mod.padding, str):
+                raise UnsupportedModuleError(f"{addr}: Conv2d padding={mod.padding!r} (string) is not supported; give explicit integers")
+            if mod.groups not in (1, mod.in_channels) and mod.groups != 1:
+                pass  # general grouped convs are handled by the ops as well
+            return GNode(idx, addr, "conv", tin, n, mod, dict(
+                kernel=_pair(mod.kernel_size), stride=_pair(mod.stride), padding=_pair(mod.padding),
+                dilation=_pair(mod.dilation), groups=mod.groups))
+        if isinstance(mod, nn.Linear):
+            one_input()
+            return GNode(idx, addr, "linear", tin, n, mod)
+        if isinstance(mod, nn.ReLU):
+            one_input()
+            return GNode(idx, addr, "relu", tin, n, mod)
+        if isinstance(mod, nn.LeakyReLU):
+            one_input()
+            return GNode(idx, addr, "leaky_relu", tin, n, mod, dict(slope=float(mod.negative_slope)))
+        if isinstance(mod, nn.MaxPool2d):
+            one_input()
+            return GNode(idx, addr, "maxpool", tin, n, mod, dict(
+                kernel=_pair(mod.kernel_size), stride=_pair(mod.stride if mod.stride is not None else mod.kernel_size),
+                padding=_pair(mod.padding), dilation=_pair(mod.dilation), ceil_mode=bool(mod.ceil_mode)))
+        if isinstance(mod, nn.AvgPool2d):
+            one_input()
+            return GNode(idx, addr, "avgpool", tin, n, mod, dict(
+                kernel=_pair(mod.kernel_size), stride=_pair(mod.stride if mod.stride is not None else mod.kernel_size),
+                padding=_pair(mod.padding), ceil_mode=bool(mod.ceil_mode),
+                count_include_pad=bool(mod.count_include_pad), divisor_override=mod.divisor_override))
+        if isinstance(mod, nn.AdaptiveAvgPool2d):
+            one_input()
+            return GNode(idx, addr, "adaptive_avgpool", tin, n, mod, dict(output_size=mod.output_size))
+        if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            one_input()
+            return GNode(idx, addr, "bn", tin, n, mod)
+        if isinstance(mod, (nn.Dropout, nn.Dropout2d, nn.Identity, nn.AlphaDropout)):
+            one_input()
+            return GNode(idx, addr, "identity", tin, n, mod)
+        if isinstance(mod, nn.Flatten):
+            one_input()
+            return GNode(idx, addr, "reshape", tin, n, mod)
+        for cls in _GRADIENT_ACTIVATIONS:
+            if isinstance(mod, cls):
+                if self.linearize != "gradient":
+                    raise UnsupportedModuleError(
+                        f"module {addr!r} is {type(mod).__name__}, which is not piecewise linear: learned "
+                        "images are defined for ReLU networks (SPEC §1). Pass linearize='gradient' to use "
+                        "its local derivative f'(z) as the gate (an extension, not the thesis).")
+                one_input()
+                return GNode(idx, addr, "act_grad", tin, n, mod)
+        raise UnsupportedModuleError(
+            f"module {addr!r} of type {type(mod).__name__} is not supported by the scanner. "
+            f"Supported: {SUPPORTED_MODULES}.")
+
+    def _function_node(self, idx, n, tin) -> GNode:
+        t = n.target
+        name = n.name
+        if n.op == "call_method":
+            if t in ("view", "reshape", "flatten"):
+                return GNode(idx, name, "reshape", tin[:1], n)
+            if t in ("contiguous", "clone", "detach"):
+                return GNode(idx, name, "identity", tin[:1], n)
+            if t in ("relu", "relu_"):
+                return GNode(idx, name, "relu", tin[:1], n)
+            if t in ("size", "dim"):
+                return GNode(idx, name, "aux", [], n)
+            if t in ("add", "add_", "__add__", "__iadd__"):
+                return self._add_node(idx, n, tin)
+            raise UnsupportedModuleError(
+                f"operation '.{t}()' at fx node {name!r} is not supported. Supported: {SUPPORTED_MODULES}.")
+        # call_function
+        if t in (torch.flatten, torch.reshape):
+            return GNode(idx, name, "reshape", tin[:1], n)
+        if t in (F.relu, torch.relu, torch.relu_, getattr(F, "relu_", None)):
+            return GNode(idx, name, "relu", tin[:1], n)
+        if t is F.leaky_relu:
+            slope = n.kwargs.get("negative_slope", n.args[1] if len(n.args) > 1 else 0.01)
+            return GNode(idx, name, "leaky_relu", tin[:1], n, attrs=dict(slope=float(slope)))
+        if t in (operator.add, torch.add, operator.iadd):
+            return self._add_node(idx, n, tin)
+        if t is F.dropout or t is torch.nn.functional.dropout:
+            return GNode(idx, name, "identity", tin[:1], n)
+        if t is F.adaptive_avg_pool2d:
+            return GNode(idx, name, "adaptive_avgpool", tin[:1], n,
+                         attrs=dict(output_size=n.args[1] if len(n.args) > 1 else n.kwargs["output_size"]))
+        if t in (getattr, operator.getitem) and not tin:
+            return GNode(idx, name, "aux", [], n)
+        raise UnsupportedModuleError(
+            f"function {getattr(t, '__name__', t)!r} at fx node {name!r} is not supported. Supported: {SUPPORTED_MODULES}.")
+
+    def _add_node(self, idx, n, tin) -> GNode:
+        if len(tin) == 2:
+            return GNode(idx, n.name, "add", tin, n)
+        if len(tin) == 1:  # tensor + constant: an additive bias, dropped in the frozen network
+            return GNode(idx, n.name, "identity", tin, n, attrs=dict(bias_add=True))
+        raise UnsupportedModuleError(f"addition at {n.name!r} has no tensor operand")
+
+    # ------------------------------------------------------------------ shapes
+    def _shapes(self, example: torch.Tensor) -> None:
+        values = self.run(example, record=False)
+        for g in self.nodes:
+            v = values[g.idx]
+            if g.kind == "aux":
+                continue
+            if not isinstance(v, torch.Tensor):
+                raise UnsupportedModuleError(f"node {g.name!r} does not produce a tensor")
+            if v.dim() == 0 or v.shape[0] != example.shape[0]:
+                raise UnsupportedModuleError(
+                    f"node {g.name!r} changes the batch dimension (shape {list(v.shape)}); reshapes must keep dim 0")
+            g.shape = tuple(v.shape[1:])
+
+    def run(self, x: torch.Tensor, record: bool = True) -> Dict[int, Any]:
+        """Run the model node by node (non-inplace). Returns ``{node index: value}``;
+        max-pool nodes also store their arg-max indices under ``("indices", idx)``."""
+        env: Dict[fx.Node, Any] = {}
+        values: Dict[Any, Any] = {}
+        for g in self.nodes:
+            n = g.fx_node
+            args = fx.graph.map_arg(n.args, lambda a: env[a])
+            kwargs = fx.graph.map_arg(n.kwargs, lambda a: env[a])
+            if g.kind == "input":
+                v = x
+            elif n.op == "get_attr":
+                v = _fetch_attr(self.gm, n.target)
+            elif g.kind in ("relu",):
+                v = F.relu(args[0])
+            elif g.kind == "leaky_relu":
+                v = F.leaky_relu(args[0], g.attrs["slope"])
+            elif g.kind == "maxpool":
+                a = g.attrs
+                v, ind = F.max_pool2d(args[0], a["kernel"], a["stride"], a["padding"], a["dilation"],
+                                      a["ceil_mode"], return_indices=True)
+                values[("indices", g.idx)] = ind
+            elif n.op == "call_module":
+                v = self.gm.get_submodule(n.target)(*args, **kwargs)
+            elif n.op == "call_function":
+                kw = dict(kwargs)
+                kw.pop("inplace", None)
+                fn = n.target
+                if fn is operator.iadd:
+                    fn = operator.add
+                elif fn is torch.relu_:
+                    fn = torch.relu
+                v = fn(*args, **kw)
+            elif n.op == "call_method":
+                meth = n.target.rstrip("_") if n.target in ("relu_", "add_") else n.target
+                v = getattr(args[0], meth)(*args[1:], **kwargs)
+            else:  # pragma: no cover
+                raise UnsupportedModuleError(f"unexpected fx node {n.op}")
+            env[n] = v
+            values[g.idx] = v
+        return values
+
+    # ------------------------------------------------------------------ geometry
+    def _geometry(self) -> None:
+        spatial_input = len(self.input_shape) == 3
+        for g in self.nodes:
+            if g.kind == "aux":
+                continue
+            if g.kind == "input":
+                if spatial_input:
+                    g.gy = g.gx = Geometry(1, 0, 1)
+                continue
+            ins = [self.nodes[i] for i in g.inputs]
+            src = ins[0] if ins else None
+            if src is None or not src.spatial or len(g.shape) != 3:
+                g.gy = g.gx = None
+                continue
+            if g.kind in ("conv", "maxpool", "avgpool"):
+                a = g.attrs
+                dil = a.get("dilation", (1, 1))
+                g.gy = Geometry(src.gy.J * a["stride"][0], src.gy.P + a["padding"][0] * src.gy.J,
+                                src.gy.R + (a["kernel"][0] - 1) * dil[0] * src.gy.J)
+                g.gx = Geometry(src.gx.J * a["stride"][1], src.gx.P + a["padding"][1] * src.gx.J,
+                                src.gx.R + (a["kernel"][1] - 1) * dil[1] * src.gx.J)
+            elif g.kind in ("relu", "leaky_relu", "act_grad", "bn", "identity"):
+                g.gy, g.gx = src.gy, src.gx
+            elif g.kind == "adaptive_avgpool":
+                hi, wi = src.shape[1], src.shape[2]
+                ho, wo = g.shape[1], g.shape[2]
+                if hi % ho == 0 and wi % wo == 0:  # a regular average pool
+                    ky, kx = hi // ho, wi // wo
+                    g.attrs.update(regular=True, kernel=(ky, kx))
+                    g.gy = Geometry(src.gy.J * ky, src.gy.P, src.gy.R + (ky - 1) * src.gy.J)
+                    g.gx = Geometry(src.gx.J * kx, src.gx.P, src.gx.R + (kx - 1) * src.gx.J)
+                else:
+                    g.attrs.update(regular=False)
+                    g.gy = g.gx = None
+            elif g.kind == "add":
+                a, b = ins
+                if a.spatial and b.spatial and a.gy.J == b.gy.J and a.gx.J == b.gx.J and a.shape == b.shape:
+                    g.gy = _union(a.gy, b.gy)
+                    g.gx = _union(a.gx, b.gx)
+                else:
+                    g.gy = g.gx = None
+            else:  # reshape, linear: dense
+                g.gy = g.gx = None
+
+    # ------------------------------------------------------------------ addressing
+    def _addresses(self) -> None:
+        self.by_name: Dict[str, int] = {}
+        multi: Dict[str, List[str]] = {}
+        for g in self.nodes:
+            if g.kind in ("aux", "input"):
+                continue
+            self.by_name[g.name] = g.idx
+            if ":" in g.name and g.fx_node.op == "call_module":
+                multi.setdefault(g.name.rsplit(":", 1)[0], []).append(g.name)
+        self.ambiguous = multi
+        # containers: last node inside their scope
+        for mname, mod in self.modules.items():
+            if mname == "" or mname in self.by_name or mname in multi:
+                continue
+            last = None
+            for g in self.nodes:
+                if g.kind in ("aux", "input"):
+                    continue
+                if mname in g.scopes or any(s.startswith(mname + ".") for s in g.scopes):
+                    last = g.idx
+            if last is not None and len(list(mod.children())) > 0:
+                self.by_name[mname] = last
+        self.by_name[""] = self.output_idx
+
+    def layer_names(self) -> List[str]:
+        """All addresses that :meth:`resolve` accepts (modules, calls, containers, fx ops)."""
+        return [n for n in self.by_name if n]
+
+    def resolve(self, name: str) -> GNode:
+        """The node addressed by ``name`` (SPEC §0); errors name close matches."""
+        if not isinstance(name, str):
+            raise TypeError(f"layer must be a module name (str), got {type(name).__name__}")
+        if name in self.by_name:
+            return self.nodes[self.by_name[name]]
+        if name in self.ambiguous:
+            raise KeyError(
+                f"layer {name!r} is called {len(self.ambiguous[name])} times in one forward pass; "
+                f"address one call: {self.ambiguous[name]}")
+        if name in self.modules:
+            raise KeyError(
+                f"layer {name!r} exists but is not used in the forward pass (or produces no tensor); "
+                f"scannable layers: {self.layer_names()[:40]}")
+        close = difflib.get_close_matches(name, self.layer_names(), n=5)
+        hint = f" Did you mean {close}?" if close else ""
+        raise KeyError(f"unknown layer name {name!r}.{hint} Layer names come from "
+                       "model.named_modules(); see ScanGraph.layer_names().")
+
+    def gate_user(self, g: GNode) -> Optional[GNode]:
+        """The activation that follows ``g`` directly (its only user), if any (SPEC §1 ``g_n``)."""
+        if len(g.users) == 1:
+            u = self.nodes[g.users[0]]
+            if u.kind in ("relu", "leaky_relu", "act_grad"):
+                return u
+        return None
+
+    @property
+    def output(self) -> GNode:
+        return self.nodes[self.output_idx]
+
+
+def _union(a: Geometry, b: Geometry) -> Geometry:
+    P = max(a.P, b.P)
+    return Geometry(a.J, P, max(a.R - a.P, b.R - b.P) + P)
+
+
+def _fetch_attr(mod: nn.Module, target: str):
+    obj = mod
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _check_eval(model: nn.Module) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    training = [n or type(model).__name__ for n, m in model.named_modules() if m.training
+                and isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.Dropout, nn.Dropout2d)) ]
+    if model.training or training:
+        raise RuntimeError(
+            "the model is in training mode (" + (", ".join(training[:5]) or type(model).__name__) +
+            "): learned images are defined for the eval-mode network (BatchNorm with running "
+            "statistics, no dropout). Call model.eval() first.")
+
+
+_GRAPH_CACHE: Dict[Tuple[int, Tuple[int, ...], Optional[str]], ScanGraph] = {}
+
+
+def build_graph(model: nn.Module, example: torch.Tensor, linearize: Optional[str] = None) -> ScanGraph:
+    """Build (or reuse) the :class:`ScanGraph` of ``model`` for inputs shaped like ``example``."""
+    _check_eval(model)
+    key = (id(model), tuple(example.shape[1:]), linearize)
+    g = _GRAPH_CACHE.get(key)
+    if g is not None and g.model is model:
+        return g
+    g = ScanGraph(model, example, linearize)
+    if len(_GRAPH_CACHE) > 32:
+        _GRAPH_CACHE.clear()
+    _GRAPH_CACHE[key] = g
+    return g

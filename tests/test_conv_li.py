@@ -1,0 +1,301 @@
+"""conv_li: compiled kernels (CPU C++, CUDA) against the pure-PyTorch reference and autograd.
+
+What is compared:
+* ``ops.conv_li`` (C++ / CUDA) vs ``reference.conv_li`` computed in float64 on the CPU, on
+  seeded random patches whose anchors come from a real receptive-field geometry (conftest
+  ``rf_anchors`` / ``conv_geometry``), for groups 1, grouped and depthwise convs with stride,
+  padding, dilation, asymmetric kernels, windows clipped by the image, scale / gate / in_active
+  present or absent, gates with zeros; float64 (rel. 1e-12) and float32 (rel. 1e-5); outputs
+  allocated NaN-filled so an unwritten element fails.
+* A one-layer network against ``torch.autograd``: ``LI = x ⊙ ∂ReLU(s·conv(x))/∂x`` (SPEC §1).
+* Non-contiguous inputs, gated-off outputs exactly zero, inactive inputs skipped, empty
+  shapes, ``torch.library.opcheck``, argument errors (C++ and the fake kernel give the same
+  messages), and the reference fallback's single warning.
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from conftest import (TOL, assert_rel_close, conv_geometry, cpu_and_cuda, nan_filled_outputs,
+                      needs_cuda, rel_err, rf_anchors)
+from nns_cuda import ops
+from nns_cuda.reference import ops as ref
+
+pytestmark = pytest.mark.skipif(not ops.HAS_OPS, reason="nns_cuda._C not built")
+
+DTYPES = [torch.float64, torch.float32]
+
+
+def make_case(seed, *, B=2, Ci=4, Co=6, groups=1, H=10, W=9, D=2, k=(3, 3), s=(1, 1),
+              p=(1, 1), d=(1, 1), pre=(1, 1, 0), scale=True, gate=True, in_active=True,
+              dtype=torch.float64):
+    """Random conv_li arguments. The input layer is the output of a virtual conv ``pre =
+    (k0, s0, p0)`` on the image (``(1, 1, 0)``: the pixels themselves)."""
+    g = torch.Generator().manual_seed(seed)
+    k0, s0, p0 = pre
+    Hi, Jy, Py, Ry = conv_geometry(H, 1, 0, 1, k0, s0, p0)
+    Wi, Jx, Px, Rx = conv_geometry(W, 1, 0, 1, k0, s0, p0)
+    ay_in, Rhi = rf_anchors(Hi, H, Jy, Py, Ry)
+    ax_in, Rwi = rf_anchors(Wi, W, Jx, Px, Rx)
+    Ho, Jy2, Py2, Ry2 = conv_geometry(Hi, Jy, Py, Ry, k[0], s[0], p[0], d[0])
+    Wo, Jx2, Px2, Rx2 = conv_geometry(Wi, Jx, Px, Rx, k[1], s[1], p[1], d[1])
+    ay_out, rho = rf_anchors(Ho, H, Jy2, Py2, Ry2)
+    ax_out, rwo = rf_anchors(Wo, W, Jx2, Px2, Rx2)
+    act = torch.rand(B, Ci, Hi, Wi, generator=g) > 0.4
+    patches = torch.randn(B, Ci, Hi, Wi, D, Rhi, Rwi, generator=g, dtype=dtype) * act[..., None, None, None]
+    weight = torch.randn(Co, Ci // groups, *k, generator=g, dtype=dtype)
+    weight[torch.rand(weight.shape, generator=g) < 0.1] = 0
+    sc = torch.rand(Co, generator=g, dtype=dtype) + 0.5
+    if Co:
+        sc[0] = 0.0  # a channel switched off by its scale
+    u = torch.rand(B, Co, Ho, Wo, generator=g, dtype=dtype)
+    gt = torch.where(u > 0.5, torch.ones_like(u), torch.where(u > 0.4, torch.full_like(u, 0.1), torch.zeros_like(u)))
+    return dict(patches=patches, ay_in=ay_in, ax_in=ax_in, in_active=act if in_active else None,
+                weight=weight, scale=sc if scale else None, gate=gt if gate else None,
+                ay_out=ay_out, ax_out=ax_out, stride=list(s), padding=list(p), dilation=list(d),
+                groups=groups, rh_out=rho, rw_out=rwo)
+
+
+def to(case, device=None, dtype=None):
+    out = {}
+    for key, v in case.items():
+        if isinstance(v, torch.Tensor):
+            if dtype is not None and v.is_floating_point():
+                v = v.to(dtype)
+            if device is not None:
+                v = v.to(device)
+        out[key] = v
+    return out
+
+
+def reference64(case):
+    return ref.conv_li(**to(case, "cpu", torch.float64))
+
+
+CONFIGS = {
+    "basic": dict(),
+    "stride2_pre3": dict(s=(2, 2), p=(1, 1), pre=(3, 1, 1), scale=False, gate=False, in_active=False),
+    "dilation2_jump2": dict(H=13, W=12, d=(2, 2), p=(2, 2), pre=(3, 2, 1)),
+    "depthwise": dict(Ci=4, Co=4, groups=4, s=(2, 2), p=(1, 1), pre=(3, 1, 1)),
+    "depthwise_mult2": dict(Ci=3, Co=6, groups=3, k=(3, 3), p=(0, 0), scale=False),
+    "grouped_asym": dict(Ci=4, Co=6, groups=2, k=(2, 3), s=(1, 2), p=(0, 1), pre=(2, 2, 0), gate=False),
+    "pointwise_clipped": dict(k=(1, 1), p=(0, 0), pre=(5, 2, 2), in_active=False),
+    "window_is_image": dict(H=6, W=5, k=(3, 3), s=(1, 1), p=(1, 1), pre=(5, 1, 2)),
+}
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+@pytest.mark.parametrize("cfg", list(CONFIGS), ids=list(CONFIGS))
+def test_conv_li_matches_reference(cfg, dtype, device):
+    case = make_case(list(CONFIGS).index(cfg), dtype=dtype, **CONFIGS[cfg])
+    expected = reference64(case)
+    with nan_filled_outputs():
+        out = ops.conv_li(**to(case, device))
+    assert out.device.type == device
+    assert_rel_close(out, expected, dtype)
+    # the same-dtype reference agrees too (float32 rounding of the oracle itself)
+    assert rel_err(ref.conv_li(**case), expected) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_conv_li_gated_outputs_are_exact_zeros(device):
+    case = make_case(3)
+    out = ops.conv_li(**to(case, device)).cpu()
+    off = (case["gate"] * case["scale"].view(1, -1, 1, 1)) == 0
+    assert off.any() and (~off).any()
+    assert (out[off] == 0).all()
+    assert (out[~off].flatten(1).abs().sum(1) > 0).any()
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_conv_li_in_active_skips_inputs(device):
+    """in_active=False marks a zero patch; the kernels skip it. Marking a *non-zero* patch
+    inactive therefore drops its contribution, which proves the skip happens."""
+    case = make_case(4)
+    full = ops.conv_li(**to(case, device)).cpu()
+    no_mask = ops.conv_li(**to(dict(case, in_active=None), device)).cpu()
+    assert rel_err(full, no_mask) <= 1e-12
+    g = torch.Generator().manual_seed(5)
+    dense = torch.randn(case["patches"].shape, generator=g, dtype=torch.float64)
+    mask = torch.rand(case["in_active"].shape, generator=g) > 0.5
+    out = ops.conv_li(**to(dict(case, patches=dense, in_active=mask), device)).cpu()
+    expected = ref.conv_li(**dict(case, patches=dense * mask[..., None, None, None], in_active=None))
+    assert_rel_close(out, expected, torch.float64)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+def test_conv_li_noncontiguous(dtype, device):
+    case = make_case(6, dtype=dtype, groups=2, s=(2, 1), pre=(3, 1, 1))
+    expected = reference64(case)
+    nc = {}
+    for key, v in to(case, device).items():
+        if isinstance(v, torch.Tensor) and v.dim() >= 1:
+            # the same values in a non-contiguous view: every other element of a doubled tensor
+            big = torch.stack([v, torch.zeros_like(v)], dim=-1)
+            v = big[..., 0]
+            assert not v.is_contiguous() or v.numel() <= 1
+        nc[key] = v
+    w = nc["weight"]
+    nc["weight"] = w.permute(3, 2, 1, 0).contiguous().permute(3, 2, 1, 0)  # channels-last-like strides
+    with nan_filled_outputs():
+        out = ops.conv_li(**nc)
+    assert_rel_close(out, expected, dtype)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_conv_li_autograd_oracle(device):
+    """One BN-folded conv + ReLU on an image: ``LI_n = x ⊙ ∂a_n/∂x`` from torch.autograd."""
+    g = torch.Generator().manual_seed(7)
+    B, D, H, W, Co = 2, 2, 7, 6, 3
+    x = torch.randn(B, D, H, W, generator=g, dtype=torch.float64)
+    weight = torch.randn(Co, D, 3, 3, generator=g, dtype=torch.float64)
+    scale = torch.rand(Co, generator=g, dtype=torch.float64) + 0.5
+    stride, padding = (2, 1), (1, 1)
+
+    def net(inp):
+        return F.relu(F.conv2d(inp, weight, stride=stride, padding=padding) * scale.view(1, -1, 1, 1))
+
+    z = F.conv2d(x, weight, stride=stride, padding=padding) * scale.view(1, -1, 1, 1)
+    _, _, Ho, Wo = z.shape
+    jac = torch.autograd.functional.jacobian(net, x)          # [B, Co, Ho, Wo, B, D, H, W]
+    idx = torch.arange(B)
+    jac = jac[idx, :, :, :, idx]                               # per-sample: [B, Co, Ho, Wo, D, H, W]
+    li_dense = jac * x.view(B, 1, 1, 1, D, H, W)
+    # pixel patches: neuron (c, y, x) of the input is x[c, y, x] at channel c of a 1x1 window
+    pix = torch.zeros(B, D, H, W, D, 1, 1, dtype=torch.float64)
+    for c in range(D):
+        pix[:, c, :, :, c, 0, 0] = x[:, c]
+    ay_in, ax_in = torch.arange(H), torch.arange(W)
+    _, Jy, Py, Ry = conv_geometry(H, 1, 0, 1, 3, stride[0], padding[0])
+    _, Jx, Px, Rx = conv_geometry(W, 1, 0, 1, 3, stride[1], padding[1])
+    ay_out, rho = rf_anchors(Ho, H, Jy, Py, Ry)
+    ax_out, rwo = rf_anchors(Wo, W, Jx, Px, Rx)
+    args = dict(patches=pix, ay_in=ay_in, ax_in=ax_in, in_active=None, weight=weight, scale=scale,
+                gate=(z > 0).double(), ay_out=ay_out, ax_out=ax_out, stride=list(stride),
+                padding=list(padding), dilation=[1, 1], groups=1, rh_out=rho, rw_out=rwo)
+    out = ops.conv_li(**to(args, device)).cpu()
+    dense = torch.zeros(B, Co, Ho, Wo, D, H, W, dtype=torch.float64)
+    for y in range(Ho):
+        for xx in range(Wo):
+            a, b = int(ay_out[y]), int(ax_out[xx])
+            dense[:, :, y, xx, :, a:a + rho, b:b + rwo] = out[:, :, y, xx]
+    assert rel_err(dense, li_dense) <= 1e-12
+    assert (li_dense != 0).any()
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_conv_li_empty(device):
+    case = to(make_case(8), device)
+    out = ops.conv_li(**dict(case, patches=case["patches"][:0], in_active=case["in_active"][:0],
+                             gate=case["gate"][:0]))
+    assert out.shape[0] == 0 and out.shape[1:] == (6, len(case["ay_out"]), len(case["ax_out"]), 2,
+                                                   case["rh_out"], case["rw_out"])
+    case2 = make_case(8, Co=0, scale=False, gate=False)
+    assert ops.conv_li(**to(case2, device)).shape[1] == 0
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_conv_li_opcheck(device):
+    case = to(make_case(9, B=1, Ci=2, Co=2, H=6, W=5), device)
+    torch.library.opcheck(torch.ops.nns_cuda.conv_li, tuple(case.values()))
+    case = to(make_case(10, B=1, Ci=2, Co=2, H=6, W=5, groups=2, scale=False, gate=False, in_active=False), device)
+    torch.library.opcheck(torch.ops.nns_cuda.conv_li, tuple(case.values()))
+
+
+def _bad_cases():
+    c = make_case(11, H=6, W=6)
+    P, W = c["patches"], c["weight"]
+    return [
+        ("patches_rank", dict(patches=P[..., 0]), ValueError, r"conv_li: patches must be 7-D \[B, Ci, Hi, Wi, D, Rhi, Rwi\], got \["),
+        ("patches_dtype", dict(patches=P.to(torch.int32)), TypeError, r"conv_li: patches must be float32 or float64, got torch.int32"),
+        ("weight_rank", dict(weight=torch.zeros(3, 3, dtype=torch.float64)), ValueError, r"conv_li: weight must be 4-D \[Co, Ci/groups, Kh, Kw\], got \[3, 3\]"),
+        ("weight_dtype", dict(weight=W.to(torch.int64)), TypeError, r"conv_li: weight must be a floating-point tensor, got torch.int64"),
+        ("weight_groups", dict(weight=W[:, :3]), ValueError, r"conv_li: weight \[6, 3, 3, 3\] does not match 4 input channels with groups=1"),
+        ("groups_zero", dict(groups=0), ValueError, r"conv_li: groups must be >= 1, got 0"),
+        ("stride_len", dict(stride=[1, 1, 1]), ValueError, r"conv_li: stride must have 2 entries"),
+        ("stride_zero", dict(stride=[0, 1]), ValueError, r"conv_li: stride must be >= 1"),
+        ("padding_neg", dict(padding=[-1, 0]), ValueError, r"conv_li: padding must be >= 0"),
+        ("dilation_zero", dict(dilation=[1, 0]), ValueError, r"conv_li: dilation must be >= 1"),
+        ("rh_out_neg", dict(rh_out=-1), ValueError, r"conv_li: rh_out and rw_out must be >= 0"),
+        ("ay_in_dtype", dict(ay_in=c["ay_in"].int()), TypeError, r"conv_li: ay_in must be torch.int64, got torch.int32"),
+        ("ay_in_rank", dict(ay_in=c["ay_in"].view(1, -1)), ValueError, r"conv_li: ay_in must be 1-D \[Hi\]"),
+        ("ax_in_len", dict(ax_in=c["ax_in"][:-1]), ValueError, r"conv_li: ax_in must have Wi=6 entries, got 5"),
+        ("ay_out_dtype", dict(ay_out=c["ay_out"].float()), TypeError, r"conv_li: ay_out must be torch.int64"),
+        ("in_active_dtype", dict(in_active=c["in_active"].float()), TypeError, r"conv_li: in_active must be torch.bool, got torch.float32"),
+        ("in_active_shape", dict(in_active=c["in_active"][:, :1]), ValueError, r"conv_li: in_active must be \[B, Ci, Hi, Wi\] = \[2, 4, 6, 6\], got \[2, 1, 6, 6\]"),
+        ("scale_shape", dict(scale=c["scale"][:2]), ValueError, r"conv_li: scale must be \[Co\] = \[6\], got \[2\]"),
+        ("scale_dtype", dict(scale=c["scale"].long()), TypeError, r"conv_li: scale must be a floating-point tensor"),
+        ("gate_shape", dict(gate=c["gate"][0]), ValueError, r"conv_li: gate must be \[B, Co, Ho, Wo\]"),
+        ("gate_dtype", dict(gate=c["gate"].long()), TypeError, r"conv_li: gate must be a floating-point or bool tensor, got torch.int64"),
+    ]
+
+
+BAD = _bad_cases()
+
+
+@pytest.mark.parametrize("mode", ["cpu", "fake"])
+@pytest.mark.parametrize("bad", BAD, ids=[b[0] for b in BAD])
+def test_conv_li_bad_arguments(bad, mode):
+    """The C++ checks raise ValueError / TypeError naming the op and the argument, and the
+    fake kernel (torch.compile / FakeTensorMode) raises the same."""
+    _, change, exc, pattern = bad
+    args = dict(make_case(11, H=6, W=6), **change)
+    if mode == "cpu":
+        with pytest.raises(exc, match=pattern):
+            torch.ops.nns_cuda.conv_li(**args)
+    else:
+        fake = FakeTensorMode()
+        args = {k: fake.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+        with fake, pytest.raises(exc, match=pattern):
+            torch.ops.nns_cuda.conv_li(**args)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_conv_li_window_must_fit(device):
+    c = make_case(12)
+    for key, shift in (("ay_out", 1), ("ax_out", -1)):
+        bad = dict(c, **{key: c[key] + shift})
+        with pytest.raises(ValueError, match=r"conv_li: an input window does not fit inside its output window"):
+            ops.conv_li(**to(bad, device))
+        with pytest.raises(ValueError, match=r"does not fit"):
+            ref.conv_li(**bad)  # the reference agrees that these anchors are invalid
+
+
+@needs_cuda
+def test_conv_li_cuda_device_mismatch():
+    c = to(make_case(13), "cuda")
+    for key in ("weight", "ay_in", "in_active", "scale", "gate"):
+        with pytest.raises(ValueError, match=rf"conv_li: {key} must be on the same device as patches \(cuda:0\), got cpu"):
+            ops.conv_li(**dict(c, **{key: c[key].cpu()}))
+
+
+@needs_cuda
+def test_conv_li_cuda_large_patches():
+    """Windows larger than one thread block (several element chunks) and more input
+    channels than one channel tile (Co > 32)."""
+    case = make_case(14, B=1, Ci=6, Co=40, H=40, W=37, D=3, k=(3, 3), pre=(9, 1, 4))
+    expected = reference64(case)
+    with nan_filled_outputs():
+        out = ops.conv_li(**to(case, "cuda"))
+    assert_rel_close(out, expected, torch.float64)
+
+
+def test_ops_fallback_warns_once(monkeypatch):
+    """Without the extension the wrappers use the reference and warn exactly once."""
+    monkeypatch.setattr(ops, "HAS_OPS", False)
+    monkeypatch.setattr(ops, "_warned", False)
+    case = make_case(15, B=1)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        a = ops.conv_li(**case)
+        b = ops.conv_li(**case)
+    msgs = [w for w in rec if issubclass(w.category, RuntimeWarning) and "falls back" in str(w.message)]
+    assert len(msgs) == 1
+    assert torch.equal(a, ref.conv_li(**case)) and torch.equal(a, b)

@@ -1,0 +1,192 @@
+"""li_stats: compiled kernels (CPU C++, CUDA) against the reference and the dense definition.
+
+What is compared: ``ops.li_stats`` vs ``reference.li_stats`` (float64, CPU) and vs
+``reference.stats.li_stats_dense`` applied to the densified images (plain slicing), on patches
+with exact zeros (so the ``nz`` counts matter) and anchors from a real receptive-field
+geometry; foreground masks from bounding boxes as float 0/1 and bool, an all-background mask,
+fractional masks (the op is linear in ``fg``); float64 / float32, NaN-filled outputs,
+non-contiguous inputs, ``opcheck``, argument errors (C++ = fake kernel), windows outside the
+image.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from conftest import assert_rel_close, cpu_and_cuda, nan_filled_outputs, needs_cuda, rel_err, rf_anchors
+from nns_cuda import ops
+from nns_cuda.reference import ops as ref
+from nns_cuda.reference.stats import NUM_STATS, li_stats_dense
+
+pytestmark = pytest.mark.skipif(not ops.HAS_OPS, reason="nns_cuda._C not built")
+
+DTYPES = [torch.float64, torch.float32]
+
+
+def make_case(seed, *, B=2, C=3, H=12, W=11, D=3, J=2, P=1, R=5, fg="box", dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    Ho = (H + 2 * P - min(R, H)) // J + 1
+    Wo = (W + 2 * P - min(R, W)) // J + 1
+    ay, Rh = rf_anchors(Ho, H, J, P, R)
+    ax, Rw = rf_anchors(Wo, W, J, P, R)
+    patches = torch.randn(B, C, Ho, Wo, D, Rh, Rw, generator=g, dtype=dtype)
+    patches = patches * (torch.rand(patches.shape, generator=g) > 0.3)
+    patches[:, 0, 0] = 0  # whole inactive neurons
+    x = torch.randn(B, D, H, W, generator=g, dtype=dtype)
+    x[:, :, 0] = 0  # inactive input pixels
+    box = torch.zeros(B, H, W, dtype=torch.bool)
+    box[0, 2:8, 3:9] = True
+    box[-1, 5:, :4] = True
+    if fg == "box":
+        m = box.to(dtype)
+    elif fg == "bool":
+        m = box
+    elif fg == "none":
+        m = torch.zeros(B, H, W, dtype=dtype)
+    else:  # fractional
+        m = torch.rand(B, H, W, generator=g, dtype=dtype)
+    return dict(patches=patches, ay=ay, ax=ax, x=x, fg=m)
+
+
+def to(case, device=None, dtype=None):
+    out = {}
+    for key, v in case.items():
+        if isinstance(v, torch.Tensor):
+            if dtype is not None and v.is_floating_point():
+                v = v.to(dtype)
+            if device is not None:
+                v = v.to(device)
+        out[key] = v
+    return out
+
+
+def densify(patches, ay, ax, H, W):
+    B, C, Ho, Wo, D, Rh, Rw = patches.shape
+    out = patches.new_zeros(B, C, Ho, Wo, D, H, W)
+    for y in range(Ho):
+        for x in range(Wo):
+            a, b = int(ay[y]), int(ax[x])
+            out[:, :, y, x, :, a:a + Rh, b:b + Rw] = patches[:, :, y, x]
+    return out
+
+
+CONFIGS = {
+    "box": dict(),
+    "bool_mask": dict(fg="bool"),
+    "no_foreground": dict(fg="none"),
+    "fractional_mask": dict(fg="frac"),
+    "small_rf": dict(J=1, P=0, R=1),
+    "window_is_image": dict(H=6, W=5, J=1, P=3, R=9),
+}
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+@pytest.mark.parametrize("cfg", list(CONFIGS), ids=list(CONFIGS))
+def test_li_stats_matches_reference(cfg, dtype, device):
+    case = make_case(list(CONFIGS).index(cfg), dtype=dtype, **CONFIGS[cfg])
+    c64 = to(case, "cpu", torch.float64)
+    expected = ref.li_stats(**c64)
+    H, W = case["x"].shape[-2:]
+    dense = densify(c64["patches"], case["ay"], case["ax"], H, W)
+    fgm = c64["fg"] if c64["fg"].dtype == torch.bool else c64["fg"].double()
+    assert rel_err(li_stats_dense(dense, c64["x"], fgm), expected) <= 1e-12
+    with nan_filled_outputs():
+        out = ops.li_stats(**to(case, device))
+    assert out.device.type == device and out.shape[-1] == NUM_STATS
+    assert_rel_close(out, expected, dtype)
+    for k in range(NUM_STATS):  # every statistic on its own scale
+        assert rel_err(out[..., k], expected[..., k]) <= 10 * (1e-12 if dtype == torch.float64 else 1e-5) \
+            or expected[..., k].abs().max() == 0
+    assert (out[..., :2].cpu() == expected[..., :2].to(dtype)).all() or cfg == "fractional_mask"  # exact counts
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_li_stats_noncontiguous(device):
+    case = make_case(50)
+    expected = ref.li_stats(**case)
+    nc = {}
+    for key, v in to(case, device).items():
+        nc[key] = torch.stack([v, torch.zeros_like(v)], dim=-1)[..., 0]
+    with nan_filled_outputs():
+        out = ops.li_stats(**nc)
+    assert_rel_close(out, expected, torch.float64)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_li_stats_empty(device):
+    case = to(make_case(51), device)
+    out = ops.li_stats(**dict(case, patches=case["patches"][:, :0]))
+    assert out.shape == (2, 0) + tuple(case["patches"].shape[2:4]) + (NUM_STATS,)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_li_stats_opcheck(device):
+    case = to(make_case(52, B=1, C=2, H=7, W=6), device)
+    torch.library.opcheck(torch.ops.nns_cuda.li_stats, tuple(case.values()))
+    torch.library.opcheck(torch.ops.nns_cuda.li_stats, tuple(dict(case, fg=case["fg"] > 0).values()))
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_li_stats_windows_outside_image(device):
+    c = make_case(53)
+    for change in (dict(ay=c["ay"] + 100), dict(ax=c["ax"] - 1)):
+        bad = dict(c, **change)
+        with pytest.raises(ValueError, match=r"li_stats: windows exceed the image \(12×11\)"):
+            ops.li_stats(**to(bad, device))
+        with pytest.raises(ValueError, match="windows exceed the image"):
+            ref.li_stats(**bad)
+
+
+def _bad_cases():
+    c = make_case(54)
+    return [
+        ("patches_rank", dict(patches=c["patches"][0]), ValueError, r"li_stats: patches must be 7-D \[B, C, Ho, Wo, D, Rh, Rw\]"),
+        ("patches_dtype", dict(patches=c["patches"].bool()), TypeError, r"li_stats: patches must be float32 or float64, got torch.bool"),
+        ("ay_len", dict(ay=c["ay"][:-1]), ValueError, r"li_stats: ay must have Ho=5 entries, got 4"),
+        ("ax_dtype", dict(ax=c["ax"].int()), TypeError, r"li_stats: ax must be torch.int64, got torch.int32"),
+        ("x_channels", dict(x=c["x"][:, :2]), ValueError, r"li_stats: x must be \[B=2, D=3, H, W\], got \[2, 2, 12, 11\]"),
+        ("x_rank", dict(x=c["x"][0]), ValueError, r"li_stats: x must be \[B=2, D=3, H, W\]"),
+        ("x_dtype", dict(x=c["x"].long()), TypeError, r"li_stats: x must be a floating-point tensor"),
+        ("fg_shape", dict(fg=c["fg"][:, :-1]), ValueError, r"li_stats: fg must be \[B, H, W\] = \[2, 12, 11\], got \[2, 11, 11\]"),
+        ("fg_dtype", dict(fg=c["fg"].long()), TypeError, r"li_stats: fg must be a floating-point or bool tensor, got torch.int64"),
+    ]
+
+
+BAD = _bad_cases()
+
+
+@pytest.mark.parametrize("mode", ["cpu", "fake"])
+@pytest.mark.parametrize("bad", BAD, ids=[b[0] for b in BAD])
+def test_li_stats_bad_arguments(bad, mode):
+    _, change, exc, pattern = bad
+    args = dict(make_case(54), **change)
+    if mode == "cpu":
+        with pytest.raises(exc, match=pattern):
+            torch.ops.nns_cuda.li_stats(**args)
+    else:
+        fake = FakeTensorMode()
+        args = {k: fake.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+        with fake, pytest.raises(exc, match=pattern):
+            torch.ops.nns_cuda.li_stats(**args)
+
+
+@needs_cuda
+def test_li_stats_cuda_device_mismatch():
+    c = to(make_case(55), "cuda")
+    for key in ("x", "fg", "ay"):
+        with pytest.raises(ValueError, match=rf"li_stats: {key} must be on the same device as patches \(cuda:0\), got cpu"):
+            ops.li_stats(**dict(c, **{key: c[key].cpu()}))
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+def test_li_stats_cuda_large_windows(dtype):
+    """Windows much larger than a warp (several iterations per lane) and tiny ones."""
+    for kw in (dict(B=2, C=4, H=40, W=38, D=3, J=4, P=10, R=25), dict(B=2, C=4, H=9, W=9, D=1, J=1, P=0, R=1)):
+        case = make_case(56, dtype=dtype, **kw)
+        expected = ref.li_stats(**to(case, "cpu", torch.float64))
+        with nan_filled_outputs():
+            out = ops.li_stats(**to(case, "cuda"))
+        assert_rel_close(out, expected, dtype)

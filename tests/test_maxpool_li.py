@@ -1,0 +1,182 @@
+"""maxpool_li: compiled kernels (CPU C++, CUDA) against the pure-PyTorch reference.
+
+What is compared: ``ops.maxpool_li`` vs ``reference.maxpool_li`` (float64, CPU) on seeded random
+patches with anchors from a real receptive-field geometry and arg-max indices from
+``F.max_pool2d(return_indices=True)`` (kernel, stride, padding, dilation, asymmetric), and on
+arbitrary in-window indices; float64 / float32, NaN-filled outputs, non-contiguous inputs,
+``opcheck``, argument errors (C++ = fake kernel), out-of-range indices and windows that do
+not fit (the reference raises on the same inputs).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from conftest import assert_rel_close, conv_geometry, cpu_and_cuda, nan_filled_outputs, needs_cuda, rf_anchors
+from nns_cuda import ops
+from nns_cuda.reference import ops as ref
+
+pytestmark = pytest.mark.skipif(not ops.HAS_OPS, reason="nns_cuda._C not built")
+
+DTYPES = [torch.float64, torch.float32]
+
+
+def make_case(seed, *, B=2, C=3, H=12, W=11, D=2, k=(2, 2), s=(2, 2), p=(0, 0), d=(1, 1),
+              pre=(1, 1, 0), dtype=torch.float64, random_indices=False):
+    g = torch.Generator().manual_seed(seed)
+    k0, s0, p0 = pre
+    Hi, Jy, Py, Ry = conv_geometry(H, 1, 0, 1, k0, s0, p0)
+    Wi, Jx, Px, Rx = conv_geometry(W, 1, 0, 1, k0, s0, p0)
+    ay_in, Rhi = rf_anchors(Hi, H, Jy, Py, Ry)
+    ax_in, Rwi = rf_anchors(Wi, W, Jx, Px, Rx)
+    a = torch.randn(B, C, Hi, Wi, generator=g)
+    _, indices = F.max_pool2d(a, k, s, p, d, return_indices=True)
+    Ho, Wo = indices.shape[-2:]
+    assert (Ho, Wo) == (conv_geometry(Hi, Jy, Py, Ry, k[0], s[0], p[0], d[0])[0],
+                        conv_geometry(Wi, Jx, Px, Rx, k[1], s[1], p[1], d[1])[0])
+    if random_indices:  # any tap of the pooling window, not only the arg-max
+        ty = torch.randint(0, k[0], (B, C, Ho, Wo), generator=g)
+        tx = torch.randint(0, k[1], (B, C, Ho, Wo), generator=g)
+        yi = (torch.arange(Ho).view(1, 1, -1, 1) * s[0] + ty * d[0] - p[0]).clamp(0, Hi - 1)
+        xi = (torch.arange(Wo).view(1, 1, 1, -1) * s[1] + tx * d[1] - p[1]).clamp(0, Wi - 1)
+        indices = yi * Wi + xi
+    _, Jy2, Py2, Ry2 = conv_geometry(Hi, Jy, Py, Ry, k[0], s[0], p[0], d[0])
+    _, Jx2, Px2, Rx2 = conv_geometry(Wi, Jx, Px, Rx, k[1], s[1], p[1], d[1])
+    ay_out, rho = rf_anchors(Ho, H, Jy2, Py2, Ry2)
+    ax_out, rwo = rf_anchors(Wo, W, Jx2, Px2, Rx2)
+    act = torch.rand(B, C, Hi, Wi, generator=g) > 0.3
+    patches = torch.randn(B, C, Hi, Wi, D, Rhi, Rwi, generator=g, dtype=dtype) * act[..., None, None, None]
+    return dict(patches=patches, ay_in=ay_in, ax_in=ax_in, indices=indices, ay_out=ay_out,
+                ax_out=ax_out, rh_out=rho, rw_out=rwo)
+
+
+def to(case, device=None, dtype=None):
+    out = {}
+    for key, v in case.items():
+        if isinstance(v, torch.Tensor):
+            if dtype is not None and v.is_floating_point():
+                v = v.to(dtype)
+            if device is not None:
+                v = v.to(device)
+        out[key] = v
+    return out
+
+
+CONFIGS = {
+    "2x2s2": dict(),
+    "3x3s2p1_pre3": dict(k=(3, 3), s=(2, 2), p=(1, 1), pre=(3, 1, 1)),
+    "dilation2": dict(k=(2, 2), s=(1, 1), d=(2, 2), pre=(3, 2, 1), H=14, W=13),
+    "asym": dict(k=(2, 3), s=(2, 1), p=(1, 1)),
+    "window_is_image": dict(H=6, W=7, k=(3, 3), s=(2, 2), p=(1, 1), pre=(5, 1, 2)),
+    "random_taps": dict(k=(3, 3), s=(2, 2), p=(1, 1), pre=(3, 1, 1), random_indices=True),
+}
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
+@pytest.mark.parametrize("cfg", list(CONFIGS), ids=list(CONFIGS))
+def test_maxpool_li_matches_reference(cfg, dtype, device):
+    case = make_case(list(CONFIGS).index(cfg), dtype=dtype, **CONFIGS[cfg])
+    expected = ref.maxpool_li(**to(case, "cpu", torch.float64))
+    with nan_filled_outputs():
+        out = ops.maxpool_li(**to(case, device))
+    assert out.device.type == device
+    assert_rel_close(out, expected, dtype)
+    assert (out.cpu() == expected.to(dtype)).all()  # a pure copy: bit-exact
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_maxpool_li_noncontiguous(device):
+    case = make_case(20, k=(3, 3), s=(2, 2), p=(1, 1), pre=(3, 1, 1))
+    expected = ref.maxpool_li(**case)
+    nc = {}
+    for key, v in to(case, device).items():
+        if isinstance(v, torch.Tensor):
+            v = torch.stack([v, torch.zeros_like(v)], dim=-1)[..., 0]
+        nc[key] = v
+    with nan_filled_outputs():
+        out = ops.maxpool_li(**nc)
+    assert_rel_close(out, expected, torch.float64)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_maxpool_li_empty(device):
+    case = to(make_case(21), device)
+    out = ops.maxpool_li(**dict(case, patches=case["patches"][:0], indices=case["indices"][:0]))
+    assert out.shape == (0,) + tuple(ref.maxpool_li(**make_case(21)).shape[1:])
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_maxpool_li_opcheck(device):
+    case = to(make_case(22, B=1, C=2, H=6, W=6), device)
+    torch.library.opcheck(torch.ops.nns_cuda.maxpool_li, tuple(case.values()))
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_maxpool_li_bad_indices(device):
+    c = make_case(23)
+    Hi, Wi = c["patches"].shape[2:4]
+    for val in (-1, Hi * Wi):
+        ind = c["indices"].clone()
+        ind[1, 2, 1, 0] = val
+        with pytest.raises(ValueError, match=rf"maxpool_li: indices out of range \[0, {Hi * Wi}\)"):
+            ops.maxpool_li(**to(dict(c, indices=ind), device))
+        with pytest.raises(ValueError, match="out of range"):
+            ref.maxpool_li(**dict(c, indices=ind))
+    ind = c["indices"].clone()
+    ind[0, 1, 0, 0] = Hi * Wi - 1  # a valid neuron far outside output (0, 0)'s window
+    with pytest.raises(ValueError, match=r"maxpool_li: an input window does not fit inside its output window"):
+        ops.maxpool_li(**to(dict(c, indices=ind), device))
+    with pytest.raises(ValueError, match="does not fit"):
+        ref.maxpool_li(**dict(c, indices=ind))
+
+
+def _bad_cases():
+    c = make_case(24)
+    return [
+        ("patches_rank", dict(patches=c["patches"][0]), ValueError, r"maxpool_li: patches must be 7-D \[B, C, Hi, Wi, D, Rhi, Rwi\], got \["),
+        ("patches_dtype", dict(patches=c["patches"].half()), TypeError, r"maxpool_li: patches must be float32 or float64, got torch.float16"),
+        ("indices_dtype", dict(indices=c["indices"].int()), TypeError, r"maxpool_li: indices must be torch.int64, got torch.int32"),
+        ("indices_shape", dict(indices=c["indices"][:, :, :-1]), ValueError, r"maxpool_li: indices must be \[B, C, Ho, Wo\] = \[2, 3, 6, 5\], got \[2, 3, 5, 5\]"),
+        ("ay_in_len", dict(ay_in=c["ay_in"][:-1]), ValueError, r"maxpool_li: ay_in must have Hi=12 entries, got 11"),
+        ("ax_out_rank", dict(ax_out=c["ax_out"].view(-1, 1)), ValueError, r"maxpool_li: ax_out must be 1-D \[Wo\]"),
+        ("ay_out_dtype", dict(ay_out=c["ay_out"].double()), TypeError, r"maxpool_li: ay_out must be torch.int64, got torch.float64"),
+        ("rw_out_neg", dict(rw_out=-2), ValueError, r"maxpool_li: rh_out and rw_out must be >= 0"),
+    ]
+
+
+BAD = _bad_cases()
+
+
+@pytest.mark.parametrize("mode", ["cpu", "fake"])
+@pytest.mark.parametrize("bad", BAD, ids=[b[0] for b in BAD])
+def test_maxpool_li_bad_arguments(bad, mode):
+    _, change, exc, pattern = bad
+    args = dict(make_case(24), **change)
+    if mode == "cpu":
+        with pytest.raises(exc, match=pattern):
+            torch.ops.nns_cuda.maxpool_li(**args)
+    else:
+        fake = FakeTensorMode()
+        args = {k: fake.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+        with fake, pytest.raises(exc, match=pattern):
+            torch.ops.nns_cuda.maxpool_li(**args)
+
+
+@needs_cuda
+def test_maxpool_li_cuda_device_mismatch():
+    c = to(make_case(25), "cuda")
+    for key in ("indices", "ay_in", "ax_out"):
+        with pytest.raises(ValueError, match=rf"maxpool_li: {key} must be on the same device as patches \(cuda:0\), got cpu"):
+            ops.maxpool_li(**dict(c, **{key: c[key].cpu()}))
+
+
+@needs_cuda
+def test_maxpool_li_cuda_large():
+    case = make_case(26, B=2, C=5, H=40, W=36, D=3, k=(3, 3), s=(2, 2), p=(1, 1), pre=(7, 1, 3))
+    expected = ref.maxpool_li(**case)
+    with nan_filled_outputs():
+        out = ops.maxpool_li(**to(case, "cuda"))
+    assert_rel_close(out, expected, torch.float64)
