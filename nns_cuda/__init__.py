@@ -9,6 +9,8 @@ import warnings as _warnings
 
 __version__ = "0.1.0"
 
+import torch as _torch  # noqa: F401  (loads libc10 / libtorch before the extension)
+
 try:  # the compiled extension registers torch.ops.nns_cuda.*
     from . import _C  # noqa: F401
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from typing import Any, Optional, Sequence
@@ -24,31 +23,36 @@ import torch
 
 
 def add_gmm_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the ``nns gmm`` options to ``parser`` (returns it)."""
+    """Add the ``nns gmm`` options to ``parser`` (returns it).
+
+    Options the parser already has (e.g. common ``--layer``, ``--seed``, ``--device``,
+    ``--out``, ``--json`` of the main CLI) are left as they are and reused.
+    """
     g = parser.add_argument_group("GMM anomaly filters (thesis Chapter 6)")
-    g.add_argument("--images", default=None, help="torch.save'd dict with filter_images [S,C,...] "
-                   "(or features [C,S,P], or points [C,S,2]) and mean_activation [C]")
-    if not any(a.dest == "layer" for a in parser._actions):
-        g.add_argument("--layer", default=None, help="layer name (model.named_modules()), for model input")
-    g.add_argument("--k-max", type=int, default=10, help="largest number of mixture components (default 10)")
-    g.add_argument("--preset", choices=["small", "large"], default="small",
-                   help="Table 6-1 preset (lam, alpha, beta, theta): small=(50,0.2,1,0.1), large=(10,0.2,1,0.1)")
-    g.add_argument("--lam", type=float, default=None, help="largest size of a small cluster (λ)")
-    g.add_argument("--alpha", type=float, default=None, help="imbalance fraction α in [0,1]")
-    g.add_argument("--beta", type=float, default=None, help="CH factor β over the layer mean")
-    g.add_argument("--theta", type=float, default=None, help="activation factor θ over the layer mean")
-    if not any(a.dest == "seed" for a in parser._actions):
-        g.add_argument("--seed", type=int, default=0, help="random_state of the mixtures")
-    g.add_argument("--gmm-backend", choices=["torch", "sklearn"], default="torch",
-                   help="batched torch EM (default) or the scikit-learn reference loop")
-    g.add_argument("--max-samples", type=int, default=None, help="analyse at most this many samples")
-    if not any(a.dest == "device" for a in parser._actions):
-        g.add_argument("--device", default=None, help="cpu, cuda, ... (default: the model's / cpu)")
-    if not any(a.dest == "out" for a in parser._actions):
-        g.add_argument("--out", default="nns_output/gmm", help="output folder")
-    g.add_argument("--json", default=None, help="write the result here (default <out>/gmm.json)")
-    g.add_argument("--include-labels", action="store_true", help="store per-sample labels and points")
-    g.add_argument("--plot", action="store_true", help="scatter plots of the anomaly filters' clusters")
+
+    def add(*flags, **kw):
+        if not any(f in parser._option_string_actions for f in flags):
+            g.add_argument(*flags, **kw)
+
+    add("--images", default=None, help="torch.save'd dict with filter_images [S,C,...] "
+        "(or features [C,S,P], or points [C,S,2]) and mean_activation [C]")
+    add("--layer", default=None, help="layer name (model.named_modules()), for model input")
+    add("--k-max", type=int, default=10, help="largest number of mixture components (default 10)")
+    add("--preset", choices=["small", "large"], default="small",
+        help="Table 6-1 preset (lam, alpha, beta, theta): small=(50,0.2,1,0.1), large=(10,0.2,1,0.1)")
+    add("--lam", type=float, default=None, help="largest size of a small cluster (λ)")
+    add("--alpha", type=float, default=None, help="imbalance fraction α in [0,1]")
+    add("--beta", type=float, default=None, help="CH factor β over the layer mean")
+    add("--theta", type=float, default=None, help="activation factor θ over the layer mean")
+    add("--seed", type=int, default=0, help="random_state of the mixtures")
+    add("--gmm-backend", choices=["torch", "sklearn"], default="torch",
+        help="batched torch EM (default) or the scikit-learn reference loop")
+    add("--max-samples", type=int, default=None, help="analyse at most this many samples")
+    add("--device", default=None, help="cpu, cuda, ... (default: the model's / cpu)")
+    add("--out", default="nns_output/gmm", help="output folder")
+    add("--json", default=None, help="write the result here (default <out>/gmm.json)")
+    add("--include-labels", action="store_true", help="store per-sample labels and points")
+    add("--plot", action="store_true", help="scatter plots of the anomaly filters' clusters")
     return parser
 
 
@@ -109,25 +113,25 @@ def run_gmm(args: argparse.Namespace, *, model: Any = None, data: Any = None) ->
                     feats = fi.flatten(2).transpose(0, 1)
                 else:
                     raise ValueError(f"{args.images}: needs 'filter_images', 'features' or 'points'.")
-                if args.max_samples is not None:
-                    feats = feats[:, : args.max_samples]
+                if getattr(args, 'max_samples', None) is not None:
+                    feats = feats[:, : getattr(args, 'max_samples', None)]
                 dev = getattr(args, "device", None) or "cpu"
                 pts = gmm.pca2(feats.to(dev), seed=getattr(args, "seed", 0)).cpu()
             kw = _analysis_kwargs(args)
             res = gmm.anomaly_filters(pts, blob["mean_activation"], lam=kw["lam"], alpha=kw["alpha"],
                                       beta=kw["beta"], theta=kw["theta"], preset=kw["preset"],
-                                      k_max=kw["k_max"], seed=kw["seed"], backend=args.gmm_backend)
-            payload = {"source": args.images, **res.to_dict(include_labels=args.include_labels)}
+                                      k_max=kw["k_max"], seed=kw["seed"], backend=getattr(args, 'gmm_backend', 'torch'))
+            payload = {"source": args.images, **res.to_dict(include_labels=getattr(args, 'include_labels', False))}
             points, labels, outl = pts, res.labels, res.outlier_samples
             filters = res.anomaly_filters
         elif model is not None and data is not None:
             layer = getattr(args, "layer", None)
             if not layer:
                 raise ValueError("nns gmm: --layer is required with a model.")
-            an = gmm.GMMAnalysis(**_analysis_kwargs(args), backend=args.gmm_backend,
-                                 max_samples=args.max_samples, device=getattr(args, "device", None))
+            an = gmm.GMMAnalysis(**_analysis_kwargs(args), backend=getattr(args, 'gmm_backend', 'torch'),
+                                 max_samples=getattr(args, 'max_samples', None), device=getattr(args, "device", None))
             r = an.fit(model, data, layer)
-            payload = r.to_dict(include_labels=args.include_labels)
+            payload = r.to_dict(include_labels=getattr(args, 'include_labels', False))
             points, labels, outl = r.points, r.anomaly.labels, r.anomaly.outlier_samples
             filters = r.anomaly.anomaly_filters
         else:
@@ -137,7 +141,7 @@ def run_gmm(args: argparse.Namespace, *, model: Any = None, data: Any = None) ->
         return 2
     os.makedirs(out_dir, exist_ok=True)
     path = getattr(args, "json", None) or os.path.join(out_dir, "gmm.json")
-    if args.plot and filters:
+    if getattr(args, 'plot', False) and filters:
         payload["figures"] = plot_clusters(points, labels, filters, out_dir, outl)
     with open(path, "w") as fh:
         json.dump(payload, fh, indent=1, allow_nan=False)

@@ -99,6 +99,25 @@ def kmeans_plusplus(x: Tensor, k: int, seed: int) -> Tensor:
     return idx
 
 
+def kmeans_plusplus_all(x: Tensor, ks, seed: int) -> dict:
+    """:func:`kmeans_plusplus` for several ``k`` at once: ``{k: LongTensor [G, k]}``.
+
+    scikit-learn's seeding for ``k`` draws ``choice(S)`` and then ``2 + ⌊ln k⌋`` uniforms per
+    further centre from a fresh ``RandomState(seed)``, so two ``k`` with the same number of
+    local trials draw the same numbers and the smaller one's seeds are a prefix of the larger
+    one's: one run per distinct trial count (for ``k = 2 … 10``: ``k = 2, 7, 10``) gives all.
+    """
+    groups: dict = {}
+    for k in ks:
+        groups.setdefault(2 + int(np.log(k)), []).append(k)
+    out = {}
+    for members in groups.values():
+        big = kmeans_plusplus(x, max(members), seed)
+        for k in members:
+            out[k] = big[:, :k]
+    return out
+
+
 def argmax_dim1(v: Tensor) -> Tensor:
     """``v.argmax(1)`` for ``[G, k, S]`` (first maximum), as ``k`` element-wise passes.
 
@@ -216,6 +235,7 @@ def fit_em(
     tol: float,
     max_iter: int,
     chunk_elems: int = 1 << 19,
+    init: Optional[Tensor] = None,
 ) -> EMFit:
     """Fit ``G`` mixtures of ``k`` components to standardised data (see module docstring).
 
@@ -228,12 +248,15 @@ def fit_em(
     chunk_elems : int
         Size of the working batch in ``(point, component)`` pairs, so that the working tensors
         stay in the CPU caches (at least ``2**26`` on CUDA).
+    init : LongTensor ``[G, k]``, optional
+        k-means++ seeds (:func:`kmeans_plusplus_all`); computed when absent.
 
     Returns
     -------
     EMFit in standardised units (the caller maps means, covariances and log-likelihoods back).
     """
-    init = kmeans_plusplus(z, k, seed)
+    if init is None:
+        init = kmeans_plusplus(z, k, seed)
     return _chunked(z, init, None, reg, tol, max_iter, chunk_elems)
 
 
@@ -256,9 +279,10 @@ def fit_em_stacked(
     """
     g = z.shape[0]
     ks = list(range(2, k_max + 1))
+    seeds = kmeans_plusplus_all(z, ks, seed)
     inits = []
     for k in ks:
-        ini = kmeans_plusplus(z, k, seed)
+        ini = seeds[k]
         if k < k_max:
             ini = torch.cat([ini, ini[:, :1].expand(g, k_max - k)], 1)
         inits.append(ini)
@@ -397,8 +421,9 @@ def _em_queue(z: Tensor, init: Tensor, nvalid: Optional[Tensor], reg: Tensor, to
         w, bad = _coefficients(theta[sl], None if valid is None else valid[sl])
         ill[sl] |= bad
         lp = torch.bmm(w, phit[sl])  # [B, k, S]
-        loglik[sl] = torch.logsumexp(lp, dim=1).mean(-1)
         labels[sl] = argmax_dim1(lp)
+        mx = lp.amax(1, keepdim=True)
+        loglik[sl] = _mean_log(lp.sub_(mx).exp_().sum(1)) + mx[:, 0].mean(-1)
     mean, cov = theta[..., 1:3], theta[..., 3:6]
     a, b_, c = cov.unbind(-1)
     cov22 = torch.stack([torch.stack([a, b_], -1), torch.stack([b_, c], -1)], -2)

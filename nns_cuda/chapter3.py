@@ -33,7 +33,7 @@ Choices made here (beyond SPEC's [decision]s):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -42,9 +42,7 @@ import torch.nn.functional as TF
 from torch import Tensor, nn
 
 from ._fq_common import (
-    EmptyForegroundWarning,
     FQWarning,
-    NoBackgroundWarning,
     ZeroInputWarning,
     check_eval,
     check_finite,
@@ -62,6 +60,7 @@ from ._fq_common import (
 from .reference.stats import NUM_STATS, STAT_INDEX
 
 __all__ = [
+    "FQWarning",
     "ZeroInputWarning",
     "KnowledgeQuantity",
     "KnowledgeResult",

@@ -44,7 +44,7 @@ import json
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -55,7 +55,6 @@ from ._fq_common import (
     EmptyForegroundWarning,
     FQWarning,
     NoBackgroundWarning,
-    ZeroInputWarning,
     check_eval,
     check_finite,
     check_input,
@@ -1211,7 +1210,8 @@ def findings(model: nn.Module, data: Any, *, eval_data: Any = None, fq_layers: O
 # ============================================================================================
 def add_fq_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``nns fq`` options to ``parser``."""
-    parser.add_argument("--model", default="simple_cnn", help="model-zoo name (nns_cuda.models.build)")
+    parser.add_argument("--model", default=None,
+                        help="model-zoo name (nns_cuda.models.build); default: the demo's model, trained and cached on first use")
     parser.add_argument("--weights", default=None, help="state-dict file of the trained model (strongly recommended)")
     parser.add_argument("--num-classes", type=int, default=10)
     parser.add_argument("--split", default="test", help="split of the embedded cluttered-digits data set")
@@ -1241,21 +1241,21 @@ def run_fq(args: argparse.Namespace) -> int:
     from . import data as nns_data
     from . import models as nns_models
 
+    from . import train as nns_train
+
+    name = args.model or nns_train.DEMO_CONFIG["model"]
     source = "weights file"
     if args.weights:
-        model = nns_models.load_model(args.model, weights=args.weights, num_classes=args.num_classes)
+        model = nns_models.load_model(name, weights=args.weights, num_classes=args.num_classes)
+    elif name == nns_train.DEMO_CONFIG["model"] and args.num_classes == nns_train.DEMO_CONFIG["num_classes"]:
+        demo = nns_train.default_demo_model(progress=False)
+        model = nns_models.load_model(demo.name, weights=demo.history.best_checkpoint, num_classes=args.num_classes)
+        source = f"demo model, well-trained checkpoint {demo.history.best_checkpoint}"
     else:
-        from . import train as nns_train
-
-        if args.model == nns_train.DEMO_CONFIG["model"] and args.num_classes == nns_train.DEMO_CONFIG["num_classes"]:
-            demo = nns_train.default_demo_model(progress=False)
-            model = nns_models.load_model(demo.name, weights=demo.history.best_checkpoint, num_classes=args.num_classes)
-            source = f"demo model, well-trained checkpoint {demo.history.best_checkpoint}"
-        else:
-            warnings.warn("nns fq: no --weights given; the model has random weights, so the findings describe an "
-                          "untrained network.", FQWarning)
-            model = nns_models.build(args.model, num_classes=args.num_classes)
-            source = "random weights"
+        warnings.warn("nns fq: no --weights given; the model has random weights, so the findings describe an "
+                      "untrained network.", FQWarning)
+        model = nns_models.build(name, num_classes=args.num_classes)
+        source = "random weights"
     model.eval()
     ds = nns_data.cluttered_digits(split=args.split, seed=args.seed)
     loader = DataLoader(ds, batch_size=args.batch_size, shuffle=False)
@@ -1268,7 +1268,7 @@ def run_fq(args: argparse.Namespace) -> int:
             x0 = next(iter(loader))[0][:1]
             layers = conv_act_layers(trace_calls(model, x0))
         result = FeatureQuantity(ablate=args.ablate, max_samples=args.max_samples).fit(model, loader, layers).to_dict(args.arrays)
-    result = {"model": args.model, "weights": source, "data": f"cluttered_digits(split={args.split!r}, seed={args.seed})",
+    result = {"model": name, "weights": source, "data": f"cluttered_digits(split={args.split!r}, seed={args.seed})",
               "result": result}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:

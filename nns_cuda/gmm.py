@@ -414,7 +414,7 @@ class KSelection:
     n_clusters : LongTensor ``[F]``
         Non-empty clusters of the chosen fit.
     weights : ``[F, k_max]``, means : ``[F, k_max, 2]``, covariances : ``[F, k_max, 2, 2]``
-        Chosen mixture, padded with NaN beyond ``k``.
+        Chosen mixture, padded with NaN beyond ``k`` (all NaN where ``k = 1``).
     n_distinct : LongTensor ``[F]``
         Distinct points per filter.
     degenerate : BoolTensor ``[F]``
@@ -508,11 +508,13 @@ def _fit_all_torch(points: Tensor, k_max: int, *, seed: int, reg_covar: float, t
         strategy = "stacked" if (z.is_cuda or small) else "per_k"
     if strategy == "stacked":
         fits = _gmm_em.fit_em_stacked(z, k_max, reg=reg, seed=seed, tol=tol, max_iter=max_iter)
+    else:
+        seeds = _gmm_em.kmeans_plusplus_all(z, range(2, k_max + 1), seed)
     for j, k in enumerate(range(2, k_max + 1)):
         if strategy == "stacked":
             fit = fits[j]
         else:
-            fit = _gmm_em.fit_em(z, k, reg=reg, seed=seed, tol=tol, max_iter=max_iter)
+            fit = _gmm_em.fit_em(z, k, reg=reg, seed=seed, tol=tol, max_iter=max_iter, init=seeds[k])
         out["labels"][:, j] = fit.labels
         out["loglik"][:, j] = fit.loglik - log_s2
         out["lower_bound"][:, j] = fit.lower_bound - log_s2
@@ -631,6 +633,9 @@ def select_k(
     k = torch.where(valid, k, torch.ones_like(k))
     ncl = torch.where(valid, ncl, torch.ones_like(ncl))
     ch = torch.where(valid, ch, torch.full_like(ch, math.nan))
+    nanv = ~valid
+    weights, means, covs = weights.clone(), means.clone(), covs.clone()
+    weights[nanv], means[nanv], covs[nanv] = math.nan, math.nan, math.nan
     pcpu = points.detach().cpu().to(torch.float64)
     n_dist = _n_distinct(pcpu)
     const = n_dist == 1
@@ -919,10 +924,14 @@ class _ActivationMean:
         self.count = 0
         self._calls = 0
 
+    recording = False  # only the analysis's own forward pass is counted (image_fn may run others)
+
     def _pre(self, *_):
         self._calls = 0
 
     def _hook(self, mod, inputs, out):
+        if not self.recording:
+            return
         n = self._calls
         self._calls += 1
         if self.call is not None and n != self.call:
@@ -1037,8 +1046,12 @@ class GMMAnalysis:
                 if x.shape[0] == 0:
                     break
                 xd = x.to(dev)
-                with torch.no_grad():
-                    model(xd)
+                act.recording = True
+                try:
+                    with torch.no_grad():
+                        model(xd)
+                finally:
+                    act.recording = False
                 imgs = image_fn(model, xd, layer)
                 if imgs.dim() < 3 or imgs.shape[0] != x.shape[0]:
                     raise ValueError(
@@ -1180,7 +1193,8 @@ def findings(
     train_data, val_data : data for accuracies (``(x, y)`` or iterables of batches).
     analysis_data : samples to cluster and for gradients (default ``train_data``; the thesis
         clusters training samples).
-    analysis : GMMAnalysis, optional (default ``GMMAnalysis(seed=seed)``, preset "small").
+    analysis : GMMAnalysis, optional (default ``GMMAnalysis(seed=seed, max_samples=1000)``,
+        preset "small": the first 1,000 samples of ``analysis_data``).
     R, seed : random-baseline size and seed.
     max_eval_samples : evaluate accuracies on at most this many samples per set.
     hessian_data : if given, also the largest Hessian eigenvalue of both models on it.
@@ -1191,7 +1205,7 @@ def findings(
     -------
     JSON-serialisable dict.
     """
-    analysis = analysis or GMMAnalysis(seed=seed)
+    analysis = analysis or GMMAnalysis(seed=seed, max_samples=1000)
     adata = train_data if analysis_data is None else analysis_data
     res = {name: analysis.fit(m, adata, layer) for name, m in (("WT", wt_model), ("OF", of_model))}
     out: Dict[str, Any] = {

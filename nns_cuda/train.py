@@ -561,7 +561,7 @@ def fit(model: nn.Module, train_data: Union[Dataset, DataLoader],
                 loss = F.cross_entropy(out, y)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
-                        f"epoch {epoch}: the training loss is {float(loss)}; lower the "
+                        f"epoch {epoch}: the training loss is {float(loss.detach())}; lower the "
                         f"learning rate (lr={lr:g})")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -743,6 +743,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     t.add_argument("--device", default="cpu")
     t.add_argument("--no-progress", action="store_true")
     t.add_argument("--num-workers", type=int, default=0)
+    t.add_argument("--num-threads", type=int, default=None,
+                   help="torch threads during training (1 is fastest for small models)")
     t.add_argument("--demo", action="store_true",
                    help="train (or reuse) the demo's default model; other options ignored "
                         "except --cache-dir, --device, --no-progress")
@@ -810,7 +812,7 @@ def run_train(args: argparse.Namespace) -> int:
                        checkpoint_dir=args.checkpoint_dir, resume=args.resume,
                        overwrite=args.overwrite, device=args.device,
                        progress=not args.no_progress, num_workers=args.num_workers,
-                       title=f"{args.model} on {args.data}")
+                       num_threads=args.num_threads, title=f"{args.model} on {args.data}")
     except (FileNotFoundError, FileExistsError, ValueError, TypeError) as e:
         print(f"nns train: error: {e}", file=sys.stderr)
         return 2

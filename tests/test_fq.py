@@ -619,3 +619,22 @@ def test_engine_default_path_equals_autograd_oracle():
         a = fq.LocalisationIoU(methods=("fq",)).fit(gm, data)
         b = fq.LocalisationIoU(methods=("fq",), scan_fn=autograd_scan, li_fn=autograd_learned_images).fit(gm, data)
     np.testing.assert_allclose(a.iou["fq"], b.iou["fq"], rtol=1e-12)
+
+
+def test_run_fq_writes_json(tmp_path):
+    import argparse
+
+    pytest.importorskip("nns_cuda.models")
+    from nns_cuda import models
+
+    w = tmp_path / "w.pt"
+    torch.save(models.build("simple_cnn", num_classes=10, seed=0).state_dict(), w)
+    out = tmp_path / "fq.json"
+    args = fq.add_fq_arguments(argparse.ArgumentParser()).parse_args(
+        ["--model", "simple_cnn", "--weights", str(w), "--max-samples", "4", "--batch-size", "4", "--layers", "features.relu3", "--out", str(out)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fq.FQWarning)
+        assert fq.run_fq(args) == 0
+    d = json.loads(out.read_text())
+    assert d["weights"] == "weights file" and d["result"]["n_samples"] == 4
+    assert set(d["result"]["layers"]) == {"features.relu3"}

@@ -11,7 +11,6 @@ import argparse
 import copy
 import json
 import math
-import warnings
 
 import numpy as np
 import pytest
@@ -538,3 +537,15 @@ def test_counts_over_checkpoints_findings_and_cli(tmp_path):
     assert d["n_filters"] == 6 and len(d["k"]) == 6
     args = parser.parse_args(["--out", str(tmp_path)])
     assert gmm.run_gmm(args) == 2  # no input: an error message, not a traceback
+    # options the main CLI already defines are reused, not re-added (no argparse conflict)
+    main = argparse.ArgumentParser()
+    main.add_argument("--out")
+    main.add_argument("--seed", type=int, default=3)
+    main.add_argument("--layer")
+    gmm.add_gmm_arguments(main)
+    a = main.parse_args(["--images", str(tmp_path / "imgs.pt"), "--out", str(tmp_path / "o2"), "--k-max", "3",
+                         "--plot", "--lam", "40"])
+    assert gmm.run_gmm(a) == 0
+    d = json.loads((tmp_path / "o2" / "gmm.json").read_text())
+    assert d["params"]["seed"] == 3 and d["params"]["lam"] == 40
+    assert all((tmp_path / "o2" / f"gmm_filter_{f}.png").exists() for f in d["anomaly_filters"])

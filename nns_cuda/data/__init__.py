@@ -9,6 +9,7 @@ index, ``fg_mask`` bool ``[H, W]`` (the union of the object boxes, SPEC §3).
 """
 from ._io import default_cache_dir
 from .cluttered import (
+    DEFAULT_STYLE,
     SMALL_TRAIN_SIZE,
     ClutteredDigits,
     SplitLoaders,
@@ -33,6 +34,7 @@ __all__ = [
     "ClutteredDigits",
     "SplitLoaders",
     "SMALL_TRAIN_SIZE",
+    "DEFAULT_STYLE",
     "cluttered_digits",
     "cluttered_digits_loaders",
     "generate_cluttered_digits",

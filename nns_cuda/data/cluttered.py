@@ -5,8 +5,9 @@ Made by code in about a second from scikit-learn's bundled handwritten digits
 up-scaled bicubically to a random size (10–20 px), given a random light colour, and placed
 at a random position (within ±2 px of the centre by default, see :data:`DEFAULT_STYLE`) on
 a 32×32 RGB canvas over a darker, textured, coloured background with clutter (random
-strokes and fragments of other digits) that stays *outside* the digit's box. The digit's bounding box — the tight box
-of its non-zero pixels after up-scaling — is the foreground mask (SPEC §3).
+strokes and fragments of other digits) that stays *outside* the digit's box. The digit's
+bounding box — the tight box of its non-zero pixels after up-scaling — is the foreground mask
+(SPEC §3).
 
 Determinism and splits
 ----------------------
@@ -29,7 +30,6 @@ import functools
 import hashlib
 import json
 import warnings
-from pathlib import Path
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from ._io import PathLike, atomic_save, default_cache_dir
-from .transforms import PairTransform, boxes_to_mask
+from .transforms import PairTransform
 
 __all__ = [
     "ClutteredDigits",
@@ -51,6 +51,7 @@ __all__ = [
     "GENERATOR_VERSION",
     "SMALL_TRAIN_SIZE",
     "ALPHA_THRESHOLD",
+    "DEFAULT_STYLE",
     "SPLITS",
 ]
 
@@ -103,7 +104,7 @@ def source_split_indices() -> Dict[str, np.ndarray]:
     Returns
     -------
     dict
-        ``{"train": int64 [~1257], "val": int64 [~270], "test": int64 [~270]}``, disjoint,
+        ``{"train": int64 [1258], "val": int64 [269], "test": int64 [270]}``, disjoint,
         fixed (independent of the rendering seed). Within a split the order interleaves the
         classes (round-robin over per-class shuffled lists), so the first ``n`` entries are
         class-balanced: the small training split is the first ``n_train`` of them.
@@ -451,7 +452,7 @@ class ClutteredDigits(Dataset):
         x = self.images[index].to(torch.float32) / 255.0
         y = int(self.labels[index])
         if self.transform is None or self.transform.is_identity:
-            return x, y, self.masks[index]
+            return x, y, self.masks[index].clone()
         xt, mt = self.transform(x, self.boxes[index].reshape(1, 4))
         return xt, y, mt
 
@@ -495,7 +496,7 @@ def cluttered_digits(split: str = "train", seed: int = 0, *, small_train: bool =
     Parameters
     ----------
     split : {"train", "val", "test"}
-        Fixed, disjoint partition of the source digits (~1257 / 270 / 270 samples).
+        Fixed, disjoint partition of the source digits (1258 / 269 / 270 samples).
     seed : int
         Rendering seed; same seed → identical bytes.
     small_train : bool

@@ -14,10 +14,8 @@ Boxes are validated when the data set is built: a box outside its image raises a
 """
 from __future__ import annotations
 
-import io
 import json
 import math
-import os
 import pickle
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -28,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ._io import PathLike
-from .transforms import PairTransform, boxes_to_mask
+from .transforms import PairTransform
 
 __all__ = [
     "DataFormatError",
@@ -324,9 +322,10 @@ class ImageFolderBoxes(_BoxDataset):
                     boxes = boxes[keep]
                 if boxes.shape[0] == 0:
                     if missing == "error":
+                        which = f" of class {cls!r}" if foreground == "class" else ""
                         raise DataFormatError(
-                            f"{xml}: no object boxes{' of class ' + repr(cls) if foreground == 'class' else ''}"
-                            f" for image {path} (pass missing='whole' to use the whole image)")
+                            f"{xml}: no object boxes{which} for image {path} "
+                            "(pass missing='whole' to use the whole image)")
                     boxes = torch.tensor([[0.0, 0.0, w, h]], dtype=torch.float64)
             self.samples.append(_Sample(path, label, boxes, h, w))
 

@@ -1,0 +1,207 @@
+"""The benchmark harness (issue 4): the gated FLOP / byte floor against a brute-force count, and a
+smoke run of ``benchmarks.run.main`` on a tiny workload (JSON schema, correctness checked before
+timing, a wrong method detected)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from benchmarks import bench_baselines, common  # noqa: E402
+from benchmarks import run as bench_run  # noqa: E402
+
+
+# ----------------------------------------------------------------------------- floor vs brute force
+class _Tiny(nn.Module):
+    """conv+ReLU (gated at the conv), max-pool, strided conv+BN+ReLU (ungated conv), conv
+    with a kernel that runs past the image (clipped windows) + ReLU."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 3, 3, padding=1)
+        self.r1 = nn.ReLU()
+        self.p1 = nn.MaxPool2d(2)
+        self.c2 = nn.Conv2d(3, 4, 3, stride=2, padding=1, bias=False)
+        self.b2 = nn.BatchNorm2d(4)
+        self.r2 = nn.ReLU()
+        self.c3 = nn.Conv2d(4, 2, 2, padding=1)
+        self.r3 = nn.ReLU()
+
+    def forward(self, x):
+        return self.r3(self.c3(self.r2(self.b2(self.c2(self.p1(self.r1(self.c1(x))))))))
+
+
+# (name, kernel, stride, padding) of the spatial layers in order; pools pass activity of the
+# arg-max input, convs are counted
+_LAYERS = [("c1", 3, 1, 1), ("p1", 2, 2, 0), ("c2", 3, 2, 1), ("c3", 2, 1, 1)]
+
+
+def _jacobian_active(model: nn.Module, x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """Where the learned image of each output neuron of ``module`` is non-zero, by autograd:
+    row b, neuron n is active iff ∂out[b, n]/∂x[b] ⊙ x[b] has a non-zero entry."""
+    store = {}
+    h = module.register_forward_hook(lambda m, i, o: store.__setitem__("o", o))
+    try:
+        def f(inp):
+            model(inp)
+            return store["o"]
+        J = torch.autograd.functional.jacobian(f, x)          # [B, *out, B, *in]
+    finally:
+        h.remove()
+    B = x.shape[0]
+    out_shape = J.shape[1: J.dim() - x.dim()]
+    Jr = J.reshape(B, -1, B, x[0].numel())
+    own = torch.stack([Jr[b, :, b] for b in range(B)])      # [B, N, P]
+    return ((own * x.reshape(B, 1, -1)) != 0).any(-1).reshape(B, *out_shape)
+
+
+def _brute_force(model: _Tiny, x: torch.Tensor):
+    B, D, H, W = x.shape
+    # receptive fields (own recursion): R, J per layer, clipped to the image
+    R, J, win = 1, 1, {"x": D * 1}
+    for name, k, s, p in _LAYERS:
+        R, J = R + (k - 1) * J, J * s
+        win[name] = D * min(R, H) * min(R, W)
+    # activity of the node each layer reads, and of each layer's output as stored
+    act_in = {
+        "c1": x != 0,
+        "p1": _jacobian_active(model, x, model.r1),           # conv1 is gated by its ReLU
+        "c2": _jacobian_active(model, x, model.p1),
+        "c3": _jacobian_active(model, x, model.r2),
+    }
+    act_out = {
+        "c1": _jacobian_active(model, x, model.r1),
+        "p1": _jacobian_active(model, x, model.p1),
+        "c2": _jacobian_active(model, x, model.c2),           # followed by BN: g_n = 1
+        "c3": _jacobian_active(model, x, model.r3),
+    }
+    src_win = {"c1": win["x"], "p1": win["c1"], "c2": win["p1"], "c3": win["c2"]}
+    flops, nbytes = {}, {}
+    for name, k, s, p in _LAYERS:
+        ai, ao = act_in[name], act_out[name]
+        if name.startswith("p"):
+            flops[name] = 0
+            nbytes[name] = 4 * int(ao.sum()) * (src_win[name] + win[name])
+            continue
+        Ci, Hi, Wi = ai.shape[1:]
+        pairs = 0
+        for b in range(B):
+            for o in range(ao.shape[1]):
+                for y in range(ao.shape[2]):
+                    for xx in range(ao.shape[3]):
+                        if not ao[b, o, y, xx]:
+                            continue
+                        for i in range(Ci):
+                            for ky in range(k):
+                                for kx in range(k):
+                                    yi, xi = y * s + ky - p, xx * s + kx - p
+                                    if 0 <= yi < Hi and 0 <= xi < Wi and ai[b, i, yi, xi]:
+                                        pairs += 1
+        flops[name] = 2 * src_win[name] * pairs
+        nbytes[name] = 4 * (int(ai.sum()) * src_win[name] + int(ao.sum()) * win[name])
+    return flops, nbytes
+
+
+def test_count_floor_matches_brute_force():
+    torch.manual_seed(0)
+    model = _Tiny()
+    with torch.no_grad():
+        model.b2.running_mean.normal_(0, 0.2)
+        model.b2.running_var.uniform_(0.5, 1.5)
+    model.eval()
+    x = torch.randn(2, 3, 9, 9)
+    want_flops, want_bytes = _brute_force(model, x)
+    layers = ["c1", "c2", "c3"]
+    fc = common.count_floor(model, x, layers)
+    got = {n.name: n for n in fc.nodes}
+    assert set(got) == {"c1", "p1", "c2", "c3"}
+    for name in want_flops:
+        assert got[name].flops == want_flops[name], name
+        assert got[name].bytes_read + got[name].bytes_written == want_bytes[name], name
+    n_req = 2 * (3 * 9 * 9 + 4 * 2 * 2 + 2 * 3 * 3)
+    assert fc.neurons == n_req
+    assert fc.flops == sum(want_flops.values())
+    assert fc.bytes == sum(want_bytes.values()) + 4 * common.NUM_STATS * n_req
+    # gating matters here: some conv-1 outputs are off, so the count is below the ungated one
+    assert 0 < got["c1"].active_out < got["c1"].n_out
+    # the floor time is the larger of the compute and the memory bound
+    assert fc.time(1e9, 1e12) == pytest.approx(max(fc.flops / 1e9, fc.bytes / 1e12))
+    assert fc.time(None, 1e12) is None
+
+
+def test_baseline_stats_reduction_matches_reference_definition():
+    """The baselines' on-the-fly reduction equals nns_cuda.reference.stats.li_stats_dense."""
+    torch.manual_seed(1)
+    B, n, D, H, W = 2, 5, 3, 4, 5
+    x = torch.randn(B, D, H, W, dtype=torch.float64)
+    li = torch.randn(B, n, D, H, W, dtype=torch.float64) * (torch.rand(B, n, D, H, W) > 0.4)
+    fg = torch.rand(B, H, W) > 0.5
+    got = bench_baselines._dense_li_stats(li, x, fg)
+    want = common.li_stats_dense(li, x, fg)
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- smoke run
+_ROW_KEYS = {"workload", "task", "method", "precision", "device", "batch", "verified", "rel_err", "tol",
+             "check_s", "checked_at", "timing_started_at", "times_s", "measured_s", "total_s", "s_per_image",
+             "neurons_per_s", "gflops", "floor_s", "floor_fraction", "time_over_floor", "peak_bytes",
+             "useful_flops", "useful_bytes", "notes", "error"}
+
+
+def _run(tmp_path, *extra):
+    out_json = tmp_path / "bench.json"
+    out_md = tmp_path / "bench.md"
+    rc = bench_run.main(["--quick", "--device", "cpu", "--json", str(out_json), "--markdown", str(out_md),
+                         "--quiet", *extra])
+    return rc, json.loads(out_json.read_text()), out_md.read_text()
+
+
+def test_quick_smoke_json_schema(tmp_path, capsys):
+    rc, doc, md = _run(tmp_path, "--workloads", "tiny", "--methods", "cpu,reference,dense,vjp,captum")
+    assert rc == 0
+    assert doc["schema"] == bench_run.SCHEMA
+    for k in ("date", "torch", "torch_cuda", "commit", "device", "cpu", "python", "extension"):
+        assert k in doc["env"], k
+    assert doc["peaks"]["fp32_flops"] > 0 and doc["peaks"]["copy_bytes_per_s"] > 0
+    w = doc["workloads"]["tiny"]
+    assert w["neurons_per_image"] == sum(
+        c * h * ww for c, h, ww in [(6, 12, 12), (12, 6, 6), (12, 3, 3), (12, 3, 3), (6, 1, 1)])
+    ran = [r for r in doc["rows"] if not r.get("error")]
+    methods = {r["method"] for r in ran}
+    assert {"reference", "dense", "vjp"} <= methods
+    for r in ran:
+        missing = _ROW_KEYS - set(r)
+        assert not missing, (r["method"], missing)
+        # correctness first: checked (and right) before the timed runs began
+        assert r["verified"] is True and r["rel_err"] <= 1e-4, r
+        assert r["checked_at"] <= r["timing_started_at"]
+        assert r["times_s"] and all(t > 0 for t in r["times_s"])
+        assert r["s_per_image"] == pytest.approx(r["total_s"] / r["batch"])
+        assert r["floor_s"] > 0 and r["time_over_floor"] == pytest.approx(r["total_s"] / r["floor_s"])
+    for r in doc["rows"]:
+        if r.get("error"):
+            assert r["error"].startswith("skipped"), r["error"]
+    sampled = [r for r in ran if r["method"] in ("vjp", "captum")]
+    assert all(r["extrapolated"] and r["total_s"] > r["measured_s"] for r in sampled)
+    # the markdown table is printed last
+    printed = capsys.readouterr().out.rstrip()
+    assert printed.endswith(md.rstrip())
+    assert "| workload | method |" in md
+
+
+def test_wrong_method_is_caught_before_timing(tmp_path, monkeypatch):
+    real = bench_baselines._reduce_stats
+    monkeypatch.setattr(bench_baselines, "_reduce_stats", lambda *a: real(*a) * 1.01)
+    rc, doc, _ = _run(tmp_path, "--workloads", "tiny", "--methods", "dense")
+    (row,) = [r for r in doc["rows"] if r["method"] == "dense"]
+    assert row["verified"] is False and row["rel_err"] > 1e-3
+    assert rc == 2

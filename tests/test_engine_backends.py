@@ -1,0 +1,70 @@
+"""The whole-model oracles re-run for every backend (issue 3): the C++ (``cpu``) and CUDA
+(``cuda``) backends of the forward strategy against plain autograd on the real model, plus
+statistics and filter images against the reference backend, float64 and float32."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import nns_cuda as nns
+from nns_cuda.reference.stats import li_stats_dense
+
+from _models import make
+from _oracle import rel_err
+from test_engine import MODELS, _leaf_layers, _oracles, _record
+
+BACKENDS = ["cpu", pytest.param("cuda", marks=pytest.mark.needs_cuda)]
+
+
+def _need(backend):
+    if not nns.ext_info()[backend]:
+        pytest.fail(f"the extension has no {backend} kernels: {nns.ext_info()} (rebuild with make build)")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("model_name", MODELS)
+def test_backend_equals_autograd(model_name, backend):
+    _need(backend)
+    model, x = make(model_name)
+    names = [n for n, _ in _leaf_layers(model)]
+    H, W = x.shape[-2:]
+    fg = torch.zeros(x.shape[0], H, W, dtype=torch.bool)
+    fg[:, 2: H - 3, 1: W // 2] = True
+    m, xd = model.to(backend), x.to(backend)
+    res = nns.Scanner(m, names, backend=backend, strategy="forward", keep_images=True, stats=True,
+                      filter_images=True).scan(xd, fg.to(backend))
+    assert res.backend == backend
+    want_all = _oracles(model_name)
+    for n in names:
+        got = res[n].images.cpu()
+        err = rel_err(got, want_all[n])
+        _record(f"forward-{backend}", model_name, err)
+        assert err <= 1e-10, f"{model_name}/{n} [{backend}]: relative error {err:.3e}"
+        st = li_stats_dense(want_all[n].reshape(x.shape[0], -1, *x.shape[1:]), x, fg)
+        assert rel_err(res[n].stats.cpu().reshape(st.shape), st) <= 1e-10, n
+        if res[n].filter_images is not None and res[n].activations.dim() == 4:
+            a = res[n].activations.cpu()
+            want = (want_all[n] * a.reshape(*a.shape, 1, 1, 1)).sum((2, 3))
+            assert rel_err(res[n].filter_images.cpu(), want) <= 1e-10, n
+    model.cpu()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("model_name", ["simple_cnn", "small_resnet", "alexnet_like"])
+def test_backend_float32(model_name, backend):
+    _need(backend)
+    model, x = make(model_name)
+    names = [n for n, _ in _leaf_layers(model)]
+    m32, x32 = model.float().to(backend), x.float().to(backend)
+    res = nns.Scanner(m32, names, backend=backend, strategy="forward", keep_images=True, stats=False).scan(x32)
+    for n in names:
+        err = rel_err(res[n].images.cpu().double(), _oracles(model_name)[n])
+        _record(f"forward-{backend}-fp32", model_name, err)
+        assert err <= 1e-5, f"{model_name}/{n} [{backend}] float32: relative error {err:.3e}"
+
+
+def test_auto_backend_prefers_extension():
+    model, x = make("simple_cnn")
+    res = nns.Scanner(model, ["4"]).scan(x)
+    assert res.backend == ("cpu" if nns.ext_info()["cpu"] else "reference")
+    assert res["4"].backend == res.backend and res.strategy == "forward"
