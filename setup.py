@@ -29,7 +29,7 @@ def _want_cuda() -> bool:
 def _extensions():
     cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     include = [os.path.join(ROOT, "csrc", "include")]
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx = ["-O3", "-std=c++20", "-fopenmp"]
     macros = []
     if _want_cuda():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
@@ -45,7 +45,7 @@ def _extensions():
                 define_macros=macros,
                 extra_compile_args={
                     "cxx": cxx,
-                    "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"],
+                    "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"],
                 },
                 extra_link_args=["-fopenmp"],
             )

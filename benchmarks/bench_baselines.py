@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
@@ -94,22 +94,41 @@ class _Units:
         return out
 
 
-def _reduce_stats(T: torch.Tensor, gate: torch.Tensor, xp: torch.Tensor, fgp: torch.Tensor) -> torch.Tensor:
+#: How each statistic scales when the image is multiplied by the gate g (STAT_NAMES order):
+#: "nz" by 1[g != 0], "abs" by |g|, "lin" by g, "sq" by g².
+_GATE_KIND = ("nz", "nz", "abs", "lin", "sq", "lin", "lin", "sq", "nz", "nz", "lin")
+
+
+def _reduce_stats(T: torch.Tensor, gate: Optional[torch.Tensor], xp: torch.Tensor, fgp: torch.Tensor) -> torch.Tensor:
     """Statistics contributions of ``cc`` input entries: ``T [cc, B, N]`` ungated images at those
-    entries, ``gate [B, N]``, ``xp, fgp [cc, B]`` the input value and foreground flag of each
-    entry. Returns ``[B, N, NUM_STATS]`` (STAT_NAMES order)."""
-    li = T * gate.unsqueeze(0)
-    nz = (li != 0).to(li.dtype)
+    entries, ``gate [B, N]`` (None: 1), ``xp, fgp [cc, B]`` the input value and foreground flag of
+    each entry. Returns ``[B, N, NUM_STATS]`` (STAT_NAMES order).
+
+    One pass per product (nz, |T|, T², and T itself) and small GEMMs against the per-entry
+    weights; the gate is applied to the reduced values (``nz(g·T) = nz(T)·1[g≠0]`` etc.)."""
+    cc, B, N = T.shape
     one = torch.ones_like(xp)
-    wn = torch.stack([fgp, 1 - fgp, xp * fgp, xp * xp * fgp], -1)          # [cc, B, 4]
+    wn = torch.stack([fgp, 1 - fgp, xp * fgp, xp * xp * fgp], -1)           # [cc, B, 4]
     w1 = torch.stack([one, xp, fgp, xp * fgp], -1)
     w2 = torch.stack([one, fgp], -1)
-    s_nz = torch.einsum("cbn,cbk->bnk", nz, wn)
-    s_li = torch.einsum("cbn,cbk->bnk", li, w1)
-    s_sq = torch.einsum("cbn,cbk->bnk", li * li, w2)
-    s_abs = li.abs().sum(0)
-    return torch.stack([s_nz[..., 0], s_nz[..., 1], s_abs, s_li[..., 0], s_sq[..., 0], s_li[..., 1],
-                        s_li[..., 2], s_sq[..., 1], s_nz[..., 2], s_nz[..., 3], s_li[..., 3]], -1)
+    out = torch.empty(B, N, NUM_STATS, dtype=T.dtype, device=T.device)
+    for b in range(B):
+        t = T[:, b]                                                          # [cc, N]
+        s_nz = wn[:, b].t() @ (t != 0).to(t.dtype)                           # [4, N]
+        s_li = w1[:, b].t() @ t
+        s_sq = w2[:, b].t() @ (t * t)
+        s_abs = t.abs().sum(0)
+        out[b] = torch.stack([s_nz[0], s_nz[1], s_abs, s_li[0], s_sq[0], s_li[1], s_li[2], s_sq[1],
+                              s_nz[2], s_nz[3], s_li[3]], -1)
+    if gate is not None:
+        out *= _gate_factors(gate)
+    return out
+
+
+def _gate_factors(gate: torch.Tensor) -> torch.Tensor:
+    """``[B, N, NUM_STATS]`` multipliers that turn statistics of T into those of gate·T."""
+    f = {"nz": (gate != 0).to(gate.dtype), "abs": gate.abs(), "lin": gate, "sq": gate * gate}
+    return torch.stack([f[k] for k in _GATE_KIND], -1)
 
 
 def _dense_li_stats(li: torch.Tensor, x: torch.Tensor, fg: torch.Tensor) -> torch.Tensor:
@@ -121,7 +140,7 @@ def _dense_li_stats(li: torch.Tensor, x: torch.Tensor, fg: torch.Tensor) -> torc
     xp = x.reshape(B, P).t()                                               # [P, B]
     fgp = fg.to(x.dtype).unsqueeze(1).expand(B, D, *fg.shape[1:]).reshape(B, P).t()
     T = li.reshape(B, n, P).permute(2, 0, 1)                               # [P, B, n]
-    return _reduce_stats(T, torch.ones(B, n, dtype=li.dtype, device=li.device), xp, fgp)
+    return _reduce_stats(T, None, xp, fgp)
 
 
 # ----------------------------------------------------------------------------- dense forward

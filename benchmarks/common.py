@@ -26,12 +26,12 @@ from torch import nn
 
 import nns_cuda
 from nns_cuda.graph import GNode, ScanGraph, build_graph
-from nns_cuda.reference.stats import NUM_STATS, STAT_NAMES, li_stats_dense
+from nns_cuda.reference.stats import NUM_STATS, li_stats_dense
 
 __all__ = [
     "PRECISIONS", "precision", "env_info", "git_commit", "sync", "PeakMemory", "time_runs",
     "measure_peaks", "Workload", "WORKLOADS", "QUICK_WORKLOADS", "FULL_WORKLOADS",
-    "build_model", "make_inputs", "conv_layer_names", "FloorCount", "NodeCount", "count_floor",
+    "build_model", "make_inputs", "conv_layer_names", "NEURON_SETS", "FloorCount", "NodeCount", "count_floor",
     "reverse_flops", "stats_rel_err", "neuron_gates", "TinyNet", "write_json", "markdown_table",
     "fmt",
 ]
@@ -307,9 +307,10 @@ WORKLOADS: Dict[str, Workload] = {w.name: w for w in [
     Workload("tiny_filters", "tiny", 12, task="filters", batch_cuda=4, batch_cpu=2,
              description="TinyNet @12, filter images of every conv filter (tests)"),
 ]}
-FULL_WORKLOADS = ("vgg16_32", "resnet18_32", "vgg16_64", "alexnet_64", "resnet18_224_filters",
+#: In priority order (a suite time limit skips the tail).
+FULL_WORKLOADS = ("vgg16_32", "resnet18_32", "resnet18_224_filters", "vgg16_64", "alexnet_64",
                   "vgg16_224_filters")
-QUICK_WORKLOADS = ("vgg16_32_head4",)
+QUICK_WORKLOADS = ("vgg16_32_head4", "tiny_filters")
 
 
 class TinyNet(nn.Module):
@@ -387,11 +388,32 @@ def make_inputs(wl: Workload, batch: int, device: str, seed: int = 1) -> Tuple[t
     return x.to(device), fg.to(device)
 
 
-def conv_layer_names(model: nn.Module, x: torch.Tensor, first: Optional[int] = None) -> List[str]:
-    """Scan addresses (SPEC §0) of the model's conv nodes in forward order."""
+NEURON_SETS = ("conv", "act")
+
+
+def conv_layer_names(model: nn.Module, x: torch.Tensor, first: Optional[int] = None,
+                     neurons: str = "conv") -> List[str]:
+    """Scan addresses (SPEC §0) of the model's conv nodes in forward order (``neurons="conv"``),
+    or of the activations that follow them (``"act"``: the first ReLU reached from each conv
+    through BN / ``+`` / identity nodes with a single user, each once; a conv with no such
+    ReLU stays). ``first``: only the first n conv layers."""
+    if neurons not in NEURON_SETS:
+        raise ValueError(f"neurons must be one of {NEURON_SETS}, got {neurons!r}")
     graph = build_graph(model, x[:1])
-    names = [g.name for g in graph.nodes if g.kind == "conv"]
-    return names if first is None else names[:first]
+    convs = [g for g in graph.nodes if g.kind == "conv"]
+    convs = convs if first is None else convs[:first]
+    if neurons == "conv":
+        return [g.name for g in convs]
+    out: List[str] = []
+    for g in convs:
+        u = g
+        while u.kind not in ("relu", "leaky_relu") and len(u.users) == 1 \
+                and graph.nodes[u.users[0]].kind in ("bn", "add", "identity", "relu", "leaky_relu"):
+            u = graph.nodes[u.users[0]]
+        name = u.name if u.kind in ("relu", "leaky_relu") else g.name
+        if name not in out:
+            out.append(name)
+    return out
 
 
 # ----------------------------------------------------------------------------- floors
@@ -468,6 +490,10 @@ def count_floor(model: nn.Module, x: torch.Tensor, layers: Sequence[str], elem_b
     BN / identity keep the activity (a BN channel with zero scale is inactive); max-pool takes
     the arg-max input's; a residual ``+`` is active where either operand is.
 
+    A conv followed by BN and its activation, with neither the conv's nor the BN's images
+    requested, only needs the gated images (the engine fuses that chain): its outputs are then
+    gated by the activation too.
+
     * FLOPs = Σ over active conv / pool outputs and their active input (neuron, tap) pairs of
       ``2·D·|input window|`` (window = the stored receptive-field window, clipped to the image);
       linear layers ``2·D·H·W`` per active (output, input) pair. ReLU / BN / max-pool / ``+`` /
@@ -479,6 +505,7 @@ def count_floor(model: nn.Module, x: torch.Tensor, layers: Sequence[str], elem_b
     """
     graph = build_graph(model, x[:1])
     req = [graph.resolve(n) for n in layers]
+    req_idx = {g.idx for g in req}
     upto = max(g.idx for g in req)
     if len(graph.input_shape) != 3:
         raise ValueError("count_floor needs image inputs [B, D, H, W]")
@@ -530,6 +557,14 @@ def count_floor(model: nn.Module, x: torch.Tensor, layers: Sequence[str], elem_b
             active = pairs > 0
             if k == "conv":
                 gate = _neuron_gate_active(graph, g, values)
+                if gate is None and g.idx not in req_idx and len(g.users) == 1 \
+                        and graph.nodes[g.users[0]].kind == "bn" and g.users[0] not in req_idx:
+                    # conv -> BN -> activation with neither image requested: only the gated
+                    # images are needed (the engine fuses this chain)
+                    bn = graph.nodes[g.users[0]]
+                    u = graph.gate_user(bn)
+                    if u is not None:
+                        gate = _act_gate_nonzero(u, values[u.inputs[0]], u)
                 if gate is not None:
                     active = active & gate
             act[g.idx] = active

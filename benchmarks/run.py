@@ -24,9 +24,9 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
-import math  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+import warnings  # noqa: E402
 from typing import Any, Dict, List, Optional, Sequence  # noqa: E402
 
 import torch  # noqa: E402
@@ -74,15 +74,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="backward passes timed by the VJP baseline (0: all), extrapolated to all")
     p.add_argument("--dense-chunk", type=int, default=None, help="input tangents per vmap call (dense forward)")
     p.add_argument("--dense-batch", type=int, default=None, help="images per dense forward run")
+    p.add_argument("--neurons", choices=list(C.NEURON_SETS), default="conv",
+                   help="stats workloads: conv outputs (default; a conv followed by BN has g_n = 1, so all its "
+                        "neurons are active) or the ReLU outputs that follow them")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.add_argument("--list", action="store_true", help="list the workloads and exit")
+    p.add_argument("--render", metavar="JSON",
+                   help="only re-render the markdown of a saved JSON (e.g. of a run killed by a timeout)")
     return p
 
 
 def _options(a: argparse.Namespace, device: str) -> Options:
     quick = a.quick
-    o = Options(device=device, quick=quick, verbose=not a.quiet, seed=a.seed)
+    o = Options(device=device, quick=quick, verbose=not a.quiet, seed=a.seed, neurons=a.neurons)
     o.methods = _csv(a.methods) or list(ALL_METHODS)
     bad = [m for m in o.methods if m not in ALL_METHODS]
     if bad:
@@ -91,10 +96,10 @@ def _options(a: argparse.Namespace, device: str) -> Options:
     bad = [p for p in o.precisions if p not in C.PRECISIONS]
     if bad:
         raise SystemExit(f"unknown precision(s) {bad}; known: {list(C.PRECISIONS)}")
-    o.repeats = a.repeats or (1 if quick else (5 if device == "cuda" else 3))
+    o.repeats = a.repeats or (1 if quick else 3)
     o.batch = a.batch
     o.check_batch = a.check_batch or (2 if device == "cuda" else 1)
-    o.max_method_seconds = a.max_method_seconds or (5.0 if quick else (10.0 if device == "cuda" else 60.0))
+    o.max_method_seconds = a.max_method_seconds or (5.0 if quick or device == "cuda" else 60.0)
     o.captum_neurons = a.captum_neurons or (5 if quick else (256 if device == "cuda" else 20))
     o.vjp_rows = a.vjp_rows
     o.vjp_chunks = None if a.vjp_chunks == 0 else (a.vjp_chunks or (2 if quick else 4))
@@ -197,7 +202,28 @@ def render_markdown(doc: Dict[str, Any]) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the suite (see the module docstring and ``--help``); returns the exit status."""
+    with warnings.catch_warnings():
+        # torch.func's first vmap and Captum's "did not already require gradients" are noise here
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
+        warnings.filterwarnings("ignore", message="Input Tensor 0 did not already require gradients")
+        return _main(argv)
+
+
+def _main(argv: Optional[Sequence[str]] = None) -> int:
     a = build_parser().parse_args(list(argv) if argv is not None else None)
+    if a.render:
+        import json
+
+        with open(a.render) as f:
+            doc = json.load(f)
+        doc["goals"] = doc.get("goals") or goals(doc.get("rows", []), doc["env"]["device"])
+        md = render_markdown(doc)
+        if a.markdown:
+            with open(a.markdown, "w") as f:
+                f.write(md)
+        print(md)
+        return 0
     if a.list:
         for name, w in C.WORKLOADS.items():
             tag = " (quick)" if name in C.QUICK_WORKLOADS else (" (full)" if name in C.FULL_WORKLOADS else "")
@@ -219,7 +245,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     doc: Dict[str, Any] = {"schema": SCHEMA, "env": C.env_info(device),
                            "config": {"quick": a.quick, "device": device, "workloads": names, "methods": list(opts.methods),
                                       "precisions": list(opts.precisions), "repeats": opts.repeats,
-                                      "check_batch": opts.check_batch, "captum_neurons": opts.captum_neurons,
+                                      "check_batch": opts.check_batch, "neurons": opts.neurons, "captum_neurons": opts.captum_neurons,
                                       "vjp_rows": opts.vjp_rows, "vjp_chunks": opts.vjp_chunks,
                                       "time_limit_s": a.time_limit, "argv": list(argv) if argv is not None else sys.argv[1:]},
                            "peaks": None, "workloads": {}, "rows": [], "goals": []}

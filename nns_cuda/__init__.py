@@ -46,6 +46,17 @@ from .engine import (  # noqa: E402
 from .graph import ScanGraph, UnsupportedModuleError, build_graph  # noqa: E402
 from .masking import mask_filters  # noqa: E402
 
+# analyses, data and models are sub-modules: ``from nns_cuda import fq, tip, gmm, data, models``
+_SUBMODULES = ("fq", "chapter3", "tip", "gmm", "data", "models", "train", "captum", "report", "viz", "ops")
+
+
+def __getattr__(name):  # lazy: importing nns_cuda stays light (no sklearn / matplotlib at import)
+    if name in _SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'nns_cuda' has no attribute {name!r}")
+
 __all__ = [
     "__version__",
     "ext_info",

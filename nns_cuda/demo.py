@@ -14,7 +14,7 @@ sections say "not computed: <reason>" (nothing is ever filled in).
 >>> out["report"]                               # doctest: +SKIP
 'nns_output/demo/report.html'
 
-Sizes. The full demo analyses ``samples`` test images (default 128) with Chapters 3–5 and
+Sizes. The full demo analyses ``samples`` test images (default 100) with Chapters 3–5 and
 clusters the filter images of ``gmm_samples`` training images (default 200) for Chapter 6, on the
 well-trained (best validation accuracy) and over-fitted (last epoch) checkpoints of the demo
 model and a few checkpoints in between (Fig. 6-4). ``quick=True`` trains a tiny model for a few
@@ -48,13 +48,13 @@ class DemoConfig:
     """Sizes of one demo run (see the module docstring)."""
 
     quick: bool = False
-    samples: int = 128            #: test samples for Chapters 3–5
+    samples: int = 100            #: test samples for Chapters 3–5
     gmm_samples: int = 200        #: training samples clustered in Chapter 6
     k_max: int = 10               #: largest number of GMM components
     n_images: int = 4             #: samples drawn in Fig. 3-7
     n_filters_drawn: int = 8      #: filter images drawn per layer
     aipc_step: float = 0.02       #: AIPC mask-ratio step (fraction)
-    count_checkpoints: int = 5    #: checkpoints of Fig. 6-4 (incl. well-trained and over-fitted)
+    count_checkpoints: int = 4    #: checkpoints of Fig. 6-4 (incl. well-trained and over-fitted)
     random_filters: int = 10      #: R of the random single-filter baseline (Table 6-5)
     batch_size: int = 64
     # quick-mode tiny model
@@ -292,7 +292,7 @@ def run_demo(out_dir: Union[str, "os.PathLike[str]"] = "nns_output/demo", quick:
     backend : engine backend ("auto", "reference", "cpu", "cuda")
     batch_size : analysis batch size (default 64; 16 with ``quick``)
     max_memory : engine memory budget (bytes or "2G"); None = the engine's default
-    samples : test samples for Chapters 3–5 (default 128; 16 with ``quick``)
+    samples : test samples for Chapters 3–5 (default 100; 16 with ``quick``)
     gmm_samples : training samples clustered in Chapter 6 (default 200; 24 with ``quick``)
     cache_dir : cache root for the data and the demo model (default ``$NNS_CACHE_DIR`` or
         ``~/.cache/nns_cuda``)

@@ -334,7 +334,8 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], cls: str = "") 
     body = "".join("<tr>" + "".join(f"<td>{c if isinstance(c, _Raw) else _esc(c)}</td>" for c in r) + "</tr>"
                    for r in rows)
     c = f' class="{cls}"' if cls else ""
-    return f"<table{c}><thead><tr>{h}</tr></thead><tbody>{body}</tbody></table>"
+    head = f"<thead><tr>{h}</tr></thead>" if any(str(x) for x in header) else ""
+    return f"<table{c}>{head}<tbody>{body}</tbody></table>"
 
 
 class _Raw(str):
@@ -425,9 +426,9 @@ def _sec_learned_images(r, figs) -> str:
     layers = li.get("layers") or list(samples[0].get("layer_images", {}).keys())
     rows, titles = [], []
     for s in samples:
-        row = {f"{l} (Σ_k L^k)": s["layer_images"][l] for l in layers if l in s.get("layer_images", {})}
+        row = {_short_layer(l): s["layer_images"][l] for l in layers if l in s.get("layer_images", {})}
         if s.get("winner") is not None:
-            row[f"winner neuron {s.get('pred')}"] = s["winner"]
+            row["winner neuron"] = s["winner"]
         rows.append(row)
         titles.append(f"label {s.get('label')}, pred {s.get('pred')}")
     fig = viz.layer_grid([s["x"] for s in samples], rows, row_titles=titles)
@@ -439,16 +440,22 @@ def _sec_learned_images(r, figs) -> str:
                  "of the winner (predicted-class) output neuron. Diverging colours centred at zero; "
                  f'the same figure with the thesis\'s "jet" colours: <a href="{_esc(jet)}">{_esc(jet)}</a>.</p>')
     s0 = samples[0]
+    fl = {}
     for l in layers:
         f = (s0.get("filters") or {}).get(l)
-        if not f:
-            continue
-        caps = [f"k={k}" for k in f["indices"]]
-        fig = viz.filter_grid(s0["x"], f["images"], indices=list(range(len(f["indices"]))), captions=caps,
-                              title=f"{l}: filter learned images L^k of the most active filters")
-        safe = "".join(c if c.isalnum() else "_" for c in l)
-        parts.append(_img(figs.save(fig, f"filters_{safe}.png"), f"filter learned images of {l}"))
+        if f:
+            fl[l] = (f["images"], [f"k={k}" for k in f["indices"]])
+    if fl:
+        fig = viz.filter_rows(s0["x"], fl)
+        parts.append("<p>Filter learned images L<sup>k</sup> of the most active filters of each layer "
+                     "(first sample; k = filter index):</p>")
+        parts.append(_img(figs.save(fig, "filter_images.png"), "filter learned images per layer"))
     return "".join(parts)
+
+
+def _short_layer(name: str) -> str:
+    parts = str(name).split(".")
+    return ".".join(parts[-2:]) if len(name) > 16 else name
 
 
 def _sec_knowledge(r, figs) -> str:
@@ -456,13 +463,20 @@ def _sec_knowledge(r, figs) -> str:
     if not isinstance(k, Mapping) or not k:
         return _not_computed(_why(r, "knowledge", "knowledge.layers"))
     names = list(k.keys())
-    series = {
-        "activation-count ratio (all neurons)": [_pct(_get(k, n, "count_ratio")) for n in names],
-        "activation-strength ratio (all neurons)": [_pct(_get(k, n, "strength_ratio")) for n in names],
-        "count ratio (active neurons)": [_pct(_get(k, n, "count_ratio_active")) for n in names],
-        "strength ratio (active neurons)": [_pct(_get(k, n, "strength_ratio_active")) for n in names],
-    }
-    fig = viz.line_plot(names, series, xticklabels=names, ylabel="% of the input's", title="knowledge quantity")
+    fig = viz.new_figure(9, 3.4)
+    axes = fig.subplots(1, 2)
+    xs = list(range(len(names)))
+    for ax, key, lab in ((axes[0], "count", "activation-count ratio (%)"), (axes[1], "strength", "activation-strength ratio (%)")):
+        for suffix, desc in (("_ratio", "all neurons"), ("_ratio_active", "active neurons")):
+            ax.plot(xs, [np.nan if _pct(_get(k, n, key + suffix)) is None else _pct(_get(k, n, key + suffix))
+                         for n in names], "o-", ms=3, label=desc)
+        ax.set_xticks(xs)
+        ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel(lab)
+        ax.margins(x=0.06)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
     rows = [(n, _fmt(_pct(_get(k, n, "count_ratio")), 2), _fmt(_pct(_get(k, n, "strength_ratio")), 2),
              _fmt(_pct(_get(k, n, "count_ratio_active")), 2), _fmt(_pct(_get(k, n, "strength_ratio_active")), 2),
              _fmt(_pct(_get(k, n, "active_fraction")), 1)) for n in names]

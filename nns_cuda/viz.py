@@ -36,6 +36,7 @@ __all__ = [
     "learned_image_figure",
     "layer_grid",
     "filter_grid",
+    "filter_rows",
     "line_plot",
     "bar_plot",
     "scatter_clusters",
@@ -207,7 +208,7 @@ def learned_image_figure(x: ArrayLike, images: Mapping[str, ArrayLike], *, cmap:
 
 def layer_grid(xs: Sequence[ArrayLike], rows: Sequence[Mapping[str, ArrayLike]], *, cmap: str = DEFAULT_CMAP,
                center: Optional[bool] = None, reduce: Optional[str] = "sum",
-               row_titles: Optional[Sequence[str]] = None, size: float = 1.5):
+               row_titles: Optional[Sequence[str]] = None, size: float = 1.7, fontsize: int = 7):
     """Fig. 3-7: one row per sample — its input, then one learned image per layer.
 
     Parameters
@@ -222,9 +223,10 @@ def layer_grid(xs: Sequence[ArrayLike], rows: Sequence[Mapping[str, ArrayLike]],
     fig = new_figure(size * (1 + len(cols)), size * 1.1 * len(rows))
     axes = fig.subplots(len(rows), 1 + len(cols), squeeze=False)
     for i, (x, r) in enumerate(zip(xs, rows)):
-        show_input(axes[i, 0], x, title=row_titles[i] if row_titles else "input")
+        show_input(axes[i, 0], x, title=row_titles[i] if row_titles else "input", fontsize=fontsize)
         for j, c in enumerate(cols):
-            heatmap(axes[i, j + 1], r[c], cmap=cmap, center=center, reduce=reduce, title=c if i == 0 else None)
+            heatmap(axes[i, j + 1], r[c], cmap=cmap, center=center, reduce=reduce, title=c if i == 0 else None,
+                    fontsize=fontsize)
     return fig
 
 
@@ -260,6 +262,33 @@ def filter_grid(x: ArrayLike, filter_images: ArrayLike, *, indices: Optional[Seq
     return fig
 
 
+def filter_rows(x: ArrayLike, layers: Mapping[str, Tuple[ArrayLike, Sequence[str]]], *, cmap: str = DEFAULT_CMAP,
+                center: Optional[bool] = None, reduce: Optional[str] = "sum", size: float = 1.25):
+    """One row per layer: the input, then that layer's chosen filter learned images.
+
+    Parameters
+    ----------
+    x : input [D, H, W]
+    layers : mapping layer name -> (filter images [k, D, H, W], captions of the k images)
+    """
+    if not layers:
+        raise ValueError("filter_rows: no layers given")
+    ncols = 1 + max(len(to_numpy(L)) for L, _ in layers.values())
+    fig = new_figure(size * ncols, size * 1.2 * len(layers))
+    axes = fig.subplots(len(layers), ncols, squeeze=False)
+    for i, (name, (L, caps)) in enumerate(layers.items()):
+        L = to_numpy(L)
+        show_input(axes[i, 0], x, title=None)
+        axes[i, 0].set_ylabel(name, fontsize=7)
+        for j in range(ncols - 1):
+            ax = axes[i, j + 1]
+            if j < len(L):
+                heatmap(ax, L[j], cmap=cmap, center=center, reduce=reduce, title=caps[j] if caps else None, fontsize=7)
+            else:
+                ax.axis("off")
+    return fig
+
+
 def line_plot(x: Sequence[Any], series: Mapping[str, Sequence[Optional[float]]], *, xlabel: str = "",
               ylabel: str = "", title: Optional[str] = None, xticklabels: Optional[Sequence[str]] = None,
               hline: Optional[float] = None, size: Tuple[float, float] = (5.5, 3.4), marker: str = "o"):
@@ -273,6 +302,7 @@ def line_plot(x: Sequence[Any], series: Mapping[str, Sequence[Optional[float]]],
     if xticklabels is not None:
         ax.set_xticks(xs)
         ax.set_xticklabels(list(xticklabels), rotation=30, ha="right", fontsize=8)
+    ax.margins(x=0.06)
     if hline is not None:
         ax.axhline(hline, color="grey", lw=0.8, ls="--")
     ax.set_xlabel(xlabel)

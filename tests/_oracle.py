@@ -37,10 +37,17 @@ def module_output_fn(model: nn.Module, name: str, call: int = 0, post=None):
 def autograd_li(model: nn.Module, x: torch.Tensor, name: str, call: int = 0, post=None) -> torch.Tensor:
     """x ⊙ ∂a/∂x for every neuron of the module output (per sample): [B, *shape, *x.shape[1:]]."""
     f = module_output_fn(model, name, call, post)
+    with torch.no_grad():
+        n_out = f(x[:1]).numel()
+    n_in = x[:1].numel()
     outs = []
     for b in range(x.shape[0]):
         xb = x[b: b + 1]
-        jac = torch.autograd.functional.jacobian(f, xb, vectorize=True)  # [1, *shape, 1, *in]
+        # forward-mode when there are fewer input entries than neurons, reverse-mode otherwise
+        if n_in <= n_out:
+            jac = torch.func.jacfwd(f)(xb)
+        else:
+            jac = torch.autograd.functional.jacobian(f, xb, vectorize=True)  # [1, *shape, 1, *in]
         jac = jac.squeeze(0)
         jac = jac.reshape(*jac.shape[:-len(xb.shape)], *xb.shape[1:])
         outs.append(jac * xb[0])

@@ -4,7 +4,6 @@ timing, a wrong method detected)."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 
@@ -54,7 +53,7 @@ def _jacobian_active(model: nn.Module, x: torch.Tensor, module: nn.Module) -> to
         def f(inp):
             model(inp)
             return store["o"]
-        J = torch.autograd.functional.jacobian(f, x)          # [B, *out, B, *in]
+        J = torch.autograd.functional.jacobian(f, x, vectorize=True)   # [B, *out, B, *in]
     finally:
         h.remove()
     B = x.shape[0]
@@ -93,18 +92,20 @@ def _brute_force(model: _Tiny, x: torch.Tensor):
             nbytes[name] = 4 * int(ao.sum()) * (src_win[name] + win[name])
             continue
         Ci, Hi, Wi = ai.shape[1:]
+        Co, Ho, Wo = ao.shape[1:]
+        al, ol = ai.tolist(), ao.tolist()
         pairs = 0
         for b in range(B):
-            for o in range(ao.shape[1]):
-                for y in range(ao.shape[2]):
-                    for xx in range(ao.shape[3]):
-                        if not ao[b, o, y, xx]:
+            for o in range(Co):
+                for y in range(Ho):
+                    for xx in range(Wo):
+                        if not ol[b][o][y][xx]:
                             continue
                         for i in range(Ci):
                             for ky in range(k):
                                 for kx in range(k):
                                     yi, xi = y * s + ky - p, xx * s + kx - p
-                                    if 0 <= yi < Hi and 0 <= xi < Wi and ai[b, i, yi, xi]:
+                                    if 0 <= yi < Hi and 0 <= xi < Wi and al[b][i][yi][xi]:
                                         pairs += 1
         flops[name] = 2 * src_win[name] * pairs
         nbytes[name] = 4 * (int(ai.sum()) * src_win[name] + int(ao.sum()) * win[name])
@@ -147,6 +148,15 @@ def test_baseline_stats_reduction_matches_reference_definition():
     fg = torch.rand(B, H, W) > 0.5
     got = bench_baselines._dense_li_stats(li, x, fg)
     want = common.li_stats_dense(li, x, fg)
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+    # gated: statistics of g·T from those of T (ReLU gates 0/1 and a LeakyReLU slope)
+    gate = torch.tensor([[1.0, 0.0, 0.1, 1.0, 0.0], [0.0, 1.0, 1.0, 0.1, 1.0]], dtype=torch.float64)
+    P = D * H * W
+    T = li.reshape(B, n, P).permute(2, 0, 1)
+    xp = x.reshape(B, P).t()
+    fgp = fg.double().unsqueeze(1).expand(B, D, H, W).reshape(B, P).t()
+    got = bench_baselines._reduce_stats(T, gate, xp, fgp)
+    want = common.li_stats_dense(li * gate.view(B, n, 1, 1, 1), x, fg)
     assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
 
 

@@ -82,6 +82,102 @@ void conv_li_cpu_kernel(const ConvDims& g, const scalar_t* P, const bool* act,
   });
 }
 
+// GEMM formulation (groups == 1), DESIGN §2: per output position (b, y, x)
+//   out[o_act, :] = mul[o_act] * W_p[o_act, pairs] @ A[pairs, D*rho*rwo]
+// where `pairs` are the active (input channel, tap) pairs of that position and row k of A is the
+// input patch of pair k placed into the output window. Inactive outputs and inputs cost nothing;
+// the product runs in the BLAS that ATen links (MKL / OpenBLAS), one position per thread.
+template <typename scalar_t>
+void conv_li_cpu_gemm(const ConvDims& g, const scalar_t* P, const bool* act, const scalar_t* W,
+                      const scalar_t* scale, const scalar_t* gate, const int64_t* rowoff,
+                      const int64_t* coloff, scalar_t* out, c10::ScalarType dt) {
+  const int64_t pin = g.D * g.Rhi * g.Rwi;
+  const int64_t pout = g.D * g.rho * g.rwo;
+  const int64_t K2 = g.Kh * g.Kw;
+  const int64_t npos = g.B * g.Ho * g.Wo;
+  at::parallel_for(0, npos, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> outs, pin_src, pin_w, pin_dy, pin_dx;
+    std::vector<scalar_t> mul(g.Co);
+    for (int64_t pos = begin; pos < end; ++pos) {
+      const int64_t x = pos % g.Wo;
+      const int64_t y = (pos / g.Wo) % g.Ho;
+      const int64_t b = pos / (g.Wo * g.Ho);
+      outs.clear();
+      for (int64_t o = 0; o < g.Co; ++o) {
+        const int64_t nidx = ((b * g.Co + o) * g.Ho + y) * g.Wo + x;
+        scalar_t m = scale ? scale[o] : scalar_t(1);
+        if (gate) m *= gate[nidx];
+        mul[o] = m;
+        if (m != scalar_t(0)) {
+          outs.push_back(o);
+        } else {
+          std::fill(out + nidx * pout, out + (nidx + 1) * pout, scalar_t(0));
+        }
+      }
+      if (outs.empty()) continue;
+      pin_src.clear(); pin_w.clear(); pin_dy.clear(); pin_dx.clear();
+      for (int64_t ky = 0; ky < g.Kh; ++ky) {
+        const int64_t dy = rowoff[y * g.Kh + ky];
+        if (dy == kNoTap) continue;
+        const int64_t yi = tap_index(y, ky, g.sh, g.ph, g.dh);
+        for (int64_t kx = 0; kx < g.Kw; ++kx) {
+          const int64_t dx = coloff[x * g.Kw + kx];
+          if (dx == kNoTap) continue;
+          const int64_t xi = tap_index(x, kx, g.sw, g.pw, g.dw);
+          for (int64_t i = 0; i < g.Ci; ++i) {
+            const int64_t src_n = ((b * g.Ci + i) * g.Hi + yi) * g.Wi + xi;
+            if (act && !act[src_n]) continue;
+            pin_src.push_back(src_n);
+            pin_w.push_back(i * K2 + ky * g.Kw + kx);
+            pin_dy.push_back(dy);
+            pin_dx.push_back(dx);
+          }
+        }
+      }
+      const int64_t M = static_cast<int64_t>(outs.size());
+      const int64_t K = static_cast<int64_t>(pin_src.size());
+      if (K == 0) {
+        for (int64_t o : outs) {
+          const int64_t nidx = ((b * g.Co + o) * g.Ho + y) * g.Wo + x;
+          std::fill(out + nidx * pout, out + (nidx + 1) * pout, scalar_t(0));
+        }
+        continue;
+      }
+      at::Tensor A = at::zeros({K, pout}, at::TensorOptions().dtype(dt));
+      at::Tensor Wm = at::empty({M, K}, at::TensorOptions().dtype(dt));
+      scalar_t* a = A.data_ptr<scalar_t>();
+      scalar_t* wm = Wm.data_ptr<scalar_t>();
+      const bool same = (g.Rhi == g.rho && g.Rwi == g.rwo);
+      for (int64_t k = 0; k < K; ++k) {
+        const scalar_t* src = P + pin_src[k] * pin;
+        scalar_t* row = a + k * pout;
+        if (same) {
+          std::copy(src, src + pin, row);
+          continue;
+        }
+        for (int64_t d = 0; d < g.D; ++d)
+          for (int64_t r = 0; r < g.Rhi; ++r)
+            std::copy(src + (d * g.Rhi + r) * g.Rwi, src + (d * g.Rhi + r + 1) * g.Rwi,
+                      row + (d * g.rho + r + pin_dy[k]) * g.rwo + pin_dx[k]);
+      }
+      for (int64_t mi = 0; mi < M; ++mi) {
+        const scalar_t* wrow = W + outs[mi] * g.Ci * K2;
+        for (int64_t k = 0; k < K; ++k) wm[mi * K + k] = wrow[pin_w[k]];
+      }
+      at::Tensor C = at::mm(Wm, A);
+      const scalar_t* c = C.data_ptr<scalar_t>();
+      for (int64_t mi = 0; mi < M; ++mi) {
+        const int64_t o = outs[mi];
+        const int64_t nidx = ((b * g.Co + o) * g.Ho + y) * g.Wo + x;
+        scalar_t* dst = out + nidx * pout;
+        const scalar_t m = mul[o];
+        const scalar_t* crow = c + mi * pout;
+        for (int64_t e = 0; e < pout; ++e) dst[e] = crow[e] * m;
+      }
+    }
+  });
+}
+
 at::Tensor conv_li_cpu(const at::Tensor& patches, const at::Tensor& ay_in, const at::Tensor& ax_in,
                        const std::optional<at::Tensor>& in_active, const at::Tensor& weight,
                        const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& gate,
@@ -100,7 +196,17 @@ at::Tensor conv_li_cpu(const at::Tensor& patches, const at::Tensor& ay_in, const
   const at::Tensor S = scale.has_value() ? scale->to(dt).contiguous() : at::Tensor();
   const at::Tensor Gt = gate.has_value() ? gate->to(dt).contiguous() : at::Tensor();
   const int64_t* t = tab.data_ptr<int64_t>();
+  // groups == 1 with real work per position: the GEMM path; depthwise / grouped: direct loops
+  const bool use_gemm = g.G == 1 && g.Ci * g.Kh * g.Kw >= 16;
   AT_DISPATCH_FLOATING_TYPES(dt, "conv_li_cpu", [&] {
+    if (use_gemm) {
+      conv_li_cpu_gemm<scalar_t>(
+          g, P.data_ptr<scalar_t>(), A.defined() ? A.data_ptr<bool>() : nullptr,
+          W.data_ptr<scalar_t>(), S.defined() ? S.data_ptr<scalar_t>() : nullptr,
+          Gt.defined() ? Gt.data_ptr<scalar_t>() : nullptr, t, t + g.Ho * g.Kh,
+          out.data_ptr<scalar_t>(), dt);
+      return;
+    }
     conv_li_cpu_kernel<scalar_t>(
         g, P.data_ptr<scalar_t>(), A.defined() ? A.data_ptr<bool>() : nullptr,
         W.data_ptr<scalar_t>(), S.defined() ? S.data_ptr<scalar_t>() : nullptr,

@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# The one script to run on a GPU machine (DESIGN §5): build the extension in place, run the CUDA
+# tests, compute-sanitizer (memcheck + racecheck) on a small scan, the benchmark suite, and print
+# a summary last.
+#
+#   benchmarks/device_check.sh OUT_DIR        (or with $OUT set: benchmarks/device_check.sh)
+#
+# Writes at most 8 files to OUT_DIR, no subfolders: build.log tests.log tests.xml sanitizer.log
+# bench.log bench.json bench.md summary.txt. Every step runs under `timeout`; a failing step does
+# not stop the others. Time budget (H200, total NNS_CHECK_SECONDS, default 450 s of the 8 min):
+#   build ~60-120 s (cap 200) · tests ~30-60 s (cap 110) · sanitizers ~20-60 s (cap 65 each) ·
+#   benchmarks: whatever is left minus 25 s (suite --time-limit 45 s below its hard timeout, so
+#   the method running at the limit can finish and the JSON / markdown get written) · summary.
+# Knobs (environment): NNS_CHECK_SECONDS, BENCH_ARGS (extra arguments for benchmarks.run, e.g.
+#   "--workloads vgg16_32,resnet18_32"), MAX_JOBS (16), TORCH_CUDA_ARCH_LIST (9.0).
+set -u
+
+OUT_DIR="${1:-${OUT:-}}"
+if [ -z "$OUT_DIR" ]; then
+  echo "usage: $0 OUT_DIR   (or set \$OUT)" >&2
+  exit 2
+fi
+mkdir -p "$OUT_DIR"
+OUT_DIR="$(cd "$OUT_DIR" && pwd)"
+cd "$(dirname "$0")/.." || exit 2
+REPO="$PWD"
+PY="${PYTHON:-python3}"
+T_START=$(date +%s)
+TOTAL="${NNS_CHECK_SECONDS:-450}"
+
+now() { date +%s; }
+left() { echo $(( TOTAL - ($(now) - T_START) )); }
+# cap CAP: the step's timeout = min(CAP, time left - RESERVE), at least 10 s
+cap() { local c=$1 r=${2:-0} l; l=$(( $(left) - r )); [ "$l" -lt "$c" ] && c=$l; [ "$c" -lt 10 ] && c=10; echo "$c"; }
+stamp() { echo "[$(( $(now) - T_START )) s] $*"; }
+
+# captum is not installed on the GPU machines: the lead carries a wheel in .whl/
+if ls .whl/*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null \
+    && export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
+fi
+export PYTHONPATH="$REPO:${PYTHONPATH:-}"
+export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
+export PATH="$PATH:$CUDA_HOME/bin"
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
+
+# ------------------------------------------------------------------ 1. environment + build
+stamp "build" >&2
+{
+  echo "== environment"; date -u; uname -a; nvidia-smi 2>&1 | head -20
+  "$PY" -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "gpu", torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)' 2>&1
+  nvcc --version 2>&1 | tail -2
+  echo "== build"
+} > "$OUT_DIR/build.log" 2>&1
+B0=$(now)
+MAX_JOBS="${MAX_JOBS:-16}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" FORCE_CUDA=1 \
+  timeout "$(cap 200 150)" "$PY" setup.py build_ext --inplace >> "$OUT_DIR/build.log" 2>&1
+BUILD_RC=$?
+BUILD_S=$(( $(now) - B0 ))
+{
+  echo "== build rc=$BUILD_RC in ${BUILD_S} s"
+  "$PY" -c 'import torch, nns_cuda; print("ext_info", nns_cuda.ext_info())' 2>&1
+} >> "$OUT_DIR/build.log" 2>&1
+
+# ------------------------------------------------------------------ 2. tests (CUDA ones included)
+stamp "tests" >&2
+TESTS=""
+for t in tests/test_conv_li.py tests/test_maxpool_li.py tests/test_place_li.py tests/test_linear_li.py \
+         tests/test_li_stats.py tests/test_filter_fold.py tests/test_engine_backends.py; do
+  [ -f "$t" ] && TESTS="$TESTS $t"
+done
+if [ -n "$TESTS" ]; then
+  # shellcheck disable=SC2086
+  timeout "$(cap 110 120)" "$PY" -m pytest -q -p no:cacheprovider --junitxml="$OUT_DIR/tests.xml" $TESTS \
+    > "$OUT_DIR/tests.log" 2>&1
+  TESTS_RC=$?
+else
+  echo "no test files found" > "$OUT_DIR/tests.log"
+  TESTS_RC=5
+fi
+echo "== pytest rc=$TESTS_RC" >> "$OUT_DIR/tests.log"
+
+# ------------------------------------------------------------------ 3. compute-sanitizer
+stamp "sanitizers" >&2
+SAN="$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")"
+{
+  for tool in memcheck racecheck; do
+    echo "== compute-sanitizer --tool $tool"
+    if [ ! -x "$SAN" ]; then echo "compute-sanitizer not found"; echo "== $tool rc=127"; continue; fi
+    extra=""
+    [ "$tool" = memcheck ] && extra="--leak-check no"
+    # the caching allocator would hide out-of-bounds accesses inside its pooled blocks
+    # shellcheck disable=SC2086
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$(cap 65 90)" "$SAN" --tool "$tool" $extra --error-exitcode 99 \
+      "$PY" -m benchmarks.sanitize_scan 2>&1 | tail -n 60
+    echo "== $tool rc=${PIPESTATUS[0]}"
+  done
+} > "$OUT_DIR/sanitizer.log" 2>&1
+
+# ------------------------------------------------------------------ 4. benchmarks
+stamp "benchmarks" >&2
+BENCH_T=$(cap 400 25)
+BENCH_LIMIT=$(( BENCH_T - 45 )); [ "$BENCH_LIMIT" -lt 20 ] && BENCH_LIMIT=20
+# shellcheck disable=SC2086
+timeout "$BENCH_T" "$PY" -m benchmarks.run --device cuda --time-limit "$BENCH_LIMIT" \
+  --json "$OUT_DIR/bench.json" --markdown "$OUT_DIR/bench.md" ${BENCH_ARGS:-} > "$OUT_DIR/bench.log" 2>&1
+BENCH_RC=$?
+echo "== benchmarks.run rc=$BENCH_RC (timeout ${BENCH_T} s, suite limit ${BENCH_LIMIT} s)" >> "$OUT_DIR/bench.log"
+rm -f "$OUT_DIR"/*.tmp
+if [ -f "$OUT_DIR/bench.json" ] && [ ! -f "$OUT_DIR/bench.md" ]; then  # killed by the timeout
+  timeout 60 "$PY" -m benchmarks.run --render "$OUT_DIR/bench.json" --markdown "$OUT_DIR/bench.md" >/dev/null 2>&1
+fi
+
+# ------------------------------------------------------------------ 5. summary (printed last)
+stamp "summary" >&2
+timeout 60 "$PY" -m benchmarks.bench_summary "$OUT_DIR" --build-seconds "$BUILD_S" --build-rc "$BUILD_RC" \
+  --tests-rc "$TESTS_RC" --bench-rc "$BENCH_RC" --wall-seconds "$(( $(now) - T_START ))" \
+  > "$OUT_DIR/summary.txt" 2>&1
+cat "$OUT_DIR/summary.txt"
+exit 0

@@ -1,0 +1,161 @@
+"""The ``nns`` command line: help texts, error paths (one line, non-zero exit, traceback only with
+--debug), and ``nns scan`` writing its outputs for a zoo model on the embedded data and for a saved
+model on a folder of images."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from nns_cuda import cli
+
+ROOT = Path(__file__).resolve().parent.parent
+COMMANDS = ["demo", "scan", "fq", "tip", "gmm", "train", "bench"]
+
+
+def _run(argv, capsys):
+    rc = cli.main(argv)
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+@pytest.mark.parametrize("cmd", COMMANDS)
+def test_help_of_every_command(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main([cmd, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: nns {cmd}"), out[:200]
+    assert "not available" not in out
+    assert len(out) > 300, "help should explain the command"
+
+
+def test_top_level_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for cmd in COMMANDS:
+        assert f"\n    {cmd} " in out, cmd
+    assert "make demo" in out
+
+
+def test_no_command_prints_help_and_fails(capsys):
+    rc, out, _ = _run([], capsys)
+    assert rc == 2 and "usage: nns" in out
+
+
+def test_bad_input_is_one_line_with_exit_2(capsys):
+    rc, out, err = _run(["scan", "--model", "no_such_model", "--out", "unused"], capsys)
+    assert rc == 2
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("nns scan: error: unknown model 'no_such_model'"), err
+    assert "Traceback" not in err
+    rc, _, err = _run(["scan", "--model", "simple_cnn", "--data", "/no/such/folder"], capsys)
+    assert rc == 2 and "neither 'digits' nor an existing folder" in err
+
+
+def test_unavailable_analysis_says_so(monkeypatch, capsys):
+    """A delegate whose module lacks its CLI hooks is listed, and says it is not available."""
+    import nns_cuda.fq as fq
+
+    monkeypatch.delattr(fq, "add_fq_arguments")
+    rc, _, err = _run(["fq"], capsys)
+    assert rc == 2
+    assert "nns fq: error" in err and "not available" in err and "add_fq_arguments" in err
+
+
+def test_python_m_error_path_and_debug(tmp_path):
+    """``python -m nns_cuda`` exits non-zero with one line; ``--debug`` adds the traceback."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    base = [sys.executable, "-m", "nns_cuda", "scan", "--model", "pkg_that_does_not_exist:make", "--out", str(tmp_path)]
+    r = subprocess.run(base, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
+    assert "nns scan: error: cannot load 'pkg_that_does_not_exist:make'" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "nns_cuda", "--debug", *base[3:]], capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert r.returncode != 0 and "Traceback" in r.stderr, r.stderr
+
+
+def _png(path: Path) -> None:
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
+
+
+def test_scan_zoo_model_on_embedded_digits(tmp_path, capsys):
+    from nns_cuda import data, models
+
+    m = models.build("simple_cnn", 10, seed=3).eval()
+    weights = tmp_path / "w.pt"
+    torch.save(m.state_dict(), weights)
+    out = tmp_path / "scan"
+    rc, stdout, err = _run(["scan", "--model", "simple_cnn", "--weights", str(weights), "--samples", "5", "--batch-size", "2", "--images", "2",
+                            "--filters", "3", "--layers", "features.relu1", "features.pool2", "classifier.fc2",
+                            "--out", str(out), "--no-progress"], capsys)
+    assert rc == 0, err
+    meta = json.loads((out / "scan.json").read_text())
+    assert meta["samples"] == 5 and [l["layer"] for l in meta["layers"]] == ["features.relu1", "features.pool2",
+                                                                             "classifier.fc2"]
+    for f in meta["files"]:
+        assert (out / f).is_file(), f
+    _png(out / "learned_images.png")
+    _png(out / "filters_features_relu1.png")
+    rows = list(csv.DictReader(open(out / "layers.csv")))
+    assert [r["neurons"] for r in rows] == ["9000", "360", "10"]     # 10x30x30, 10x6x6, 10
+    # the per-neuron CSV: one row per neuron; mean activations equal the model's own
+    rows = list(csv.DictReader(open(out / "neurons_classifier_fc2.csv")))
+    assert len(rows) == 10
+    ds = data.cluttered_digits("test", seed=0)
+    x = torch.stack([ds[i][0] for i in range(5)])
+    with torch.no_grad():
+        ref = m(x).double().mean(0)
+    got = torch.tensor([float(r["mean_activation"]) for r in rows], dtype=torch.float64)
+    assert torch.allclose(got, ref, rtol=1e-4, atol=1e-5), (got, ref)
+    # completeness (SPEC §1, identity 2): with zero biases a logit's learned image sums to the logit itself
+    assert all(float(p.detach().abs().max()) == 0 for n, p in m.named_parameters() if n.endswith("bias"))
+    lisum = torch.tensor([float(r["mean_li_sum"]) for r in rows], dtype=torch.float64)
+    assert torch.allclose(lisum, ref, rtol=1e-4, atol=1e-5), (lisum, ref)
+    assert "wrote" in stdout
+
+
+class _Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3)
+        self.relu = nn.ReLU()
+        self.pool = nn.MaxPool2d(2)
+        self.fc = nn.Linear(3 * 3 * 3, 4)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(self.relu(self.conv(x))), 1))
+
+
+def test_scan_saved_model_on_an_image_folder(tmp_path, capsys):
+    from PIL import Image
+
+    torch.manual_seed(0)
+    model_file = tmp_path / "tiny.pt"
+    torch.save(_Tiny().eval(), model_file)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(3):
+        arr = (torch.rand(10, 12) * 255).to(torch.uint8).numpy()
+        Image.fromarray(arr, mode="L").save(folder / f"im{i}.png")
+    out = tmp_path / "out"
+    rc, _, err = _run(["scan", "--model", str(model_file), "--data", str(folder), "--in-channels", "1",
+                       "--input-size", "8", "--layers", "relu", "fc", "--out", str(out), "--no-progress",
+                       "--backend", "reference"], capsys)
+    assert rc == 0, err
+    meta = json.loads((out / "scan.json").read_text())
+    assert meta["samples"] == 3 and meta["backend"] == "reference"
+    assert "3 image(s)" in meta["data"] and "8x8" in meta["data"]
+    rows = list(csv.DictReader(open(out / "neurons_relu.csv")))
+    assert len(rows) == 3 * 6 * 6 and rows[7]["index"] == "0:1:1"
+    _png(out / "learned_images.png")
