@@ -5,7 +5,12 @@ gradient of neuron ``n`` in the gate-frozen, bias-free network. See README.md.
 """
 from __future__ import annotations
 
+import os as _os
 import warnings as _warnings
+
+# Idle OpenMP threads must not spin: on small shared CPU machines spinning made the small
+# autograd / PCA loops of the analyses several times slower (measured in benchmarks/bench_gmm.py).
+_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
 

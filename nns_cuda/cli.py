@@ -35,8 +35,17 @@ _EPILOG = textwrap.dedent("""\
     """)
 
 
-class _Fmt(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keep the descriptions' line breaks and show defaults."""
+class _Fmt(argparse.RawDescriptionHelpFormatter):
+    """Keep the descriptions' line breaks; show a default when it says something (not None / False)
+    and the help text does not already mention one."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        d = action.default
+        if ("default" in h.lower() or d is None or d is False or d == argparse.SUPPRESS or action.nargs == 0
+                or not action.option_strings):
+            return h
+        return h + " (default: %(default)s)"
 
 
 class CLIError(Exception):
@@ -58,7 +67,7 @@ def _engine_options(p: argparse.ArgumentParser, *, batch: int = 64) -> None:
     g.add_argument("--backend", default="auto", choices=["auto", "reference", "cpu", "cuda"],
                    help="learned-image backend: auto = fastest available (CUDA kernels for GPU inputs, "
                         "C++ kernels on the CPU, else pure PyTorch)")
-    g.add_argument("--batch-size", type=int, default=batch, help="samples per batch")
+    g.add_argument("--batch-size", type=int, default=batch, help="samples per batch (default %(default)s)")
     g.add_argument("--max-memory", default=None, metavar="SIZE",
                    help="memory budget of the engine, e.g. 2G or 512M (default: 25%% of RAM up to 8 GiB, "
                         "or 60%% of free GPU memory); larger work is chunked")
@@ -94,8 +103,8 @@ def _demo_parser(sub) -> None:
                                                      "~/.cache/nns_cuda)")
     p.add_argument("--retrain", action="store_true", help="train the demo model again even if it is cached")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _engine_options(p, batch=64)
-    p.set_defaults(batch_size=None)
+    _engine_options(p, batch=None)
+    _set_help(p, "batch_size", "samples per batch (default 64; 16 with --quick)")
     _debug_flag(p, False)
     p.set_defaults(func=_cmd_demo)
 
@@ -192,6 +201,12 @@ def _gmm_extra(p: argparse.ArgumentParser) -> None:
         g.add_argument("--samples", type=int, default=200, metavar="N", help="samples to cluster")
     if not _has(p, "batch_size"):
         g.add_argument("--batch-size", type=int, default=50)
+
+
+def _set_help(p: argparse.ArgumentParser, dest: str, text: str) -> None:
+    for a in p._actions:
+        if a.dest == dest:
+            a.help = text
 
 
 def _has(p: argparse.ArgumentParser, dest: str) -> bool:

@@ -34,7 +34,7 @@ import time
 import traceback
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -109,7 +109,6 @@ def _leaf_calls(model: nn.Module, x: torch.Tensor) -> List[Tuple[str, nn.Module,
     calls: List[Tuple[str, nn.Module, Tuple[int, ...]]] = []
     seen: Dict[str, int] = {}
     handles = []
-    names = {m: n for n, m in model.named_modules()}
     try:
         for name, mod in model.named_modules():
             if name and not list(mod.children()):
@@ -134,7 +133,6 @@ def _leaf_calls(model: nn.Module, x: torch.Tensor) -> List[Tuple[str, nn.Module,
             out.append((f"{n}:{k}", m, s))
         else:
             out.append((n, m, s))
-    del names
     return out
 
 
@@ -447,10 +445,11 @@ def _model_stage(cfg: DemoConfig, dev, cache_dir, retrain: bool, progress: bool,
                                        progress=False, num_threads=1, title=f"quick model {cfg.quick_model}")
         name, trained_now, train_ds = cfg.quick_model, True, tr
     else:
-        t0 = time.perf_counter()
+        t0 = time.time()
         demo = _need(nns_train, "default_demo_model")(cache_dir, force=retrain, progress=progress, device=dev)
         hist, name, ckdir = demo.history, demo.name, demo.checkpoint_dir
-        trained_now = (time.perf_counter() - t0) > 30  # a cached model loads in about a second
+        last = hist.last_checkpoint
+        trained_now = bool(last) and os.path.isfile(last) and os.path.getmtime(last) >= t0 - 1
         cfgd = getattr(nns_train, "DEMO_CONFIG", {})
         from . import data as nns_data
 
@@ -598,17 +597,16 @@ def _gmm_stage(cfg: DemoConfig, ctx: Dict[str, Any], eng: _Engine, cache_dir) ->
 
 
 def _count_epochs(hist, n: int) -> List[int]:
+    """``n`` epochs for Fig. 6-4: the well-trained and the over-fitted ones, then farthest-point
+    fill (each added epoch is the one farthest from those chosen; ties to the earlier)."""
     eps = list(hist.epochs)
     if not eps:
         return []
     want = {eps[-1]}
     if hist.best_epoch is not None:
         want.add(hist.best_epoch)
-    n = max(n, len(want))
-    for i in range(n):
-        if len(want) >= n:
-            break
-        e = eps[min(len(eps) - 1, int(round(i * (len(eps) - 1) / max(1, n - 1))))]
+    while len(want) < min(n, len(eps)):
+        e = max((e for e in eps if e not in want), key=lambda e: (min(abs(e - w) for w in want), -e))
         want.add(e)
     return sorted(want)
 

@@ -280,7 +280,10 @@ class ScanGraph:
 
     # ------------------------------------------------------------------ shapes
     def _shapes(self, example: torch.Tensor) -> None:
-        values = self.run(example, record=False)
+        try:
+            values = self.run(example, record=False)
+        except (RuntimeError, ValueError, IndexError) as e:
+            raise ValueError(f"input of shape {list(example.shape)} does not fit the model: {e}") from e
         for g in self.nodes:
             v = values[g.idx]
             if g.kind == "aux":

@@ -357,6 +357,10 @@ def _sec_overview(r, figs) -> str:
                      ("created", "created")):
         if m.get(k) is not None:
             rows.append((label, m[k]))
+    tn = _get(r, "training", "trained_now")
+    if tn is not None:
+        rows.insert(1, ("model weights", "trained in this run" if tn else
+                        f"reused from the cache ({_get(r, 'training', 'checkpoint_dir')})"))
     v = m.get("versions") or {}
     if v:
         rows.append(("versions", ", ".join(f"{k} {val}" for k, val in v.items() if k != "extension")))
@@ -604,7 +608,8 @@ def _sec_typology(r, figs) -> str:
     names = cps
     if isinstance(phases, Mapping):
         inv = {_short(v): k for k, v in phases.items()}
-        names = [f"{inv.get(c, c)} ({c})" for c in cps]
+        names = [f"{c} ({_short(phases[c]).replace('_', ' ')})" if c in phases and phases[c]
+                 else (f"{inv[c]} ({c})" if c in inv else c) for c in cps]
     th = _get(r, "tip", "findings", "thesis", "table_5_3_accuracy_change")
     txt = (f"<p>Each cell: share of the layer's filters / accuracy drop when that type is masked "
            f"(property T_m, per = {_esc(ty.get('per'))} %, base accuracy "

@@ -122,7 +122,7 @@ def test_completeness(model_name):
     fr = FrozenRecorder(m)
     fr.record(x)
     names = [n for n, _ in _leaf_layers(model)]
-    res = nns.Scanner(model, names, strategy="forward", backend="reference", keep_images=True, stats=False).scan(x)
+    res = nns.Scanner(model, names, strategy="forward", backend="auto", keep_images=True, stats=False).scan(x)
     for name, post in _leaf_layers(model):
         li = res[name].images
         z = fr.replay(x, name)
@@ -134,12 +134,12 @@ def test_completeness(model_name):
         assert rel_err(s, want) <= 1e-10, f"{model_name}/{name}: completeness error {rel_err(s, want):.3e}"
 
 
-@pytest.mark.parametrize("model_name", ["simple_cnn", "small_resnet", "lenet5", "alexnet_like"])
+@pytest.mark.parametrize("model_name", ["simple_cnn", "small_resnet", "alexnet_like"])
 @pytest.mark.parametrize("strategy", ["forward", "reverse"])
 def test_filter_images_are_activation_weighted_sums(model_name, strategy):
     model, x = make(model_name)
     names = [n for n, _ in _leaf_layers(model)]
-    res = nns.Scanner(model, names, backend="reference", strategy="forward", keep_images=True, stats=False).scan(x)
+    res = nns.Scanner(model, names, backend="auto", strategy="forward", keep_images=True, stats=False).scan(x)
     fil = nns.Scanner(model, names, backend="reference", strategy=strategy, filter_images=True, stats=False).scan(x)
     for name in names:
         lr = res[name]
@@ -239,9 +239,9 @@ def test_torchvision_resnet18_64_float32_selected_neurons():
     torch.manual_seed(0)
     model = randomize_bn(tv.models.resnet18(num_classes=10)).eval()
     x = torch.rand(1, 3, 64, 64) - 0.3
-    m = no_inplace(model)
-    for n, idx in [("layer2.1", [(5, 3, 4), (100, 7, 0)]), ("layer4.0.bn2", [(7, 1, 1), (300, 0, 1)])]:
-        got = nns.learned_images(model, x, n, neurons=idx, backend="reference", strategy="forward")
+    m = no_inplace(model)  # (not bn2: torchvision's `out += identity` rewrites its output in place)
+    for n, idx in [("layer2.1", [(5, 3, 4), (100, 7, 0)]), ("layer4.0.conv2", [(7, 1, 1), (300, 0, 1)])]:
+        got = nns.learned_images(model, x, n, neurons=idx, backend="auto", strategy="forward")
         mod = dict(m.named_modules())[n]
         for j, i in enumerate(idx):
             xx = x.clone().requires_grad_(True)
