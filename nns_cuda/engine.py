@@ -114,7 +114,9 @@ def _ops(backend: str):
     return ext_ops
 
 
-def _default_budget(device: torch.device) -> int:
+def _default_budget(device: torch.device, fit: bool = False) -> int:
+    """Default working-set budget. ``fit=True``: the bound for deciding whether one sample may
+    use the forward strategy at all (larger on the CPU than the batching budget)."""
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         return int(free * 0.6)
@@ -122,7 +124,9 @@ def _default_budget(device: torch.device) -> int:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # pragma: no cover
         total = 8 << 30
-    return int(min(total * 0.25, 8 << 30))
+    # On the CPU a larger batch does not make the per-position GEMMs faster, so the working set
+    # stays small by default (2 GiB, or a quarter of the RAM if that is less).
+    return int(min(total * 0.25, (8 << 30) if fit else (2 << 30)))
 
 
 @dataclass
@@ -494,7 +498,7 @@ class Scanner:
     backend : "auto" | "reference" | "cpu" | "cuda"
     strategy : "auto" | "forward" | "reverse"
     max_memory : bytes the scan may use for its working set (None: 60 % of free GPU memory,
-        25 % of RAM up to 8 GiB on the CPU). Larger work is chunked over the batch; when one
+        25 % of RAM up to 2 GiB on the CPU). Larger work is chunked over the batch; when one
         sample does not fit the forward strategy, "auto" switches to "reverse".
     stats : reduce the fused per-neuron statistics (SPEC §2–§3) — needs ``fg_mask`` or uses the
         whole image as foreground.
@@ -564,18 +568,19 @@ class Scanner:
         fg = _check_mask(fg_mask, x.shape[0], H, W, x.device)
         backend = resolve_backend(self.backend, x.device)
         budget = self.max_memory or _default_budget(x.device)
+        fit_budget = self.max_memory or _default_budget(x.device, fit=True)
         dtype = x.dtype
         strategy = self.strategy
         upto = max(g.idx for g in nodes)
         per_sample = forward_bytes_per_sample(graph, upto, dtype)
         if strategy == "auto":
-            strategy = "forward" if per_sample <= budget else "reverse"
+            strategy = "forward" if per_sample <= fit_budget else "reverse"
         if strategy == "forward":
             chunk = max(1, budget // max(per_sample, 1))
-            if per_sample > budget:
+            if per_sample > fit_budget:
                 raise MemoryError(
                     f"the forward strategy needs about {per_sample / 2**20:.0f} MiB per sample for these layers, over "
-                    f"max_memory={budget / 2**20:.0f} MiB; raise max_memory or use strategy='reverse'")
+                    f"max_memory={fit_budget / 2**20:.0f} MiB; raise max_memory or use strategy='reverse'")
         else:
             chunk = x.shape[0]
         parts: List[Dict[str, LayerResult]] = []
@@ -804,7 +809,8 @@ def learned_images(model: nn.Module, x: torch.Tensor, layer: str, *, neurons: Op
     budget = max_memory or _default_budget(x.device)
     if strategy == "auto":
         few = sel is not None and sel.numel() <= 64
-        strategy = "reverse" if few or forward_bytes_per_sample(graph, g.idx, x.dtype) > budget else "forward"
+        fit = max_memory or _default_budget(x.device, fit=True)
+        strategy = "reverse" if few or forward_bytes_per_sample(graph, g.idx, x.dtype) > fit else "forward"
     if strategy == "reverse":
         resolve_backend(backend, x.device)
         return _reverse_neurons(graph, x, g, sel, gate_outputs, budget)
