@@ -21,9 +21,8 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
-from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -203,7 +202,7 @@ class ScanResult:
 class _Forward:
     """Forward values of the model (node by node, non-inplace) with gates and arg-max indices."""
 
-    def __init__(self, graph: ScanGraph, x: torch.Tensor, gate_outputs: bool, requires_grad: bool = False):
+    def __init__(self, graph: ScanGraph, x: torch.Tensor, gate_outputs: bool):
         self.graph = graph
         try:
             self.values = graph.run(x)

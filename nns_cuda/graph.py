@@ -15,10 +15,9 @@ operations (``torch.flatten``, ``+``) are addressed by their ``torch.fx`` node n
 from __future__ import annotations
 
 import difflib
-import math
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.fx as fx
@@ -185,8 +184,6 @@ class ScanGraph:
                 raise UnsupportedModuleError(f"{addr}: Conv2d padding_mode={mod.padding_mode!r} is not supported; use 'zeros'")
             if isinstance(mod.padding, str):
                 raise UnsupportedModuleError(f"{addr}: Conv2d padding={mod.padding!r} (string) is not supported; give explicit integers")
-            if mod.groups not in (1, mod.in_channels) and mod.groups != 1:
-                pass  # general grouped convs are handled by the ops as well
             return GNode(idx, addr, "conv", tin, n, mod, dict(
                 kernel=_pair(mod.kernel_size), stride=_pair(mod.stride), padding=_pair(mod.padding),
                 dilation=_pair(mod.dilation), groups=mod.groups))

@@ -13,7 +13,7 @@ from torch import nn
 import nns_cuda as nns
 from nns_cuda.reference.stats import li_stats_dense
 
-from _models import make, SmallResNet, randomize_bn
+from _models import make, randomize_bn
 from _oracle import FrozenRecorder, autograd_li, no_inplace, rel_err
 
 MODELS = ["fcn", "simple_cnn", "lenet5", "small_vgg", "alexnet_like", "small_resnet"]

@@ -76,7 +76,6 @@ def _gather_placed(op: str, p: torch.Tensor, ay_in: torch.Tensor, ax_in: torch.T
     p: [B, C, Hi, Wi, D, Rhi, Rwi]; yi: [Ho]; xi: [Wo] -> [B, C, Ho, Wo, D, rho, rwo]
     """
     B, C, Hi, Wi, D, Rhi, Rwi = p.shape
-    Ho, Wo = yi.numel(), xi.numel()
     dev = p.device
     vy = (yi >= 0) & (yi < Hi)
     vx = (xi >= 0) & (xi < Wi)
