@@ -110,3 +110,19 @@ def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.
     assert not actual.isnan().any(), "output holds NaN: an element was not written"
     err = rel_err(actual, expected)
     assert err <= TOL[dtype], f"relative error {err:.3e} > {TOL[dtype]:.0e}"
+
+
+def expect_op_error(op, args: dict, exc, pattern: str, mode: str) -> None:
+    """Call ``op(**args)`` on real tensors (``mode="cpu"``) or under ``FakeTensorMode``
+    (``mode="fake"``, the fake kernel) and expect ``exc`` whose message matches ``pattern``:
+    the C++ checks and the fake kernels must raise the same named error."""
+    if mode == "fake":
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        fake = FakeTensorMode()
+        args = {k: fake.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+        with fake, pytest.raises(exc, match=pattern):
+            op(**args)
+    else:
+        with pytest.raises(exc, match=pattern):
+            op(**args)

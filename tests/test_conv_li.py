@@ -19,9 +19,8 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from torch._subclasses.fake_tensor import FakeTensorMode
 
-from conftest import (TOL, assert_rel_close, conv_geometry, cpu_and_cuda, nan_filled_outputs,
+from conftest import (expect_op_error, TOL, assert_rel_close, conv_geometry, cpu_and_cuda, nan_filled_outputs,
                       needs_cuda, rel_err, rf_anchors)
 from nns_cuda import ops
 from nns_cuda.reference import ops as ref
@@ -247,14 +246,7 @@ def test_conv_li_bad_arguments(bad, mode):
     fake kernel (torch.compile / FakeTensorMode) raises the same."""
     _, change, exc, pattern = bad
     args = dict(make_case(11, H=6, W=6), **change)
-    if mode == "cpu":
-        with pytest.raises(exc, match=pattern):
-            torch.ops.nns_cuda.conv_li(**args)
-    else:
-        fake = FakeTensorMode()
-        args = {k: fake.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
-        with fake, pytest.raises(exc, match=pattern):
-            torch.ops.nns_cuda.conv_li(**args)
+    expect_op_error(torch.ops.nns_cuda.conv_li, args, exc, pattern, mode)
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
 
-from conftest import assert_rel_close, cpu_and_cuda, nan_filled_outputs, needs_cuda, rel_err, rf_anchors
+from conftest import expect_op_error, assert_rel_close, cpu_and_cuda, nan_filled_outputs, needs_cuda, rel_err, rf_anchors
 from nns_cuda import ops
 from nns_cuda.reference import ops as ref
 from nns_cuda.reference.stats import NUM_STATS, li_stats_dense
@@ -162,14 +161,7 @@ BAD = _bad_cases()
 def test_li_stats_bad_arguments(bad, mode):
     _, change, exc, pattern = bad
     args = dict(make_case(54), **change)
-    if mode == "cpu":
-        with pytest.raises(exc, match=pattern):
-            torch.ops.nns_cuda.li_stats(**args)
-    else:
-        fake = FakeTensorMode()
-        args = {k: fake.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
-        with fake, pytest.raises(exc, match=pattern):
-            torch.ops.nns_cuda.li_stats(**args)
+    expect_op_error(torch.ops.nns_cuda.li_stats, args, exc, pattern, mode)
 
 
 @needs_cuda

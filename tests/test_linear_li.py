@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
 
-from conftest import assert_rel_close, cpu_and_cuda, nan_filled_outputs, needs_cuda, rel_err
+from conftest import expect_op_error, assert_rel_close, cpu_and_cuda, nan_filled_outputs, needs_cuda, rel_err
 from nns_cuda import ops
 from nns_cuda.reference import ops as ref
 
@@ -155,14 +154,7 @@ BAD = _bad_cases()
 def test_linear_li_bad_arguments(bad, mode):
     _, change, exc, pattern = bad
     args = dict(make_case(44), **change)
-    if mode == "cpu":
-        with pytest.raises(exc, match=pattern):
-            torch.ops.nns_cuda.linear_li(**args)
-    else:
-        fake = FakeTensorMode()
-        args = {k: fake.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
-        with fake, pytest.raises(exc, match=pattern):
-            torch.ops.nns_cuda.linear_li(**args)
+    expect_op_error(torch.ops.nns_cuda.linear_li, args, exc, pattern, mode)
 
 
 @needs_cuda

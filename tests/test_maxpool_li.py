@@ -12,9 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch._subclasses.fake_tensor import FakeTensorMode
 
-from conftest import assert_rel_close, conv_geometry, cpu_and_cuda, nan_filled_outputs, needs_cuda, rf_anchors
+from conftest import expect_op_error, assert_rel_close, conv_geometry, cpu_and_cuda, nan_filled_outputs, needs_cuda, rf_anchors
 from nns_cuda import ops
 from nns_cuda.reference import ops as ref
 
@@ -155,14 +154,7 @@ BAD = _bad_cases()
 def test_maxpool_li_bad_arguments(bad, mode):
     _, change, exc, pattern = bad
     args = dict(make_case(24), **change)
-    if mode == "cpu":
-        with pytest.raises(exc, match=pattern):
-            torch.ops.nns_cuda.maxpool_li(**args)
-    else:
-        fake = FakeTensorMode()
-        args = {k: fake.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in args.items()}
-        with fake, pytest.raises(exc, match=pattern):
-            torch.ops.nns_cuda.maxpool_li(**args)
+    expect_op_error(torch.ops.nns_cuda.maxpool_li, args, exc, pattern, mode)
 
 
 @needs_cuda
