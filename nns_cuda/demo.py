@@ -105,35 +105,11 @@ def parse_bytes(s: Union[None, int, str]) -> Optional[int]:
 
 # ----------------------------------------------------------------------------- model helpers
 def _leaf_calls(model: nn.Module, x: torch.Tensor) -> List[Tuple[str, nn.Module, Tuple[int, ...]]]:
-    """(name, module, output shape without batch) of every leaf-module call, in order (hooks removed)."""
-    calls: List[Tuple[str, nn.Module, Tuple[int, ...]]] = []
-    seen: Dict[str, int] = {}
-    handles = []
-    try:
-        for name, mod in model.named_modules():
-            if name and not list(mod.children()):
-                def hook(m, i, o, _name=name):
-                    if isinstance(o, torch.Tensor):
-                        calls.append((_name, m, tuple(o.shape[1:])))
-                handles.append(mod.register_forward_hook(hook))
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    # call-index names for modules called more than once (SPEC §0)
-    counts: Dict[str, int] = {}
-    for n, _, _ in calls:
-        counts[n] = counts.get(n, 0) + 1
-    out = []
-    for n, m, s in calls:
-        if counts[n] > 1:
-            k = seen.get(n, 0)
-            seen[n] = k + 1
-            out.append((f"{n}:{k}", m, s))
-        else:
-            out.append((n, m, s))
-    return out
+    """(name, module, output shape without batch) of every leaf-module call, in order, with
+    ``name:k`` for modules called more than once (SPEC §0); hooks removed."""
+    from ._fq_common import trace_calls
+
+    return [(c.name, c.module, c.out_shape) for c in trace_calls(model, x)]
 
 
 _ACTS = (nn.ReLU, nn.LeakyReLU)

@@ -22,6 +22,23 @@
 namespace nns_cuda {
 namespace {
 
+// Calls f(ky, kx, yi, xi, dy, dx) for every tap of output position (y, x) that falls inside the
+// input (padding taps are skipped); (dy, dx) is the input window's offset in the output window.
+template <typename F>
+inline void for_each_tap(const ConvDims& g, int64_t y, int64_t x, const int64_t* rowoff,
+                         const int64_t* coloff, F&& f) {
+  for (int64_t ky = 0; ky < g.Kh; ++ky) {
+    const int64_t dy = rowoff[y * g.Kh + ky];
+    if (dy == kNoTap) continue;
+    const int64_t yi = tap_index(y, ky, g.sh, g.ph, g.dh);
+    for (int64_t kx = 0; kx < g.Kw; ++kx) {
+      const int64_t dx = coloff[x * g.Kw + kx];
+      if (dx == kNoTap) continue;
+      f(ky, kx, yi, tap_index(x, kx, g.sw, g.pw, g.dw), dy, dx);
+    }
+  }
+}
+
 template <typename scalar_t>
 void conv_li_cpu_kernel(const ConvDims& g, const scalar_t* P, const bool* act,
                         const scalar_t* W, const scalar_t* scale, const scalar_t* gate,
@@ -52,31 +69,24 @@ void conv_li_cpu_kernel(const ConvDims& g, const scalar_t* P, const bool* act,
       std::fill(acc.begin(), acc.end(), opmath_t(0));
       const int64_t grp = o / g.Cog;
       const scalar_t* Wo_ = W + o * g.Cig * K2;
-      for (int64_t ky = 0; ky < g.Kh; ++ky) {
-        const int64_t dy = rowoff[y * g.Kh + ky];
-        if (dy == kNoTap) continue;
-        const int64_t yi = tap_index(y, ky, g.sh, g.ph, g.dh);
-        for (int64_t kx = 0; kx < g.Kw; ++kx) {
-          const int64_t dx = coloff[x * g.Kw + kx];
-          if (dx == kNoTap) continue;
-          const int64_t xi = tap_index(x, kx, g.sw, g.pw, g.dw);
-          for (int64_t ii = 0; ii < g.Cig; ++ii) {
-            const int64_t i = grp * g.Cig + ii;
-            const int64_t src_n = ((b * g.Ci + i) * g.Hi + yi) * g.Wi + xi;
-            if (act && !act[src_n]) continue;  // inactive input neuron: zero patch
-            const opmath_t w = static_cast<opmath_t>(Wo_[ii * K2 + ky * g.Kw + kx]);
-            if (w == opmath_t(0)) continue;
-            const scalar_t* src = P + src_n * pin;
-            for (int64_t d = 0; d < g.D; ++d) {
-              for (int64_t r = 0; r < g.Rhi; ++r) {
-                opmath_t* arow = acc.data() + (d * g.rho + r + dy) * g.rwo + dx;
-                const scalar_t* srow = src + (d * g.Rhi + r) * g.Rwi;
-                for (int64_t q = 0; q < g.Rwi; ++q) arow[q] += w * static_cast<opmath_t>(srow[q]);
-              }
+      for_each_tap(g, y, x, rowoff, coloff, [&](int64_t ky, int64_t kx, int64_t yi, int64_t xi,
+                                                int64_t dy, int64_t dx) {
+        for (int64_t ii = 0; ii < g.Cig; ++ii) {
+          const int64_t i = grp * g.Cig + ii;
+          const int64_t src_n = ((b * g.Ci + i) * g.Hi + yi) * g.Wi + xi;
+          if (act && !act[src_n]) continue;  // inactive input neuron: zero patch
+          const opmath_t w = static_cast<opmath_t>(Wo_[ii * K2 + ky * g.Kw + kx]);
+          if (w == opmath_t(0)) continue;
+          const scalar_t* src = P + src_n * pin;
+          for (int64_t d = 0; d < g.D; ++d) {
+            for (int64_t r = 0; r < g.Rhi; ++r) {
+              opmath_t* arow = acc.data() + (d * g.rho + r + dy) * g.rwo + dx;
+              const scalar_t* srow = src + (d * g.Rhi + r) * g.Rwi;
+              for (int64_t q = 0; q < g.Rwi; ++q) arow[q] += w * static_cast<opmath_t>(srow[q]);
             }
           }
         }
-      }
+      });
       for (int64_t e = 0; e < pout; ++e) dst[e] = static_cast<scalar_t>(acc[e] * mul);
     }
   });
@@ -116,24 +126,17 @@ void conv_li_cpu_gemm(const ConvDims& g, const scalar_t* P, const bool* act, con
       }
       if (outs.empty()) continue;
       pin_src.clear(); pin_w.clear(); pin_dy.clear(); pin_dx.clear();
-      for (int64_t ky = 0; ky < g.Kh; ++ky) {
-        const int64_t dy = rowoff[y * g.Kh + ky];
-        if (dy == kNoTap) continue;
-        const int64_t yi = tap_index(y, ky, g.sh, g.ph, g.dh);
-        for (int64_t kx = 0; kx < g.Kw; ++kx) {
-          const int64_t dx = coloff[x * g.Kw + kx];
-          if (dx == kNoTap) continue;
-          const int64_t xi = tap_index(x, kx, g.sw, g.pw, g.dw);
-          for (int64_t i = 0; i < g.Ci; ++i) {
-            const int64_t src_n = ((b * g.Ci + i) * g.Hi + yi) * g.Wi + xi;
-            if (act && !act[src_n]) continue;
-            pin_src.push_back(src_n);
-            pin_w.push_back(i * K2 + ky * g.Kw + kx);
-            pin_dy.push_back(dy);
-            pin_dx.push_back(dx);
-          }
+      for_each_tap(g, y, x, rowoff, coloff, [&](int64_t ky, int64_t kx, int64_t yi, int64_t xi,
+                                                int64_t dy, int64_t dx) {
+        for (int64_t i = 0; i < g.Ci; ++i) {
+          const int64_t src_n = ((b * g.Ci + i) * g.Hi + yi) * g.Wi + xi;
+          if (act && !act[src_n]) continue;
+          pin_src.push_back(src_n);
+          pin_w.push_back(i * K2 + ky * g.Kw + kx);
+          pin_dy.push_back(dy);
+          pin_dx.push_back(dx);
         }
-      }
+      });
       const int64_t M = static_cast<int64_t>(outs.size());
       const int64_t K = static_cast<int64_t>(pin_src.size());
       if (K == 0) {
