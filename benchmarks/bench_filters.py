@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import time
-import traceback
 from typing import Any, Callable, Dict, List
 
 import torch
@@ -18,7 +17,7 @@ import torch
 import nns_cuda
 
 from . import bench_baselines as BL
-from .bench_scan import Options, Skip, _free_bytes, log, measure, speedups
+from .bench_scan import Options, Skip, _free_bytes, log, measure, record_failure, speedups
 from .common import FloorCount, Workload, build_model, conv_layer_names, count_floor, make_inputs, precision, \
     reverse_flops, sync
 
@@ -186,10 +185,7 @@ def run_filters_workload(wl: Workload, opts: Options, peaks: Dict[str, Any],
         except Skip as e:
             row["error"] = f"skipped: {e}"
         except Exception as e:
-            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-            log(opts, "    ERROR " + "".join(traceback.format_exception_only(type(e), e)).strip()[:2000])
-            if dev == "cuda":
-                torch.cuda.empty_cache()
+            record_failure(opts, row, e, dev)
         rows.append(row)
         speedups(rows)
         emit(row)

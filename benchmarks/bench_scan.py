@@ -63,6 +63,14 @@ def log(opts: Options, msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
+def record_failure(opts: Options, row: Dict[str, Any], e: BaseException, dev: str) -> None:
+    """Mark a row failed (a failing method must not stop the others) and free cached GPU memory."""
+    row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    log(opts, "    ERROR " + "".join(traceback.format_exception_only(type(e), e)).strip()[:2000])
+    if dev == "cuda":
+        torch.cuda.empty_cache()
+
+
 def _free_bytes(device: str) -> int:
     if device == "cuda":
         free, _ = torch.cuda.mem_get_info()
@@ -250,10 +258,7 @@ def run_stats_workload(wl: Workload, opts: Options, peaks: Dict[str, Any],
             row["error"] = f"skipped: {e}"
             log(opts, f"    {row['error']}")
         except Exception as e:  # a failing method must not stop the others
-            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-            log(opts, "    ERROR " + "".join(traceback.format_exception_only(type(e), e)).strip()[:2000])
-            if dev == "cuda":
-                torch.cuda.empty_cache()
+            record_failure(opts, row, e, dev)
         rows.append(row)
         speedups(rows)
         emit(row)
