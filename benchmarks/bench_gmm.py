@@ -97,6 +97,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--device", default="cpu")
     p.add_argument("--strategy", default="auto", choices=["auto", "per_k", "stacked"])
+    p.add_argument("--estep", default="auto,torch",
+                   help="E-step implementations to time on the CPU, comma-separated: auto (the fused C++ "
+                        "kernel when built), fused, torch (batched torch ops); default 'auto,torch'")
     p.add_argument("--json", default=None, help="also write the results here")
     a = p.parse_args(argv)
     f_n = a.filters or (128 if a.quick else 512)
@@ -132,16 +135,29 @@ def main(argv=None) -> int:
         return 1
 
     # ---- timing
+    from nns_cuda import _gmm_em
+
     rows = []
     threads0 = torch.get_num_threads()
     thread_cfgs = [threads0] if a.device != "cpu" or threads0 == 1 else [threads0, 1]
-    for th in thread_cfgs:
-        torch.set_num_threads(th)
-        r = time_torch(points, a.k_max, repeat, a.device, a.strategy)
-        rows.append({"impl": f"torch batched ({a.device}, {th} thread{'s' * (th > 1)})", "threads": th,
-                     "wall_s": r["wall_s"], "cpu_s": r["cpu_s"], "walls": r["walls"],
-                     "mean_em_iterations": r["mean_iter"]})
-    torch.set_num_threads(threads0)
+    esteps = [e.strip() for e in a.estep.split(",") if e.strip()] if a.device == "cpu" else ["torch"]
+    estep0 = _gmm_em.ESTEP
+    seen = set()
+    for est in esteps:
+        _gmm_em.ESTEP = est
+        impl = "fused" if _gmm_em.use_fused(points) else "torch"
+        if impl in seen:  # "auto" without the extension is the torch E-step again
+            continue
+        seen.add(impl)
+        for th in thread_cfgs:
+            torch.set_num_threads(th)
+            r = time_torch(points, a.k_max, repeat, a.device, a.strategy)
+            rows.append({"impl": f"batched, {impl} E-step ({a.device}, {th} thread{'s' * (th > 1)})",
+                         "estep": impl, "threads": th,
+                         "wall_s": r["wall_s"], "cpu_s": r["cpu_s"], "walls": r["walls"],
+                         "mean_em_iterations": r["mean_iter"]})
+        torch.set_num_threads(threads0)
+    _gmm_em.ESTEP = estep0
     sk_full_wall = sk_wall / sk_n * f_n if skv else float("nan")
     sk_full_cpu = sk_cpu / sk_n * f_n if skv else float("nan")
     load1 = load_average()
@@ -156,12 +172,12 @@ def main(argv=None) -> int:
           f"max rel. mean-log-likelihood diff {rel_ll:.1e}")
     print(f"# scikit-learn loop timed on {sk_n} random filters ({sk_wall:.2f} s wall, {sk_cpu:.2f} s CPU), "
           f"extrapolated x{f_n / sk_n:.1f}")
-    print(f"{'implementation':44s} {'wall s':>9s} {'CPU s':>9s} {'speed-up (wall)':>16s}")
-    print(f"{'sklearn GaussianMixture loop (extrapolated)':44s} {sk_full_wall:9.2f} {sk_full_cpu:9.2f} {1.0:16.1f}")
+    print(f"{'implementation':48s} {'wall s':>9s} {'CPU s':>9s} {'speed-up (wall)':>16s}")
+    print(f"{'sklearn GaussianMixture loop (extrapolated)':48s} {sk_full_wall:9.2f} {sk_full_cpu:9.2f} {1.0:16.1f}")
     for r in rows:
         r["speedup_wall"] = sk_full_wall / r["wall_s"]
         r["speedup_cpu"] = sk_full_cpu / r["cpu_s"]
-        print(f"{r['impl']:44s} {r['wall_s']:9.2f} {r['cpu_s']:9.2f} {r['speedup_wall']:16.1f}")
+        print(f"{r['impl']:48s} {r['wall_s']:9.2f} {r['cpu_s']:9.2f} {r['speedup_wall']:16.1f}")
     result = {
         "config": {"filters": f_n, "samples": a.samples, "k_max": a.k_max, "sk_filters": sk_n,
                    "repeat": repeat, "strategy": a.strategy, "quick": a.quick},

@@ -5,12 +5,18 @@
 #
 #   benchmarks/device_check.sh OUT_DIR        (or with $OUT set: benchmarks/device_check.sh)
 #
-# Writes at most 8 files to OUT_DIR, no subfolders: build.log tests.log tests.xml sanitizer.log
-# bench.log bench.json bench.md summary.txt. Every step runs under `timeout`; a failing step does
-# not stop the others. Time budget (H200, total NNS_CHECK_SECONDS, default 450 s of the 8 min):
-#   build ~60-120 s (cap 200) · tests ~30-60 s (cap 110) · sanitizers ~20-60 s (cap 65 each) ·
-#   benchmarks: whatever is left minus 25 s (suite --time-limit 45 s below its hard timeout, so
-#   the method running at the limit can finish and the JSON / markdown get written) · summary.
+# Writes at most 10 files to OUT_DIR, no subfolders: build.log tests.log tests.xml precision.log
+# precision.json sanitizer.log bench.log bench.json bench.md summary.txt. Every step runs under
+# `timeout`; a failing step does not stop the others. Time budget (H200, total
+# NNS_CHECK_SECONDS, default 450 s of the 8 min):
+#   build ~60-120 s (cap 200) · tests ~30-60 s (cap 110) · precision (issue 3, not yet timed on a
+#   GPU): the CUDA cases of the conv_li_gemm / precision tests (cap 40) and
+#   benchmarks/bench_precision.py on VGG-16 @32, tf32 / bf16 / fp16 x gemm / direct against fp32
+#   and fp64, error and time (cap 60; it writes precision.json after every configuration,
+#   tensor-core ones first; both shrink so that >= 200 s stay for the rest) · sanitizers ~20-60 s (cap
+#   65 each) · benchmarks: whatever is left minus 25 s (suite --time-limit 45 s below its hard
+#   timeout, so the method running at the limit can finish and the JSON / markdown get written)
+#   · summary (with the precision table appended).
 # Knobs (environment): NNS_CHECK_SECONDS, BENCH_ARGS (extra arguments for benchmarks.run, e.g.
 #   "--workloads vgg16_32,resnet18_32"), MAX_JOBS (16), TORCH_CUDA_ARCH_LIST (9.0).
 set -u
@@ -80,6 +86,19 @@ else
 fi
 echo "== pytest rc=$TESTS_RC" >> "$OUT_DIR/tests.log"
 
+# ------------------------------------------------------------------ 2b. precision (issue 3)
+stamp "precision" >&2
+{
+  echo "== CUDA cases of tests/test_conv_li_gemm.py tests/test_precision.py (the CPU ones run in CI)"
+  timeout "$(cap 40 220)" "$PY" -m pytest -q -p no:cacheprovider -m needs_cuda \
+    tests/test_conv_li_gemm.py tests/test_precision.py 2>&1 | tail -n 40
+  echo "== pytest rc=${PIPESTATUS[0]}"
+  echo "== benchmarks.bench_precision (VGG-16 @32: error at batch 2, time at batch 8, median of 2)"
+  timeout "$(cap 60 200)" "$PY" -m benchmarks.bench_precision --device cuda --models vgg16_32 --batch 2 \
+    --time-batch 8 --repeats 2 --json "$OUT_DIR/precision.json" 2>&1 | tail -n 40
+  echo "== bench_precision rc=${PIPESTATUS[0]}"
+} > "$OUT_DIR/precision.log" 2>&1
+
 # ------------------------------------------------------------------ 3. compute-sanitizer
 stamp "sanitizers" >&2
 SAN="$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")"
@@ -116,5 +135,14 @@ stamp "summary" >&2
 timeout 60 "$PY" -m benchmarks.bench_summary "$OUT_DIR" --build-seconds "$BUILD_S" --build-rc "$BUILD_RC" \
   --tests-rc "$TESTS_RC" --bench-rc "$BENCH_RC" --wall-seconds "$(( $(now) - T_START ))" \
   > "$OUT_DIR/summary.txt" 2>&1
+{
+  echo
+  echo "== precision (issue 3): $(grep -E '^== (pytest|bench_precision) rc=' "$OUT_DIR/precision.log" | tr '\n' ' ')"
+  if [ -f "$OUT_DIR/precision.json" ]; then
+    timeout 30 "$PY" -m benchmarks.bench_precision --render "$OUT_DIR/precision.json"
+  else
+    echo "no precision.json (see precision.log)"
+  fi
+} >> "$OUT_DIR/summary.txt" 2>&1
 cat "$OUT_DIR/summary.txt"
 exit 0

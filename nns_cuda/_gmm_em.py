@@ -313,6 +313,49 @@ def _chunked(z, init, nvalid, reg, tol, max_iter, chunk_elems) -> EMFit:
 
 _MASKED = -1e300  # log-weight term of a masked slot: exp(·) underflows to exactly 0
 
+#: E-step implementation on the CPU: ``"auto"`` (the fused C++ kernel when the extension has
+#: it), ``"fused"`` (require it) or ``"torch"`` (the batched torch operations below; always used
+#: on CUDA). Both give the same fits to rounding (tests/test_gmm_estep.py).
+ESTEP = "auto"
+
+
+def _has_fused() -> bool:
+    try:
+        from . import ops as _ops  # loads nns_cuda._C when it is built
+    except Exception:  # pragma: no cover - import errors are reported by nns_cuda.ext_info()
+        return False
+    return bool(getattr(_ops, "HAS_OPS", False)) and hasattr(torch.ops.nns_cuda, "gmm_estep")
+
+
+def use_fused(z: Tensor) -> bool:
+    """Whether the EM on ``z`` runs its E-steps in the fused C++ kernel (see :data:`ESTEP`)."""
+    if ESTEP not in ("auto", "fused", "torch"):
+        raise ValueError(f"_gmm_em.ESTEP must be 'auto', 'fused' or 'torch', got {ESTEP!r}.")
+    if ESTEP == "torch" or z.device.type != "cpu":
+        return False
+    ok = _has_fused()
+    if ESTEP == "fused" and not ok:
+        raise RuntimeError("_gmm_em.ESTEP='fused' needs the C++ extension (nns_cuda._C with the gmm_estep op); "
+                           "build it with `make build` or set ESTEP='auto'.")
+    return ok
+
+
+def _estep_torch(w: Tensor, phit: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """E-step with batched torch operations: moments ``[B, k, 6]`` and mean log-likelihood ``[B]``."""
+    lp = torch.bmm(w, phit)  # [B, k, S]
+    mx = lp.amax(1, keepdim=True)  # [B, 1, S]
+    e = lp.sub_(mx).exp_()
+    tot = e.sum(1)  # [B, S]
+    new_lb = _mean_log(tot) + mx[:, 0].mean(-1)
+    # Σ_s resp[k, s] Φ[s] with resp = e / tot: divide whichever of e (k per point) and
+    # Φ (6 per point) is smaller
+    # (as (Φᵀ respᵀ)ᵀ: both operands are read in their stored layout)
+    if k < 6:
+        mom = torch.bmm(phit, e.div_(tot[:, None, :]).transpose(1, 2)).transpose(1, 2)
+    else:
+        mom = torch.bmm(phit / tot[:, None, :], e.transpose(1, 2)).transpose(1, 2)  # [B, k, 6]
+    return mom, new_lb
+
 
 def _em_queue(z: Tensor, init: Tensor, nvalid: Optional[Tensor], reg: Tensor, tol: float,
               max_iter: int, batch: int, refill_below: float = 0.75, compact_below: float = 0.5) -> EMFit:
@@ -357,21 +400,13 @@ def _em_queue(z: Tensor, init: Tensor, nvalid: Optional[Tensor], reg: Tensor, to
         phit_a, reg_a, valid_a, theta_a, lb_a, it_a, ill_a = take(act)
     run = torch.ones(act.numel(), dtype=torch.bool, device=dev)  # batch rows still iterating
     all_run = True
+    fused = use_fused(z)
     while act.numel():
         w, bad = _coefficients(theta_a, valid_a)
-        lp = torch.bmm(w, phit_a)  # [B, k, S]
-        mx = lp.amax(1, keepdim=True)  # [B, 1, S]
-        e = lp.sub_(mx).exp_()
-        tot = e.sum(1)  # [B, S]
-        new_lb = _mean_log(tot) + mx[:, 0].mean(-1)
-        # Σ_s resp[k, s] Φ[s] with resp = e / tot: divide whichever of e (k per point) and
-        # Φ (6 per point) is smaller
-        # (as (Φᵀ respᵀ)ᵀ: both operands are read in their stored layout)
-        if k < 6:
-            mom = torch.bmm(phit_a, e.div_(tot[:, None, :]).transpose(1, 2)).transpose(1, 2)
+        if fused:  # one pass over the points in the C++ kernel (csrc/cpu/gmm.cpp)
+            mom, new_lb, _ = torch.ops.nns_cuda.gmm_estep(w, phit_a, True, False)
         else:
-            mom = torch.bmm(phit_a / tot[:, None, :], e.transpose(1, 2)).transpose(1, 2)  # [B, k, 6]
-        del lp, e, tot, mx
+            mom, new_lb = _estep_torch(w, phit_a, k)
         theta_a = _m_step(mom, reg_a, valid_a)
         it_a += 1
         ill_a |= bad
@@ -420,6 +455,9 @@ def _em_queue(z: Tensor, init: Tensor, nvalid: Optional[Tensor], reg: Tensor, to
         sl = slice(i, i + batch)
         w, bad = _coefficients(theta[sl], None if valid is None else valid[sl])
         ill[sl] |= bad
+        if fused:
+            _, loglik[sl], labels[sl] = torch.ops.nns_cuda.gmm_estep(w, phit[sl], False, True)
+            continue
         lp = torch.bmm(w, phit[sl])  # [B, k, S]
         labels[sl] = argmax_dim1(lp)
         mx = lp.amax(1, keepdim=True)

@@ -15,12 +15,18 @@ Two exact strategies:
 
 Backends of the forward strategy: ``"reference"`` (pure PyTorch), ``"cpu"`` (C++ ops),
 ``"cuda"`` (CUDA ops); ``"auto"`` prefers CUDA for GPU inputs, then the C++ ops, then the
-reference. Every result records the backend and strategy that ran.
+reference. Precisions (``precision=``, see :class:`Scanner`): the input's dtype by default,
+float32 / float64 on request, TF32 / bfloat16 / float16 on request (CUDA tensor cores).
+Conv algorithms of the forward strategy (``conv_algorithm=``): the direct gated kernels
+(``conv_li``) or one dense GEMM per image (``conv_li_gemm``). Every result records the backend,
+strategy, precision and conv algorithm that ran.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -40,10 +46,18 @@ __all__ = [
     "ScanResult",
     "LayerResult",
     "resolve_backend",
+    "resolve_precision",
+    "resolve_conv_algorithm",
 ]
 
 BACKENDS = ("auto", "reference", "cpu", "cuda")
 STRATEGIES = ("auto", "forward", "reverse")
+PRECISIONS = ("auto", "fp32", "fp64", "tf32", "bf16", "fp16")
+CONV_ALGORITHMS = ("auto", "direct", "gemm")
+#: storage dtype of the learned-image patches for each explicit precision
+_STORAGE = {"fp32": torch.float32, "fp64": torch.float64, "tf32": torch.float32, "bf16": torch.bfloat16,
+            "fp16": torch.float16}
+_LOW_DTYPES = (torch.bfloat16, torch.float16)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -105,6 +119,78 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def _check_choice(option: str, value, allowed: Tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{option} must be one of {allowed}, got {value!r}")
+
+
+def resolve_precision(precision: str, x: torch.Tensor) -> Tuple[str, torch.dtype, torch.dtype]:
+    """``(name, storage dtype, result dtype)`` of a ``precision`` option for input ``x``.
+
+    ``"auto"`` is the input's dtype (``"fp32"`` or ``"fp64"``). ``"tf32"`` exists only on CUDA:
+    on any other device it raises ``ValueError`` (it never falls back silently). Results
+    (statistics, filter images, images) are float32 for ``"tf32"``, ``"bf16"``, ``"fp16"``."""
+    _check_choice("precision", precision, PRECISIONS)
+    if precision == "auto":
+        name = "fp64" if x.dtype == torch.float64 else "fp32"
+        return name, x.dtype, x.dtype
+    if precision == "tf32" and x.device.type != "cuda":
+        raise ValueError(f"precision='tf32' exists only on CUDA (TensorFloat-32 is an NVIDIA tensor-core "
+                         f"format), but the input is on {x.device}; use precision='fp32' (or 'bf16') here, or "
+                         "move the model and the input to a GPU")
+    storage = _STORAGE[precision]
+    return precision, storage, (torch.float32 if storage in _LOW_DTYPES or precision == "tf32" else storage)
+
+
+def resolve_conv_algorithm(conv_algorithm: str, device: torch.device, precision: str) -> str:
+    """``"direct"`` or ``"gemm"`` for a ``conv_algorithm`` option (``precision`` resolved).
+
+    ``"auto"``: ``"direct"`` on the CPU (the direct kernels skip inactive neurons, the dense GEMM
+    does not); on CUDA ``"gemm"`` for tf32 / bf16 / fp16 (the tensor cores need a GEMM) and
+    ``"direct"`` otherwise. The CUDA choice is a prediction, not yet measured: the numbers come
+    from ``benchmarks/device_check.sh`` (``benchmarks/bench_precision.py``) on a GPU."""
+    _check_choice("conv_algorithm", conv_algorithm, CONV_ALGORITHMS)
+    if conv_algorithm == "auto":
+        if device.type == "cuda" and precision in ("tf32", "bf16", "fp16"):
+            return "gemm"
+        return "direct"
+    if precision == "tf32" and conv_algorithm != "gemm":
+        raise ValueError(f"precision='tf32' runs the convolutions as TF32 GEMMs: it needs conv_algorithm='gemm' "
+                         f"or 'auto', got {conv_algorithm!r}")
+    return conv_algorithm
+
+
+@contextlib.contextmanager
+def _matmul_precision(precision: str, device: torch.device):
+    """On CUDA: ``"tf32"`` turns cuBLAS TF32 on for the block; ``"fp32"`` turns TF32 off for
+    cuBLAS and cuDNN (whose default is on), so that an explicit fp32 is IEEE float32 throughout.
+    Other precisions, and the CPU, leave torch's switches alone. Restored afterwards."""
+    if device.type != "cuda" or precision not in ("tf32", "fp32"):
+        yield
+        return
+    on = precision == "tf32"
+    mm, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        old = (mm.allow_tf32, cudnn.allow_tf32)
+        mm.allow_tf32 = on
+        if not on:
+            cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            mm.allow_tf32, cudnn.allow_tf32 = old
+
+
+def _gemm_max_elems(budget: int, dtype: torch.dtype) -> int:
+    """Chunk bound of ``conv_li_gemm``'s temporaries (gathered operand, GEMM result, index
+    table): a quarter of the working-set budget, in elements of ``dtype``."""
+    esize = torch.empty((), dtype=dtype).element_size()
+    return int(max(1 << 20, budget // (4 * esize)))
+
+
 def _ops(backend: str):
     if backend == "reference":
         return ref_ops
@@ -152,7 +238,7 @@ class LayerResult:
     stats : Tensor [B, *shape, NUM_STATS] or None — fused per-neuron statistics (STAT_NAMES).
     filter_images : Tensor [B, C, *image] or None — ``L^k`` (SPEC §1), spatial / channel layers.
     images : Tensor [B, *shape, *image] or None — dense learned images (``keep_images=True``).
-    backend, strategy : what ran.
+    backend, strategy, precision, conv_algorithm : what ran (see :class:`ScanResult`).
     """
 
     name: str
@@ -163,6 +249,8 @@ class LayerResult:
     images: Optional[torch.Tensor] = None
     backend: str = ""
     strategy: str = ""
+    precision: str = ""
+    conv_algorithm: str = ""
 
     def stat(self, name: str) -> torch.Tensor:
         """One statistic by name (see ``nns_cuda.reference.stats.STAT_NAMES``)."""
@@ -175,13 +263,21 @@ class LayerResult:
 
 @dataclass
 class ScanResult:
-    """Per-layer results of :meth:`Scanner.scan` (mapping-like: ``result[layer]``)."""
+    """Per-layer results of :meth:`Scanner.scan` (mapping-like: ``result[layer]``).
+
+    ``backend`` / ``strategy``: what ran (``"autograd"`` / ``"reverse"`` for the reverse
+    strategy). ``precision``: the resolved precision (``"fp32"``, ``"fp64"``, ``"tf32"``,
+    ``"bf16"``, ``"fp16"``; ``"auto"`` resolves to the input's dtype). ``conv_algorithm``:
+    ``"direct"`` or ``"gemm"`` (the latter for the ``groups == 1`` convolutions), ``"autograd"``
+    for the reverse strategy."""
 
     layers: Dict[str, LayerResult]
     backend: str
     strategy: str
     input_shape: Tuple[int, ...] = ()
     logits: Optional[torch.Tensor] = None
+    precision: str = ""
+    conv_algorithm: str = ""
 
     def __getitem__(self, name: str) -> LayerResult:
         if name not in self.layers:
@@ -252,17 +348,33 @@ def _bn_scale(mod: nn.Module, dtype) -> torch.Tensor:
 
 
 class _PatchEngine:
-    """Forward patch propagation of one batch with one backend's ops."""
+    """Forward patch propagation of one batch with one backend's ops.
+
+    ``dtype`` is the storage dtype of the patches. For bfloat16 / float16 storage the
+    per-neuron factors (weights, BN scales, gates, pooling divisors) stay float32 (``pdtype``):
+    the ops compute in float32 and round their results once, and element-wise scalings here
+    multiply in float32 and round once (:meth:`_scale`)."""
 
     def __init__(self, graph: ScanGraph, fwd: _Forward, x: torch.Tensor, backend: str, requested: Sequence[int],
-                 dtype: torch.dtype):
+                 dtype: torch.dtype, conv_algorithm: str = "direct", gemm_max_elems: int = 0):
         self.graph, self.fwd, self.x = graph, fwd, x
         self.O = _ops(backend)
         self.requested = set(requested)
         self.dtype = dtype
+        self.low = dtype in _LOW_DTYPES
+        self.pdtype = torch.float32 if self.low else dtype
+        self.conv_algorithm = conv_algorithm
+        self.gemm_max_elems = gemm_max_elems
         self.B = x.shape[0]
         self.D, self.H, self.W = _image_dims(graph.input_shape)
         self.dev = x.device
+
+    def _scale(self, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """``t * s`` (``s`` broadcast) in the storage dtype; for 16-bit storage the product is
+        taken in float32 and rounded once."""
+        if not self.low:
+            return t * s.to(self.dtype)
+        return torch.mul(t, s.to(self.pdtype), out=torch.empty_like(t))
 
     # --- representation helpers
     def _dense(self, r: _Rep) -> _Rep:
@@ -304,20 +416,24 @@ class _PatchEngine:
         C, Ho, Wo = g.shape
         rh, rw, ay, ax = self._window(g, Ho, Wo)
         a = g.attrs
-        w = g.module.weight.detach().to(self.dtype)
-        t = self.O.conv_li(r.t, r.ay, r.ax, r.active, w, scale, gate, ay, ax, list(a["stride"]), list(a["padding"]),
-                           list(a["dilation"]), int(a["groups"]), rh, rw)
+        w = g.module.weight.detach().to(self.pdtype)
+        args = (r.t, r.ay, r.ax, r.active, w, scale, gate, ay, ax, list(a["stride"]), list(a["padding"]),
+                list(a["dilation"]), int(a["groups"]), rh, rw)
+        if self.conv_algorithm == "gemm" and int(a["groups"]) == 1:
+            t = self.O.conv_li_gemm(*args, self.gemm_max_elems)
+        else:
+            t = self.O.conv_li(*args)
         return _Rep(t, ay, ax, None if gate is None else gate != 0)
 
     def pool_avg(self, g: GNode, r: _Rep, kernel, stride, padding, ceil_mode, count_include_pad, divisor) -> _Rep:
         C, Ho, Wo = g.shape
         Hi, Wi = r.t.shape[2], r.t.shape[3]
-        ones = torch.ones(1, 1, Hi, Wi, dtype=self.dtype, device=self.dev)
+        ones = torch.ones(1, 1, Hi, Wi, dtype=self.pdtype, device=self.dev)
         avg = F.avg_pool2d(ones, kernel, stride, padding, ceil_mode, count_include_pad, divisor)
         cnt = F.avg_pool2d(ones, kernel, stride, padding, ceil_mode, True, 1)
         mult = torch.where(cnt > 0, avg / cnt.clamp_min(1), torch.zeros_like(avg))[0, 0]  # [Ho, Wo]
         gate = mult.view(1, 1, Ho, Wo).expand(self.B, C, Ho, Wo).contiguous()
-        w = torch.ones(C, 1, kernel[0], kernel[1], dtype=self.dtype, device=self.dev)
+        w = torch.ones(C, 1, kernel[0], kernel[1], dtype=self.pdtype, device=self.dev)
         rh, rw, ay, ax = self._window(g, Ho, Wo)
         t = self.O.conv_li(r.t, r.ay, r.ax, r.active, w, None, gate, ay, ax, list(stride), list(padding), [1, 1], C, rh, rw)
         return _Rep(t, ay, ax, None)
@@ -355,8 +471,8 @@ class _PatchEngine:
 
     def _apply_gate(self, r: _Rep, gate: torch.Tensor) -> _Rep:
         B, C, Ho, Wo = r.t.shape[:4]
-        gt = gate.reshape(B, C, Ho, Wo).to(self.dtype)
-        return _Rep(r.t * gt.view(B, C, Ho, Wo, 1, 1, 1), r.ay, r.ax, gt != 0)
+        gt = gate.reshape(B, C, Ho, Wo).to(self.pdtype)
+        return _Rep(self._scale(r.t, gt.view(B, C, Ho, Wo, 1, 1, 1)), r.ay, r.ax, gt != 0)
 
     def _propagate(self, g: GNode, reps: Dict[int, _Rep], fused: Dict[int, int]) -> _Rep:
         graph, fwd = self.graph, self.fwd
@@ -374,7 +490,7 @@ class _PatchEngine:
                 gate = fwd.act_gate(nxt)
             elif len(g.users) == 1 and graph.nodes[g.users[0]].kind == "bn" and g.idx not in self.requested:
                 bn = graph.nodes[g.users[0]]
-                scale = _bn_scale(bn.module, self.dtype)
+                scale = _bn_scale(bn.module, self.pdtype)
                 chain = [bn]
                 act = graph.gate_user(bn)
                 if act is not None and bn.idx not in self.requested:
@@ -389,15 +505,15 @@ class _PatchEngine:
         if k in ("relu", "leaky_relu", "act_grad"):
             return self._apply_gate(r, fwd.act_gate(g))
         if k == "bn":
-            s = _bn_scale(g.module, self.dtype)
+            s = _bn_scale(g.module, self.pdtype)
             B = r.t.shape[0]
             if r.t.shape[2] == 1 and r.t.shape[3] == 1 and len(g.shape) != 3:
                 # dense features [B, N]; BN1d over N features (or [B, C, L]: channel-major)
                 N = r.t.shape[1]
                 reps_per = N // s.numel()
                 sv = s.repeat_interleave(reps_per).view(1, N, 1, 1, 1, 1, 1)
-                return _Rep(r.t * sv, r.ay, r.ax, r.active)
-            return _Rep(r.t * s.view(1, -1, 1, 1, 1, 1, 1), r.ay, r.ax, r.active)
+                return _Rep(self._scale(r.t, sv), r.ay, r.ax, r.active)
+            return _Rep(self._scale(r.t, s.view(1, -1, 1, 1, 1, 1, 1)), r.ay, r.ax, r.active)
         if k == "identity":
             return r
         if k == "maxpool":
@@ -421,7 +537,7 @@ class _PatchEngine:
         if k == "linear":
             d = self._dense(r)
             B, N = d.t.shape[:2]
-            w = g.module.weight.detach().to(self.dtype)
+            w = g.module.weight.detach().to(self.pdtype)
             if w.shape[1] != N:
                 raise ValueError(f"linear layer {g.name!r} expects {w.shape[1]} features, its input has {N}")
             t = self.O.linear_li(d.t.reshape(B, N, -1), w, None)
@@ -446,7 +562,7 @@ class _PatchEngine:
         _, Ho, Wo = g.shape
 
         def mat(n_in, n_out):
-            A = torch.zeros(n_out, n_in, dtype=self.dtype, device=self.dev)
+            A = torch.zeros(n_out, n_in, dtype=self.pdtype, device=self.dev)
             for i in range(n_out):
                 s = (i * n_in) // n_out
                 e = -((-(i + 1) * n_in) // n_out)
@@ -505,16 +621,98 @@ class Scanner:
     keep_images : keep dense learned images of every neuron (memory heavy; small inputs).
     gate_outputs : gate the model's output neurons by ``S(z)`` too (SPEC §1 [decision]).
     linearize : None or "gradient" (non-ReLU activations by their local derivative).
+    precision : "auto" | "fp32" | "fp64" | "tf32" | "bf16" | "fp16" — see *Precision* below.
+    conv_algorithm : "auto" | "direct" | "gemm" — see *Conv algorithms* below.
+
+    Precision
+    ---------
+    SPEC §6: float32 by default, reduced precision only on request.
+
+    - ``"auto"`` (default): everything in the input's dtype (float32 or float64), exactly as
+      before these options existed; torch's TF32 switches are left as they are.
+    - ``"fp32"`` / ``"fp64"``: learned images stored and computed in that dtype (results in it
+      too); on CUDA ``"fp32"`` also turns TF32 off for cuBLAS and cuDNN during the scan.
+    - ``"bf16"`` / ``"fp16"``: learned-image patches *stored* in bfloat16 / float16 (half the
+      memory and traffic); every product and sum is taken in float32 and rounded once per
+      layer (the ``"gemm"`` algorithm multiplies 16-bit operands, weights rounded too, with
+      float32 accumulation).
+      Statistics, filter images and images are returned in float32. The model's forward pass
+      (activations, gates) is unchanged. float16's range ends at 65504: a layer whose
+      learned images overflow raises ``FloatingPointError`` (use ``"bf16"``).
+    - ``"tf32"``: float32 storage, convolutions as ``conv_li_gemm`` GEMMs with cuBLAS TF32 on
+      (linear layers too). CUDA only: on the CPU it raises ``ValueError``.
+
+    The reverse strategy runs autograd in the input's dtype; a precision other than ``"auto"``
+    or the input's own dtype needs the forward strategy (``ValueError`` otherwise).
+
+    Measured error against float32 / float64 (CPU, 2026-11-26, 2-core AMD EPYC development
+    machine, torch 2.14.1; batch 1, random weights seed 0, standard-normal 32×32 input, box
+    foreground mask; every ReLU after a conv: 13 layers of VGG-16, 3 of the thesis's simple
+    CNN). ``fp64`` is ``precision="fp64"`` on the same float32 model (same gates). Images and
+    filter images: relative Frobenius error ``‖LI − LI_ref‖/‖LI_ref‖``, the largest over
+    layers (it grows with depth: VGG-16 bf16 direct 2.3e-3 at layer 1 to 6.2e-3 at layer 13).
+    Statistics: per column ``max|s − s_ref| / max|s_ref|`` over all neurons, the largest over
+    columns and layers, for the sums and for the counts (``nz_fg``, ``nz_bg``, ``fg_xnz_sum``,
+    ``fg_xnz_sq_sum``, which depend on which entries are exactly zero)::
+
+                                     images            sums            counts      filter images
+      model        precision algo   vs fp32 vs fp64  vs fp32 vs fp64  vs fp32 vs fp64  vs fp64
+      VGG-16 @32   fp32      direct    –    8.3e-07     –    1.1e-06     –    4.3e-04  8.2e-07
+      VGG-16 @32   fp32      gemm   9.9e-07 5.9e-07  1.4e-06 8.8e-07  5.2e-04 5.2e-04  5.9e-07
+      VGG-16 @32   bf16      direct 6.2e-03 6.2e-03  6.9e-03 6.9e-03  4.3e-04 4.3e-04  6.3e-03
+      VGG-16 @32   bf16      gemm   8.6e-03 8.6e-03  1.1e-02 1.1e-02  2.1e-03 2.1e-03  8.7e-03
+      VGG-16 @32   fp16      direct 7.7e-04 7.7e-04  1.0e-03 1.0e-03  7.8e-02 7.8e-02  8.4e-04
+      VGG-16 @32   fp16      gemm   7.7e-04 7.7e-04  9.4e-04 9.4e-04  7.8e-02 7.8e-02  8.4e-04
+      simple CNN   fp32      direct    –    1.1e-07     –    3.3e-07     –    2.4e-07  1.1e-07
+      simple CNN   fp32      gemm   1.3e-07 1.1e-07  2.9e-07 3.0e-07  0.0e+00 2.4e-07  1.2e-07
+      simple CNN   bf16      direct 3.2e-03 3.2e-03  3.6e-03 3.6e-03  0.0e+00 2.4e-07  3.5e-03
+      simple CNN   bf16      gemm   4.3e-03 4.3e-03  6.5e-03 6.5e-03  0.0e+00 2.4e-07  4.2e-03
+      simple CNN   fp16      direct 4.1e-04 4.1e-04  8.6e-04 8.6e-04  1.3e-03 1.3e-03  4.5e-04
+      simple CNN   fp16      gemm   4.1e-04 4.1e-04  8.6e-04 8.6e-04  1.3e-03 1.3e-03  4.5e-04
+
+    measured with (VGG-16 in two runs to stay within the development machine's time limit)::
+
+      python -m benchmarks.bench_precision --device cpu --models vgg16_32 \\
+          --configs fp64:direct,fp32:direct,fp32:gemm,bf16:direct
+      python -m benchmarks.bench_precision --device cpu --models vgg16_32 \\
+          --configs bf16:gemm,fp16:direct,fp16:gemm
+      python -m benchmarks.bench_precision --device cpu --models simple_cnn_32
+
+    Reading: bfloat16 costs about 2^-8 relative per layer (≈ 6e-3 after 13 layers), float16
+    about 2^-11 (≈ 8e-4), on the images and on the summed statistics alike. "gemm" with 16-bit
+    patches also rounds the weights (bf16: 1.4× the error of "direct"); on the CPU "fp16 gemm"
+    multiplies in float32 (ATen's CPU float16 GEMM is very slow), hence equal to "direct".
+    The *count* statistics are fragile: float16 flushes values below ~6e-8 to zero (VGG-16:
+    counts off by up to 7.8 %), and a sum that cancels exactly in 16 bits but not in float32
+    becomes a zero (bf16 on the test models of ``tests/test_precision.py``: up to 4.4 %; even
+    float32 moved a VGG-16 count by 4.3e-4 against float64). Use ``"fp32"`` for count-based
+    measures (active pixels, knowledge quantity counts, FQ's ``N^e`` / ``N^n``).
+    TF32 (``"tf32"``) and the GPU's bf16 / fp16 tensor-core GEMMs are measured by
+    ``benchmarks/device_check.sh`` on a GPU (``precision.json``): not yet measured.
+
+    Conv algorithms
+    ---------------
+    ``"direct"``: the gated kernels (``ops.conv_li``), which skip gated-off outputs and
+    inactive inputs. ``"gemm"``: ``ops.conv_li_gemm``, one dense GEMM per image (tensor cores on
+    CUDA; no sparsity skipping), for convolutions with ``groups == 1`` (grouped / depthwise
+    convolutions and average pools stay direct). ``"auto"``: ``"direct"`` on the CPU; on CUDA
+    ``"gemm"`` for ``"tf32"`` / ``"bf16"`` / ``"fp16"`` and ``"direct"`` otherwise — a
+    prediction (tensor cores need a GEMM), not yet measured on a GPU.
     """
 
     def __init__(self, model: nn.Module, layers: Optional[Sequence[str]] = None, *, backend: str = "auto",
                  strategy: str = "auto", max_memory: Optional[int] = None, stats: bool = True,
                  filter_images: bool = False, keep_images: bool = False, gate_outputs: bool = False,
-                 linearize: Optional[str] = None):
+                 linearize: Optional[str] = None, precision: str = "auto", conv_algorithm: str = "auto"):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        _check_choice("precision", precision, PRECISIONS)
+        _check_choice("conv_algorithm", conv_algorithm, CONV_ALGORITHMS)
+        if precision == "tf32" and conv_algorithm == "direct":
+            raise ValueError("precision='tf32' runs the convolutions as TF32 GEMMs: it needs conv_algorithm='gemm' "
+                             "or 'auto', got 'direct'")
         if max_memory is not None and max_memory <= 0:
             raise ValueError(f"max_memory must be a positive number of bytes, got {max_memory}")
         if isinstance(layers, str):
@@ -529,6 +727,8 @@ class Scanner:
         self.keep_images = keep_images
         self.gate_outputs = gate_outputs
         self.linearize = linearize
+        self.precision = precision
+        self.conv_algorithm = conv_algorithm
 
     def graph(self, x: torch.Tensor) -> ScanGraph:
         return build_graph(self.model, x[:1], self.linearize)
@@ -566,14 +766,22 @@ class Scanner:
         D, H, W = _image_dims(graph.input_shape)
         fg = _check_mask(fg_mask, x.shape[0], H, W, x.device)
         backend = resolve_backend(self.backend, x.device)
+        prec, storage, out_dtype = resolve_precision(self.precision, x)
+        algo = resolve_conv_algorithm(self.conv_algorithm, x.device, prec)
         budget = self.max_memory or _default_budget(x.device)
         fit_budget = self.max_memory or _default_budget(x.device, fit=True)
-        dtype = x.dtype
         strategy = self.strategy
         upto = max(g.idx for g in nodes)
-        per_sample = forward_bytes_per_sample(graph, upto, dtype)
+        per_sample = forward_bytes_per_sample(graph, upto, storage)
         if strategy == "auto":
             strategy = "forward" if per_sample <= fit_budget else "reverse"
+        if strategy == "reverse" and not _reverse_supports(self.precision, prec, x.dtype):
+            why = "" if self.strategy == "reverse" else (
+                f" (strategy='auto' chose it: the forward strategy needs about {per_sample / 2**20:.0f} MiB per "
+                f"sample, over max_memory={fit_budget / 2**20:.0f} MiB; raise max_memory)")
+            raise ValueError(f"precision={self.precision!r} needs the forward strategy: the reverse strategy runs "
+                             f"autograd in the input's dtype ({x.dtype}){why}")
+        plan = _Plan(prec, storage, out_dtype, algo, _gemm_max_elems(budget, storage))
         if strategy == "forward":
             chunk = max(1, budget // max(per_sample, 1))
             if per_sample > fit_budget:
@@ -582,39 +790,49 @@ class Scanner:
                     f"max_memory={fit_budget / 2**20:.0f} MiB; raise max_memory or use strategy='reverse'")
         else:
             chunk = x.shape[0]
+        if strategy == "reverse":
+            plan = _Plan(prec, x.dtype, x.dtype, "autograd", 0)
         parts: List[Dict[str, LayerResult]] = []
-        for s in range(0, x.shape[0], chunk):
-            xb = x[s: s + chunk]
-            fb = fg[s: s + chunk]
-            parts.append(self._scan_batch(graph, nodes, layer_names, xb, fb, backend, strategy, budget))
+        with _matmul_precision(prec if self.precision != "auto" else "auto", x.device):
+            for s in range(0, x.shape[0], chunk):
+                xb = x[s: s + chunk]
+                fb = fg[s: s + chunk]
+                parts.append(self._scan_batch(graph, nodes, layer_names, xb, fb, backend, strategy, budget, plan))
         layers = {n: _cat_layer([p[n] for p in parts]) for n in layer_names}
-        return ScanResult(layers, backend if strategy == "forward" else "autograd", strategy, tuple(graph.input_shape))
+        return ScanResult(layers, backend if strategy == "forward" else "autograd", strategy, tuple(graph.input_shape),
+                          precision=plan.precision, conv_algorithm=plan.conv_algorithm)
 
-    def _scan_batch(self, graph, nodes, names, x, fg, backend, strategy, budget) -> Dict[str, LayerResult]:
+    def _scan_batch(self, graph, nodes, names, x, fg, backend, strategy, budget, plan: "_Plan") -> Dict[str, LayerResult]:
         fwd = _Forward(graph, x, self.gate_outputs)
         D, H, W = _image_dims(graph.input_shape)
         B = x.shape[0]
         res: Dict[str, LayerResult] = {}
         if strategy == "forward":
-            eng = _PatchEngine(graph, fwd, x, backend, [g.idx for g in nodes], x.dtype)
+            eng = _PatchEngine(graph, fwd, x, backend, [g.idx for g in nodes], plan.storage, plan.conv_algorithm,
+                               plan.gemm_max_elems)
             reps = eng.run({})
             O = eng.O
             x4 = x.reshape(B, D, H, W)
+            out = plan.out_dtype
             for name, g in zip(names, nodes):
                 r = reps[g.idx]
-                lr = self._base(name, g, fwd, backend, strategy)
+                if plan.storage == torch.float16 and not bool(torch.isfinite(r.t).all()):
+                    raise FloatingPointError(
+                        f"precision='fp16': the learned images of layer {name!r} overflowed float16 (|value| > 65504, "
+                        "or inf / NaN from an earlier overflow); use precision='bf16' (float32's range) or 'fp32'")
+                lr = self._base(name, g, fwd, backend, strategy, plan)
                 if self.stats:
                     st = O.li_stats(r.t, r.ay, r.ax, x4, fg.to(x.dtype))
-                    lr.stats = st.reshape(B, *g.shape, NUM_STATS)
+                    lr.stats = st.reshape(B, *g.shape, NUM_STATS).to(out)
                 if self.want_filters:
-                    lr.filter_images = self._fold(O, g, r, fwd, B, D, H, W, graph)
+                    lr.filter_images = self._fold(O, g, r, fwd, B, D, H, W, graph).to(out)
                 if self.keep_images:
-                    lr.images = _rep_dense(O, r, g, B, D, H, W, graph.input_shape)
+                    lr.images = _rep_dense(O, r, g, B, D, H, W, graph.input_shape).to(out)
                 res[name] = lr
             return res
         # reverse strategy
         for name, g in zip(names, nodes):
-            lr = self._base(name, g, fwd, "autograd", strategy)
+            lr = self._base(name, g, fwd, "autograd", strategy, plan)
             need_dense = self.stats or self.keep_images
             if need_dense:
                 imgs = _reverse_neurons(graph, x, g, None, self.gate_outputs, budget)
@@ -629,14 +847,16 @@ class Scanner:
             res[name] = lr
         return res
 
-    def _base(self, name, g, fwd: _Forward, backend, strategy) -> LayerResult:
+    def _base(self, name, g, fwd: _Forward, backend, strategy, plan: "_Plan") -> LayerResult:
         return LayerResult(name=name, activations=fwd.value(g).detach(), gates=fwd.full_gate(g).detach(),
-                           backend=backend, strategy=strategy)
+                           backend=backend, strategy=strategy, precision=plan.precision,
+                           conv_algorithm=plan.conv_algorithm)
 
     def _fold(self, O, g: GNode, r: _Rep, fwd: _Forward, B, D, H, W, graph) -> torch.Tensor:
         if len(g.shape) not in (1, 3):
             raise ValueError(f"filter images need a layer with channels ([C, H, W] or [N]); {g.name!r} has shape {list(g.shape)}")
-        act = fwd.value(g).to(r.t.dtype)
+        # 16-bit patches: the activations stay float32 (the fold sums in float32)
+        act = fwd.value(g).to(torch.float32 if r.t.dtype in _LOW_DTYPES else r.t.dtype)
         if len(g.shape) == 3 and r.t.shape[2:4] == g.shape[1:3] and r.t.shape[1] == g.shape[0]:
             L = O.filter_fold(r.t, r.ay, r.ax, act, H, W)
         else:  # dense rep: [B, N, 1, 1, D, H, W]; fold over positions of each channel
@@ -646,13 +866,31 @@ class Scanner:
         return L.reshape(B, g.shape[0], *graph.input_shape)
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """Resolved numerics of one scan: precision name, patch storage dtype, result dtype, conv
+    algorithm ("direct" / "gemm", "autograd" for the reverse strategy), conv_li_gemm chunk."""
+
+    precision: str
+    storage: torch.dtype
+    out_dtype: torch.dtype
+    conv_algorithm: str
+    gemm_max_elems: int
+
+
+def _reverse_supports(option: str, precision: str, dtype: torch.dtype) -> bool:
+    """The reverse strategy (autograd in the input's dtype) honours ``precision`` only if it is
+    "auto" or names the input's own dtype."""
+    return option == "auto" or (precision != "tf32" and _STORAGE[precision] == dtype)
+
+
 def _cat_layer(parts: List[LayerResult]) -> LayerResult:
     if len(parts) == 1:
         return parts[0]
     p0 = parts[0]
     cat = lambda attr: None if getattr(p0, attr) is None else torch.cat([getattr(p, attr) for p in parts])  # noqa: E731
     return LayerResult(p0.name, cat("activations"), cat("gates"), cat("stats"), cat("filter_images"), cat("images"),
-                       p0.backend, p0.strategy)
+                       p0.backend, p0.strategy, p0.precision, p0.conv_algorithm)
 
 
 def _check_mask(fg_mask, B, H, W, device) -> torch.Tensor:
@@ -783,7 +1021,8 @@ def _neuron_index(neurons, shape: Tuple[int, ...], device) -> torch.Tensor:
 
 def learned_images(model: nn.Module, x: torch.Tensor, layer: str, *, neurons: Optional[Sequence] = None,
                    backend: str = "auto", strategy: str = "auto", gate_outputs: bool = False,
-                   linearize: Optional[str] = None, max_memory: Optional[int] = None) -> torch.Tensor:
+                   linearize: Optional[str] = None, max_memory: Optional[int] = None, precision: str = "auto",
+                   conv_algorithm: str = "auto") -> torch.Tensor:
     """Learned images of the neurons of one layer (SPEC §1).
 
     Parameters
@@ -793,28 +1032,38 @@ def learned_images(model: nn.Module, x: torch.Tensor, layer: str, *, neurons: Op
     layer : qualified module name (``model.named_modules()``), ``name:k`` for the k-th call of a
         reused module, or a container's name for its output
     neurons : None (all neurons) or a list of index tuples into the layer's output shape
-    backend, strategy, gate_outputs, linearize, max_memory : see :class:`Scanner`
+    backend, strategy, gate_outputs, linearize, max_memory, precision, conv_algorithm :
+        see :class:`Scanner` (a reduced precision makes ``strategy="auto"`` use the forward
+        strategy, which alone implements it)
 
     Returns
     -------
     Tensor [B, *layer_output_shape, *x.shape[1:]] (neurons=None) or [B, n, *x.shape[1:]]
+    (float32 for the tf32 / bf16 / fp16 precisions)
     """
     _check_input(x)
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    prec, storage, _ = resolve_precision(precision, x)
+    resolve_conv_algorithm(conv_algorithm, x.device, prec)
     graph = build_graph(model, x[:1], linearize)
     g = graph.resolve(layer)
     sel = None if neurons is None else _neuron_index(neurons, g.shape, x.device)
     budget = max_memory or _default_budget(x.device)
     if strategy == "auto":
-        few = sel is not None and sel.numel() <= 64
+        few = sel is not None and sel.numel() <= 64 and _reverse_supports(precision, prec, x.dtype)
         fit = max_memory or _default_budget(x.device, fit=True)
-        strategy = "reverse" if few or forward_bytes_per_sample(graph, g.idx, x.dtype) > fit else "forward"
+        strategy = "reverse" if few or forward_bytes_per_sample(graph, g.idx, storage) > fit else "forward"
     if strategy == "reverse":
         resolve_backend(backend, x.device)
-        return _reverse_neurons(graph, x, g, sel, gate_outputs, budget)
+        if not _reverse_supports(precision, prec, x.dtype):
+            raise ValueError(f"precision={precision!r} needs the forward strategy: the reverse strategy runs "
+                             f"autograd in the input's dtype ({x.dtype})")
+        with _matmul_precision(prec if precision != "auto" else "auto", x.device):
+            return _reverse_neurons(graph, x, g, sel, gate_outputs, budget)
     res = Scanner(model, [layer], backend=backend, strategy="forward", max_memory=max_memory, stats=False,
-                  keep_images=True, gate_outputs=gate_outputs, linearize=linearize).scan(x)
+                  keep_images=True, gate_outputs=gate_outputs, linearize=linearize, precision=precision,
+                  conv_algorithm=conv_algorithm).scan(x)
     imgs = res[layer].images
     if sel is None:
         return imgs
@@ -824,22 +1073,28 @@ def learned_images(model: nn.Module, x: torch.Tensor, layer: str, *, neurons: Op
 
 def filter_images(model: nn.Module, x: torch.Tensor, layer: str, *, backend: str = "auto", strategy: str = "auto",
                   max_memory: Optional[int] = None, gate_outputs: bool = False,
-                  linearize: Optional[str] = None) -> torch.Tensor:
+                  linearize: Optional[str] = None, precision: str = "auto",
+                  conv_algorithm: str = "auto") -> torch.Tensor:
     """Filter learned images ``L^k = Σ_{i,j} LI_{k,i,j} · a^k_{i,j}`` (SPEC §1, eqs. 5-2 / 6-2).
 
     ``a^k`` is the layer's own output map (for a layer followed by ReLU its gated images make
-    ``Σ LI·z = Σ LI·ReLU(z)``).
+    ``Σ LI·z = Σ LI·ReLU(z)``). Options as :class:`Scanner` (``precision``, ``conv_algorithm``
+    included).
 
     Returns
     -------
-    Tensor [B, C, *x.shape[1:]]
+    Tensor [B, C, *x.shape[1:]] (float32 for the tf32 / bf16 / fp16 precisions)
     """
     res = Scanner(model, [layer], backend=backend, strategy=strategy, max_memory=max_memory, stats=False,
-                  filter_images=True, gate_outputs=gate_outputs, linearize=linearize).scan(x)
+                  filter_images=True, gate_outputs=gate_outputs, linearize=linearize, precision=precision,
+                  conv_algorithm=conv_algorithm).scan(x)
     return res[layer].filter_images
 
 
 def layer_image(model: nn.Module, x: torch.Tensor, layer: str, *, backend: str = "auto", strategy: str = "auto",
-                max_memory: Optional[int] = None) -> torch.Tensor:
-    """Layer learned image ``Σ_k L^k`` (SPEC §1, §3.4.1 of the thesis): Tensor [B, *x.shape[1:]]."""
-    return filter_images(model, x, layer, backend=backend, strategy=strategy, max_memory=max_memory).sum(1)
+                max_memory: Optional[int] = None, precision: str = "auto",
+                conv_algorithm: str = "auto") -> torch.Tensor:
+    """Layer learned image ``Σ_k L^k`` (SPEC §1, §3.4.1 of the thesis): Tensor [B, *x.shape[1:]].
+    ``precision`` / ``conv_algorithm``: see :class:`Scanner`."""
+    return filter_images(model, x, layer, backend=backend, strategy=strategy, max_memory=max_memory,
+                         precision=precision, conv_algorithm=conv_algorithm).sum(1)

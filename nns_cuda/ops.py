@@ -13,15 +13,24 @@ one ``RuntimeWarning`` says so.
 
 Differences from the reference twins (deliberate, all stricter):
 
-* ``patches`` / ``dense`` must be float32 or float64; the other float arguments (weights,
-  scale, gates, activations, ``x``, ``fg``) are cast to their dtype like the reference does;
-  gates, ``fg`` and ``act`` may also be bool; anchors and ``indices`` must be int64;
+* ``patches`` / ``dense`` must be float32, float64, bfloat16 or float16; the other float
+  arguments (weights, scale, gates, activations, ``x``, ``fg``) may have any floating dtype
+  (gates, ``fg`` and ``act`` may also be bool); anchors and ``indices`` must be int64;
   ``in_active`` must be bool; ``place_li``'s ``accumulate`` must have the dtype of ``patches``.
 * Shapes are checked exactly (the reference broadcasts e.g. a ``[Nout]`` gate); every anchor
   must be 1-D with one entry per grid row / column; all tensors on the device of ``patches``.
 * ``stride >= 1``, ``dilation >= 1``, ``padding >= 0``, ``groups >= 1``.
 * Where a gate (times the scale) is exactly zero the output is exactly zero, also if the
   inputs hold inf / NaN (the reference multiplies and gives NaN there).
+
+Precision. float32 / float64 patches are computed in their own dtype. bfloat16 / float16
+patches are *storage* formats: the kernels read them, compute every product and sum in float32
+(``at::opmath_type``; weights, scales, gates, ``x``, ``fg`` and ``act`` are used in float32,
+not rounded) and round only the result to the patch dtype, so that they agree with the
+reference twins (which compute in float32 and cast back) to the rounding of the result.
+``li_stats`` returns its statistics in float32 for 16-bit patches (the patch dtype
+otherwise). :func:`conv_li_gemm` is the exception by design: it multiplies in the patch dtype
+(tensor cores on CUDA), with the weights rounded to it.
 """
 from __future__ import annotations
 
@@ -36,6 +45,7 @@ from .reference.stats import NUM_STATS
 
 __all__ = [
     "conv_li",
+    "conv_li_gemm",
     "maxpool_li",
     "place_li",
     "linear_li",
@@ -54,7 +64,7 @@ except Exception as _e:  # ImportError, or OSError for a library built against a
 #: Whether the compiled ops are registered (otherwise the wrappers use the reference).
 HAS_OPS: bool = hasattr(torch.ops.nns_cuda, "conv_li")
 
-_OPS = ("conv_li", "maxpool_li", "place_li", "linear_li", "li_stats", "filter_fold")
+_OPS = ("conv_li", "conv_li_gemm", "maxpool_li", "place_li", "linear_li", "li_stats", "filter_fold")
 _warned = False
 
 
@@ -99,7 +109,7 @@ def conv_li(patches: torch.Tensor, ay_in: torch.Tensor, ax_in: torch.Tensor,
 
     Parameters
     ----------
-    patches : Tensor [B, Ci, Hi, Wi, D, Rhi, Rwi], float32 or float64
+    patches : Tensor [B, Ci, Hi, Wi, D, Rhi, Rwi], float32, float64, bfloat16 or float16
     ay_in, ax_in : int64 Tensor [Hi], [Wi]
     in_active : bool Tensor [B, Ci, Hi, Wi] or None (False: that input patch is zero)
     weight : Tensor [Co, Ci / groups, Kh, Kw]
@@ -112,7 +122,7 @@ def conv_li(patches: torch.Tensor, ay_in: torch.Tensor, ax_in: torch.Tensor,
 
     Returns
     -------
-    Tensor [B, Co, Ho, Wo, D, rh_out, rw_out]
+    Tensor [B, Co, Ho, Wo, D, rh_out, rw_out], dtype of ``patches``
     """
     if not HAS_OPS:
         _fallback()
@@ -123,6 +133,59 @@ def conv_li(patches: torch.Tensor, ay_in: torch.Tensor, ax_in: torch.Tensor,
                                       _ints(dilation), int(groups), int(rh_out), int(rw_out))
 
 
+def conv_li_gemm(patches: torch.Tensor, ay_in: torch.Tensor, ax_in: torch.Tensor,
+                 in_active: Optional[torch.Tensor], weight: torch.Tensor,
+                 scale: Optional[torch.Tensor], gate: Optional[torch.Tensor], ay_out: torch.Tensor,
+                 ax_out: torch.Tensor, stride: Sequence[int], padding: Sequence[int],
+                 dilation: Sequence[int], groups: int, rh_out: int, rw_out: int,
+                 max_elems: int = 0) -> torch.Tensor:
+    """:func:`conv_li` as one dense GEMM per image (the tensor-core formulation, DESIGN §2).
+
+    For image ``b``: ``A_b[(i, ky, kx), (y, x, d, r, q)]`` = the patch of input neuron
+    ``(i, y·s + ky·d − p, x·s + kx·d − p)`` placed into output window ``(y, x)`` (zero for
+    padding taps, outside the placed window and where ``in_active`` is False), then
+    ``out_b = W.view(Co, Ci·Kh·Kw) @ A_b`` (block-diagonal per group), which is already the
+    ``[Co, Ho, Wo, D, rh_out, rw_out]`` layout, times ``gate · scale``. One ATen-only C++
+    implementation (``csrc/conv_gemm.cpp``) runs on the CPU and, with cuBLAS, on CUDA.
+
+    Same arguments and result as :func:`conv_li` (any ``groups``; the engine uses it for
+    ``groups == 1``), plus ``max_elems``. Differences:
+
+    * no sparsity skipping: gated-off outputs and inactive inputs are multiplied too (then
+      zeroed); inputs must be finite except where ``in_active`` is False (a zero weight does
+      not mask a NaN input as it does in :func:`conv_li`);
+    * the GEMM runs in the patch dtype: float32 obeys ``torch.backends.cuda.matmul.allow_tf32``
+      on CUDA; bfloat16 / float16 round the weights to that dtype and accumulate in float32
+      (cuBLAS default); float16 on the CPU multiplies in float32 (ATen's CPU float16 GEMM is
+      very slow). The GEMM result times ``gate · scale`` is taken in float32 and rounded to the
+      patch dtype (for 16-bit patches the GEMM result itself is rounded first).
+
+    Parameters
+    ----------
+    patches, ay_in, ax_in, in_active, weight, scale, gate, ay_out, ax_out, stride, padding,
+    dilation, groups, rh_out, rw_out : as :func:`conv_li`
+    max_elems : int
+        Upper bound on the temporaries of one GEMM, in elements of the GEMM dtype: the gathered
+        operand ``A``, its result and the int64 index table (8 / itemsize elements per entry).
+        Work is chunked over images and tiles of output positions (at least one output position
+        per GEMM). 0: the default, 2**26. The zero-padded copy of ``patches`` that the gather
+        reads comes on top.
+
+    Returns
+    -------
+    Tensor [B, Co, Ho, Wo, D, rh_out, rw_out], dtype of ``patches``
+    """
+    if not HAS_OPS:
+        _fallback()
+        return _ref.conv_li_gemm(patches, ay_in, ax_in, in_active, weight, scale, gate, ay_out,
+                                 ax_out, stride, padding, dilation, groups, rh_out, rw_out,
+                                 max_elems)
+    return torch.ops.nns_cuda.conv_li_gemm(patches, ay_in, ax_in, in_active, weight, scale, gate,
+                                           ay_out, ax_out, _ints(stride), _ints(padding),
+                                           _ints(dilation), int(groups), int(rh_out),
+                                           int(rw_out), int(max_elems))
+
+
 def maxpool_li(patches: torch.Tensor, ay_in: torch.Tensor, ax_in: torch.Tensor,
                indices: torch.Tensor, ay_out: torch.Tensor, ax_out: torch.Tensor, rh_out: int,
                rw_out: int) -> torch.Tensor:
@@ -130,7 +193,7 @@ def maxpool_li(patches: torch.Tensor, ay_in: torch.Tensor, ax_in: torch.Tensor,
 
     Parameters
     ----------
-    patches : Tensor [B, C, Hi, Wi, D, Rhi, Rwi], float32 or float64
+    patches : Tensor [B, C, Hi, Wi, D, Rhi, Rwi], float32, float64, bfloat16 or float16
     ay_in, ax_in : int64 Tensor [Hi], [Wi]
     indices : int64 Tensor [B, C, Ho, Wo], flat ``hi * Wi + wi`` arg-max positions
         (``F.max_pool2d(..., return_indices=True)``)
@@ -155,7 +218,7 @@ def place_li(patches: torch.Tensor, ay_in: torch.Tensor, ax_in: torch.Tensor,
 
     Parameters
     ----------
-    patches : Tensor [B, C, Ho, Wo, D, Rhi, Rwi], float32 or float64
+    patches : Tensor [B, C, Ho, Wo, D, Rhi, Rwi], float32, float64, bfloat16 or float16
     ay_in, ax_in, ay_out, ax_out : int64 Tensor [Ho], [Wo]
     rh_out, rw_out : int
     accumulate : Tensor [B, C, Ho, Wo, D, rh_out, rw_out] (dtype of ``patches``) or None
@@ -177,13 +240,14 @@ def linear_li(dense: torch.Tensor, weight: torch.Tensor,
 
     Parameters
     ----------
-    dense : Tensor [B, Nin, P] (P = D·H·W), float32 or float64
+    dense : Tensor [B, Nin, P] (P = D·H·W), float32, float64, bfloat16 or float16
+        (16-bit: multiplied in float32, the result rounded)
     weight : Tensor [Nout, Nin]
     gate : Tensor [B, Nout] or None
 
     Returns
     -------
-    Tensor [B, Nout, P]
+    Tensor [B, Nout, P], dtype of ``dense``
     """
     if not HAS_OPS:
         _fallback()
@@ -197,14 +261,14 @@ def li_stats(patches: torch.Tensor, ay: torch.Tensor, ax: torch.Tensor, x: torch
 
     Parameters
     ----------
-    patches : Tensor [B, C, Ho, Wo, D, Rh, Rw], float32 or float64
+    patches : Tensor [B, C, Ho, Wo, D, Rh, Rw], float32, float64, bfloat16 or float16
     ay, ax : int64 Tensor [Ho], [Wo]
     x : Tensor [B, D, H, W]
     fg : Tensor [B, H, W] foreground mask (0/1 float or bool)
 
     Returns
     -------
-    Tensor [B, C, Ho, Wo, NUM_STATS]
+    Tensor [B, C, Ho, Wo, NUM_STATS]: float32 for bfloat16 / float16 patches, else the patch dtype
     """
     if not HAS_OPS:
         _fallback()
@@ -218,14 +282,14 @@ def filter_fold(patches: torch.Tensor, ay: torch.Tensor, ax: torch.Tensor, act: 
 
     Parameters
     ----------
-    patches : Tensor [B, C, Ho, Wo, D, Rh, Rw], float32 or float64
+    patches : Tensor [B, C, Ho, Wo, D, Rh, Rw], float32, float64, bfloat16 or float16
     ay, ax : int64 Tensor [Ho], [Wo]
     act : Tensor [B, C, Ho, Wo]
     h, w : int, image size
 
     Returns
     -------
-    Tensor [B, C, D, h, w]
+    Tensor [B, C, D, h, w], dtype of ``patches`` (summed in float32 for 16-bit patches)
     """
     if not HAS_OPS:
         _fallback()
@@ -236,7 +300,12 @@ def filter_fold(patches: torch.Tensor, ay: torch.Tensor, ax: torch.Tensor, act: 
 # ---------------------------------------------------------------- checks for fake kernels
 # Mirror csrc/include/nns_cuda/{checks,validate}.h in the same order and with the same words.
 
-_FLOATS = (torch.float32, torch.float64)
+_FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _opmath(dtype: torch.dtype) -> torch.dtype:
+    """``at::opmath_type``: float32 for the 16-bit float dtypes, the dtype itself otherwise."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
 
 
 def _dim(op: str, name: str, t: torch.Tensor, n: int, layout: str) -> None:
@@ -249,7 +318,8 @@ def _shape(op: str, name: str, t: torch.Tensor, want: Sequence, layout: str) -> 
 
 
 def _float_or_double(op: str, name: str, t: torch.Tensor) -> None:
-    torch._check_type(t.dtype in _FLOATS, lambda: f"{op}: {name} must be float32 or float64, got {t.dtype}")
+    torch._check_type(t.dtype in _FLOATS,
+                      lambda: f"{op}: {name} must be float32, float64, bfloat16 or float16, got {t.dtype}")
 
 
 def _floating(op: str, name: str, t: torch.Tensor) -> None:
@@ -288,8 +358,7 @@ def _out_window(op: str, rh_out: int, rw_out: int) -> None:
 
 
 def _check_conv_li(patches, ay_in, ax_in, in_active, weight, scale, gate, ay_out, ax_out,
-                   stride, padding, dilation, groups, rh_out, rw_out):
-    op = "conv_li"
+                   stride, padding, dilation, groups, rh_out, rw_out, op="conv_li"):
     _dim(op, "patches", patches, 7, "[B, Ci, Hi, Wi, D, Rhi, Rwi]")
     _float_or_double(op, "patches", patches)
     _dim(op, "weight", weight, 4, "[Co, Ci/groups, Kh, Kw]")
@@ -413,6 +482,24 @@ def _check_filter_fold(patches, ay, ax, act, h, w):
 
 # ------------------------------------------------------------------------- fake kernels
 
+def _check_gmm_estep(coef, phit):
+    """Argument checks of ``gmm_estep`` (the fused GMM E-step of ``nns_cuda._gmm_em``; CPU only)."""
+    op = "gmm_estep"
+    _dim(op, "coef", coef, 3, "[B, k, 6]")
+    _dim(op, "phit", phit, 3, "[B, 6, S]")
+    _dtype(op, "coef", coef, torch.float64)
+    _dtype(op, "phit", phit, torch.float64)
+    B, k, S = coef.shape[0], coef.shape[1], phit.shape[2]
+    torch._check_value(coef.shape[2] == 6 and phit.shape[0] == B and phit.shape[1] == 6,
+                       lambda: f"{op}: coef must be [B, k, 6] and phit [B, 6, S] with the same B, got "
+                               f"{list(coef.shape)} and {list(phit.shape)}")
+    torch._check_value(1 <= k <= 64, lambda: f"{op}: the number of components k must be in [1, 64], got {k}")
+    torch._check_value(S >= 1, lambda: f"{op}: phit needs at least one point (S >= 1), got S = {S}")
+    torch._check_value(phit.device == coef.device,
+                       lambda: f"{op}: phit must be on the same device as coef ({coef.device}), got {phit.device}")
+    return B, k, S
+
+
 def _register_fakes() -> None:
     @torch.library.register_fake("nns_cuda::conv_li")
     def _conv_li_fake(patches, ay_in, ax_in, in_active, weight, scale, gate, ay_out, ax_out,
@@ -420,6 +507,16 @@ def _register_fakes() -> None:
         B, Co, Ho, Wo, D = _check_conv_li(patches, ay_in, ax_in, in_active, weight, scale, gate,
                                           ay_out, ax_out, stride, padding, dilation, groups,
                                           rh_out, rw_out)
+        return patches.new_empty((B, Co, Ho, Wo, D, rh_out, rw_out))
+
+    @torch.library.register_fake("nns_cuda::conv_li_gemm")
+    def _conv_li_gemm_fake(patches, ay_in, ax_in, in_active, weight, scale, gate, ay_out, ax_out,
+                           stride, padding, dilation, groups, rh_out, rw_out, max_elems=0):
+        B, Co, Ho, Wo, D = _check_conv_li(patches, ay_in, ax_in, in_active, weight, scale, gate,
+                                          ay_out, ax_out, stride, padding, dilation, groups,
+                                          rh_out, rw_out, op="conv_li_gemm")
+        torch._check_value(max_elems >= 0,
+                           lambda: f"conv_li_gemm: max_elems must be >= 0 (0: default), got {max_elems}")
         return patches.new_empty((B, Co, Ho, Wo, D, rh_out, rw_out))
 
     @torch.library.register_fake("nns_cuda::maxpool_li")
@@ -442,12 +539,20 @@ def _register_fakes() -> None:
     @torch.library.register_fake("nns_cuda::li_stats")
     def _li_stats_fake(patches, ay, ax, x, fg):
         B, C, Ho, Wo = _check_li_stats(patches, ay, ax, x, fg)
-        return patches.new_empty((B, C, Ho, Wo, NUM_STATS))
+        return patches.new_empty((B, C, Ho, Wo, NUM_STATS), dtype=_opmath(patches.dtype))
 
     @torch.library.register_fake("nns_cuda::filter_fold")
     def _filter_fold_fake(patches, ay, ax, act, h, w):
         B, C, D = _check_filter_fold(patches, ay, ax, act, h, w)
         return patches.new_empty((B, C, D, h, w))
+
+    if hasattr(torch.ops.nns_cuda, "gmm_estep"):
+        @torch.library.register_fake("nns_cuda::gmm_estep")
+        def _gmm_estep_fake(coef, phit, want_moments, want_labels):
+            B, k, S = _check_gmm_estep(coef, phit)
+            mom = coef.new_empty((B, k, 6) if want_moments else (0,))
+            lab = coef.new_empty((B, S) if want_labels else (0,), dtype=torch.int64)
+            return mom, coef.new_empty((B,)), lab
 
 
 if HAS_OPS:

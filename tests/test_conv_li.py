@@ -213,7 +213,7 @@ def _bad_cases():
     P, W = c["patches"], c["weight"]
     return [
         ("patches_rank", dict(patches=P[..., 0]), ValueError, r"conv_li: patches must be 7-D \[B, Ci, Hi, Wi, D, Rhi, Rwi\], got \["),
-        ("patches_dtype", dict(patches=P.to(torch.int32)), TypeError, r"conv_li: patches must be float32 or float64, got torch.int32"),
+        ("patches_dtype", dict(patches=P.to(torch.int32)), TypeError, r"conv_li: patches must be float32, float64, bfloat16 or float16, got torch.int32"),
         ("weight_rank", dict(weight=torch.zeros(3, 3, dtype=torch.float64)), ValueError, r"conv_li: weight must be 4-D \[Co, Ci/groups, Kh, Kw\], got \[3, 3\]"),
         ("weight_dtype", dict(weight=W.to(torch.int64)), TypeError, r"conv_li: weight must be a floating-point tensor, got torch.int64"),
         ("weight_groups", dict(weight=W[:, :3]), ValueError, r"conv_li: weight \[6, 3, 3, 3\] does not match 4 input channels with groups=1"),

@@ -163,7 +163,7 @@ def _bad_cases():
     c = make_case(65)
     return [
         ("patches_rank", dict(patches=c["patches"][0]), ValueError, r"filter_fold: patches must be 7-D \[B, C, Ho, Wo, D, Rh, Rw\]"),
-        ("patches_dtype", dict(patches=c["patches"].int()), TypeError, r"filter_fold: patches must be float32 or float64, got torch.int32"),
+        ("patches_dtype", dict(patches=c["patches"].int()), TypeError, r"filter_fold: patches must be float32, float64, bfloat16 or float16, got torch.int32"),
         ("ay_len", dict(ay=c["ay"][:-1]), ValueError, r"filter_fold: ay must have Ho=5 entries, got 4"),
         ("ax_rank", dict(ax=c["ax"].view(1, -1)), ValueError, r"filter_fold: ax must be 1-D \[Wo\]"),
         ("act_shape", dict(act=c["act"][:, :, :-1]), ValueError, r"filter_fold: act must be \[B, C, Ho, Wo\] = \[2, 3, 5, 5\], got \[2, 3, 4, 5\]"),

@@ -142,7 +142,7 @@ def _bad_cases():
     c = make_case(54)
     return [
         ("patches_rank", dict(patches=c["patches"][0]), ValueError, r"li_stats: patches must be 7-D \[B, C, Ho, Wo, D, Rh, Rw\]"),
-        ("patches_dtype", dict(patches=c["patches"].bool()), TypeError, r"li_stats: patches must be float32 or float64, got torch.bool"),
+        ("patches_dtype", dict(patches=c["patches"].bool()), TypeError, r"li_stats: patches must be float32, float64, bfloat16 or float16, got torch.bool"),
         ("ay_len", dict(ay=c["ay"][:-1]), ValueError, r"li_stats: ay must have Ho=5 entries, got 4"),
         ("ax_dtype", dict(ax=c["ax"].int()), TypeError, r"li_stats: ax must be torch.int64, got torch.int32"),
         ("x_channels", dict(x=c["x"][:, :2]), ValueError, r"li_stats: x must be \[B=2, D=3, H, W\], got \[2, 2, 12, 11\]"),

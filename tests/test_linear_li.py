@@ -137,7 +137,7 @@ def _bad_cases():
     c = make_case(44)
     return [
         ("dense_rank", dict(dense=c["dense"][0]), ValueError, r"linear_li: dense must be 3-D \[B, Nin, P\], got \[7, 20\]"),
-        ("dense_dtype", dict(dense=c["dense"].int()), TypeError, r"linear_li: dense must be float32 or float64, got torch.int32"),
+        ("dense_dtype", dict(dense=c["dense"].int()), TypeError, r"linear_li: dense must be float32, float64, bfloat16 or float16, got torch.int32"),
         ("weight_rank", dict(weight=c["weight"][0]), ValueError, r"linear_li: weight must be 2-D \[Nout, Nin\], got \[7\]"),
         ("weight_cols", dict(weight=c["weight"][:, :3]), ValueError, r"linear_li: weight must be \[Nout, Nin=7\], got \[9, 3\]"),
         ("weight_dtype", dict(weight=c["weight"].long()), TypeError, r"linear_li: weight must be a floating-point tensor"),

@@ -136,7 +136,7 @@ def _bad_cases():
     c = make_case(24)
     return [
         ("patches_rank", dict(patches=c["patches"][0]), ValueError, r"maxpool_li: patches must be 7-D \[B, C, Hi, Wi, D, Rhi, Rwi\], got \["),
-        ("patches_dtype", dict(patches=c["patches"].half()), TypeError, r"maxpool_li: patches must be float32 or float64, got torch.float16"),
+        ("patches_dtype", dict(patches=c["patches"].int()), TypeError, r"maxpool_li: patches must be float32, float64, bfloat16 or float16, got torch.int32"),
         ("indices_dtype", dict(indices=c["indices"].int()), TypeError, r"maxpool_li: indices must be torch.int64, got torch.int32"),
         ("indices_shape", dict(indices=c["indices"][:, :, :-1]), ValueError, r"maxpool_li: indices must be \[B, C, Ho, Wo\] = \[2, 3, 6, 5\], got \[2, 3, 5, 5\]"),
         ("ay_in_len", dict(ay_in=c["ay_in"][:-1]), ValueError, r"maxpool_li: ay_in must have Hi=12 entries, got 11"),

@@ -148,7 +148,7 @@ def _bad_cases():
     c = make_case(36, accumulate=True)
     return [
         ("patches_rank", dict(patches=c["patches"][0]), ValueError, r"place_li: patches must be 7-D \[B, C, Ho, Wo, D, Rhi, Rwi\]"),
-        ("patches_dtype", dict(patches=c["patches"].long()), TypeError, r"place_li: patches must be float32 or float64, got torch.int64"),
+        ("patches_dtype", dict(patches=c["patches"].long()), TypeError, r"place_li: patches must be float32, float64, bfloat16 or float16, got torch.int64"),
         ("ay_in_len", dict(ay_in=c["ay_in"][:-1]), ValueError, r"place_li: ay_in must have Ho=6 entries, got 5"),
         ("ax_out_len", dict(ax_out=c["ax_out"][:-1]), ValueError, r"place_li: ax_out must have Wo=5 entries, got 4"),
         ("ay_out_dtype", dict(ay_out=c["ay_out"].int()), TypeError, r"place_li: ay_out must be torch.int64, got torch.int32"),

@@ -1,6 +1,7 @@
 // Routing ops on the CPU: maxpool_li (arg-max routing) and place_li (re-windowing /
 // residual accumulation). Both copy each source window into its place in the output window
-// and zero the rest; place_li adds the optional `accumulate` patches.
+// and zero the rest; place_li adds the optional `accumulate` patches (for bfloat16 / float16
+// patches the sum is rounded once, like torch's own `a + b`).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -66,7 +67,7 @@ at::Tensor maxpool_li_cpu(const at::Tensor& patches, const at::Tensor& ay_in,
   if (out.numel() == 0) return out;
   const at::Tensor P = patches.contiguous();
   const int64_t pin = g.D * g.Rhi * g.Rwi, pout = g.D * g.rho * g.rwo;
-  AT_DISPATCH_FLOATING_TYPES(patches.scalar_type(), "maxpool_li_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, patches.scalar_type(), "maxpool_li_cpu", [&] {
     const scalar_t* p = P.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
     const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, pout));
@@ -96,7 +97,7 @@ at::Tensor place_li_cpu(const at::Tensor& patches, const at::Tensor& ay_in, cons
   const int64_t* coloff = rowoff + g.Ho;
   const int64_t nn = g.B * g.C * g.Ho * g.Wo;
   const int64_t pin = g.D * g.Rhi * g.Rwi, pout = g.D * g.rho * g.rwo;
-  AT_DISPATCH_FLOATING_TYPES(patches.scalar_type(), "place_li_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, patches.scalar_type(), "place_li_cpu", [&] {
     const scalar_t* p = P.data_ptr<scalar_t>();
     const scalar_t* a = Acc.defined() ? Acc.data_ptr<scalar_t>() : nullptr;
     scalar_t* o = out.data_ptr<scalar_t>();

@@ -1,5 +1,8 @@
 // Reductions of a layer's patches on the CPU: li_stats (fused per-neuron statistics, the
 // patch is read once and never written) and filter_fold (filter images L^k = sum a * LI).
+// bfloat16 / float16 patches are read as they are and everything else (x, fg, act, the sums)
+// is float32 (at::opmath_type); li_stats returns its statistics in that type (float32 for
+// 16-bit patches, the patch dtype otherwise), filter_fold rounds its images to the patch dtype.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -19,10 +22,9 @@ namespace {
 // Statistic order of nns_cuda/reference/stats.py (STAT_NAMES).
 constexpr int kNumStats = 11;
 
-template <typename scalar_t>
+template <typename scalar_t, typename opmath_t = at::opmath_type<scalar_t>>
 void li_stats_cpu_kernel(const StatDims& g, const scalar_t* P, const int64_t* ay,
-                         const int64_t* ax, const scalar_t* X, const scalar_t* F, scalar_t* out) {
-  using opmath_t = at::opmath_type<scalar_t>;
+                         const int64_t* ax, const opmath_t* X, const opmath_t* F, opmath_t* out) {
   const int64_t pin = g.D * g.Rh * g.Rw;
   const int64_t nn = g.B * g.C * g.Ho * g.Wo;
   const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, pin));
@@ -34,8 +36,8 @@ void li_stats_cpu_kernel(const StatDims& g, const scalar_t* P, const int64_t* ay
       for (int64_t d = 0; d < g.D; ++d) {
         for (int64_t r = 0; r < g.Rh; ++r) {
           const scalar_t* lrow = src + (d * g.Rh + r) * g.Rw;
-          const scalar_t* xrow = X + ((b * g.D + d) * g.H + ay[y] + r) * g.W + ax[x];
-          const scalar_t* frow = F + (b * g.H + ay[y] + r) * g.W + ax[x];
+          const opmath_t* xrow = X + ((b * g.D + d) * g.H + ay[y] + r) * g.W + ax[x];
+          const opmath_t* frow = F + (b * g.H + ay[y] + r) * g.W + ax[x];
           // Row partial sums, then the totals: keeps float32 rounding error O(Rw + D*Rh).
           std::array<opmath_t, kNumStats> s{};
           for (int64_t q = 0; q < g.Rw; ++q) {
@@ -57,7 +59,7 @@ void li_stats_cpu_kernel(const StatDims& g, const scalar_t* P, const int64_t* ay
           for (int k = 0; k < kNumStats; ++k) tot[k] += s[k];
         }
       }
-      for (int k = 0; k < kNumStats; ++k) out[n * kNumStats + k] = static_cast<scalar_t>(tot[k]);
+      for (int k = 0; k < kNumStats; ++k) out[n * kNumStats + k] = tot[k];
     }
   });
 }
@@ -65,17 +67,19 @@ void li_stats_cpu_kernel(const StatDims& g, const scalar_t* P, const int64_t* ay
 at::Tensor li_stats_cpu(const at::Tensor& patches, const at::Tensor& ay, const at::Tensor& ax,
                         const at::Tensor& x, const at::Tensor& fg) {
   const StatDims g = check_li_stats(patches, ay, ax, x, fg);
-  auto out = at::empty({g.B, g.C, g.Ho, g.Wo, kNumStats}, patches.options());
-  if (out.numel() == 0) return out;
   const auto dt = patches.scalar_type();
+  const auto ct = at::toOpMathType(dt);
+  auto out = at::empty({g.B, g.C, g.Ho, g.Wo, kNumStats}, patches.options().dtype(ct));
+  if (out.numel() == 0) return out;
   const at::Tensor P = patches.contiguous();
-  const at::Tensor X = x.to(dt).contiguous();
-  const at::Tensor F = fg.to(dt).contiguous();
+  const at::Tensor X = x.to(ct).contiguous();
+  const at::Tensor F = fg.to(ct).contiguous();
   const at::Tensor AY = ay.contiguous(), AX = ax.contiguous();
-  AT_DISPATCH_FLOATING_TYPES(dt, "li_stats_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "li_stats_cpu", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
     li_stats_cpu_kernel<scalar_t>(g, P.data_ptr<scalar_t>(), AY.data_ptr<int64_t>(),
-                                  AX.data_ptr<int64_t>(), X.data_ptr<scalar_t>(),
-                                  F.data_ptr<scalar_t>(), out.data_ptr<scalar_t>());
+                                  AX.data_ptr<int64_t>(), X.data_ptr<opmath_t>(),
+                                  F.data_ptr<opmath_t>(), out.data_ptr<opmath_t>());
   });
   return out;
 }
@@ -83,10 +87,9 @@ at::Tensor li_stats_cpu(const at::Tensor& patches, const at::Tensor& ay, const a
 // filter_fold: one task per (b, c, d) image plane, which is owned by that task (no races);
 // every patch row is scaled by its neuron's activation and added in place while hot.
 // Neurons with a zero activation are skipped.
-template <typename scalar_t>
+template <typename scalar_t, typename opmath_t = at::opmath_type<scalar_t>>
 void filter_fold_cpu_kernel(const StatDims& g, const scalar_t* P, const int64_t* ay,
-                            const int64_t* ax, const scalar_t* A, scalar_t* out) {
-  using opmath_t = at::opmath_type<scalar_t>;
+                            const int64_t* ax, const opmath_t* A, scalar_t* out) {
   const int64_t pin = g.D * g.Rh * g.Rw;
   const int64_t HW = g.H * g.W;
   const int64_t nplanes = g.B * g.C * g.D;
@@ -100,7 +103,7 @@ void filter_fold_cpu_kernel(const StatDims& g, const scalar_t* P, const int64_t*
       for (int64_t y = 0; y < g.Ho; ++y) {
         for (int64_t x = 0; x < g.Wo; ++x) {
           const int64_t n = (bc * g.Ho + y) * g.Wo + x;
-          const opmath_t a = static_cast<opmath_t>(A[n]);
+          const opmath_t a = A[n];
           if (a == opmath_t(0)) continue;
           const scalar_t* src = P + n * pin + d * g.Rh * g.Rw;
           for (int64_t r = 0; r < g.Rh; ++r) {
@@ -123,11 +126,12 @@ at::Tensor filter_fold_cpu(const at::Tensor& patches, const at::Tensor& ay, cons
   if (out.numel() == 0) return out;
   const auto dt = patches.scalar_type();
   const at::Tensor P = patches.contiguous();
-  const at::Tensor A = act.to(dt).contiguous();
+  const at::Tensor A = act.to(at::toOpMathType(dt)).contiguous();
   const at::Tensor AY = ay.contiguous(), AX = ax.contiguous();
-  AT_DISPATCH_FLOATING_TYPES(dt, "filter_fold_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "filter_fold_cpu", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
     filter_fold_cpu_kernel<scalar_t>(g, P.data_ptr<scalar_t>(), AY.data_ptr<int64_t>(),
-                                     AX.data_ptr<int64_t>(), A.data_ptr<scalar_t>(),
+                                     AX.data_ptr<int64_t>(), A.data_ptr<opmath_t>(),
                                      out.data_ptr<scalar_t>());
   });
   return out;

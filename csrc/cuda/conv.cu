@@ -15,6 +15,8 @@
 //     are skipped; the tap offsets come from a small table checked on the host.
 // Each input element is read by exactly one thread per channel tile, so staging the input
 // patches in shared memory would not add reuse; reuse across tiles / positions comes from L1/L2.
+// bfloat16 / float16 patches: weights, scale, gate and the sums are float32 (at::opmath_type),
+// only the result is rounded. The tensor-core formulation is conv_li_gemm (csrc/conv_gemm.cpp).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
@@ -29,14 +31,13 @@ namespace {
 
 constexpr int kChannelTile = 32;  // output channels per block (one warp ballot)
 
-template <typename scalar_t, int TO>
+template <typename scalar_t, int TO, typename opmath_t = at::opmath_type<scalar_t>>
 __global__ void __launch_bounds__(kThreads)
     conv_li_cuda_kernel(const ConvDims g, const scalar_t* __restrict__ P,
-                        const bool* __restrict__ act, const scalar_t* __restrict__ W,
-                        const scalar_t* __restrict__ scale, const scalar_t* __restrict__ gate,
+                        const bool* __restrict__ act, const opmath_t* __restrict__ W,
+                        const opmath_t* __restrict__ scale, const opmath_t* __restrict__ gate,
                         const int64_t* __restrict__ rowoff, const int64_t* __restrict__ coloff,
                         scalar_t* __restrict__ out) {
-  using opmath_t = at::opmath_type<scalar_t>;
   __shared__ int s_list[kChannelTile];       // active channels (index within the tile)
   __shared__ opmath_t s_mul[kChannelTile];   // their gate * scale
   __shared__ unsigned int s_mask;            // bit c: channel c of the tile is active
@@ -63,8 +64,8 @@ __global__ void __launch_bounds__(kThreads)
       bool on = false;
       if (lane < nch) {
         const int64_t o = o0 + lane;
-        m = scale ? static_cast<opmath_t>(scale[o]) : opmath_t(1);
-        if (gate) m *= static_cast<opmath_t>(gate[((b * g.Co + o) * g.Ho + y) * g.Wo + x]);
+        m = scale ? scale[o] : opmath_t(1);
+        if (gate) m *= gate[((b * g.Co + o) * g.Ho + y) * g.Wo + x];
         on = m != opmath_t(0);
       }
       const unsigned int mask = __ballot_sync(0xffffffffu, on);
@@ -119,7 +120,7 @@ __global__ void __launch_bounds__(kThreads)
               const opmath_t v = static_cast<opmath_t>(P[n * pin + eoff]);
 #pragma unroll
               for (int j = 0; j < TO; ++j)
-                if (j < nt) acc[j] += static_cast<opmath_t>(W[wrow[j] + ii * K2 + widx]) * v;
+                if (j < nt) acc[j] += W[wrow[j] + ii * K2 + widx] * v;
             }
           }
         }
@@ -136,9 +137,9 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <typename scalar_t, int TO>
+template <typename scalar_t, int TO, typename opmath_t = at::opmath_type<scalar_t>>
 void launch_conv(const ConvDims& g, int threads, cudaStream_t stream, const scalar_t* P,
-                 const bool* act, const scalar_t* W, const scalar_t* scale, const scalar_t* gate,
+                 const bool* act, const opmath_t* W, const opmath_t* scale, const opmath_t* gate,
                  const int64_t* rowoff, const int64_t* coloff, scalar_t* out) {
   const int64_t ntile = (g.Cog + kChannelTile - 1) / kChannelTile;
   const unsigned int blocks = blocks_for(g.B * g.Ho * g.Wo * g.G * ntile, 1);
@@ -161,21 +162,23 @@ at::Tensor conv_li_cuda(const at::Tensor& patches, const at::Tensor& ay_in, cons
   auto out = at::empty({g.B, g.Co, g.Ho, g.Wo, g.D, g.rho, g.rwo}, patches.options());
   if (out.numel() == 0) return out;
   const auto dt = patches.scalar_type();
+  const auto ct = at::toOpMathType(dt);  // float32 for bfloat16 / float16 patches
   const at::Tensor P = patches.contiguous();
-  const at::Tensor W = weight.to(dt).contiguous();
+  const at::Tensor W = weight.to(ct).contiguous();
   const at::Tensor A = in_active.has_value() ? in_active->contiguous() : at::Tensor();
-  const at::Tensor S = scale.has_value() ? scale->to(dt).contiguous() : at::Tensor();
-  const at::Tensor Gt = gate.has_value() ? gate->to(dt).contiguous() : at::Tensor();
+  const at::Tensor S = scale.has_value() ? scale->to(ct).contiguous() : at::Tensor();
+  const at::Tensor Gt = gate.has_value() ? gate->to(ct).contiguous() : at::Tensor();
   const int64_t* rowoff = tab.data_ptr<int64_t>();
   const int64_t* coloff = rowoff + g.Ho * g.Kh;
   const int threads = threads_for_patch(g.D * g.rho * g.rwo);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(dt, "conv_li_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "conv_li_cuda", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
     const scalar_t* p = P.data_ptr<scalar_t>();
     const bool* a = A.defined() ? A.data_ptr<bool>() : nullptr;
-    const scalar_t* w = W.data_ptr<scalar_t>();
-    const scalar_t* s = S.defined() ? S.data_ptr<scalar_t>() : nullptr;
-    const scalar_t* gp = Gt.defined() ? Gt.data_ptr<scalar_t>() : nullptr;
+    const opmath_t* w = W.data_ptr<opmath_t>();
+    const opmath_t* s = S.defined() ? S.data_ptr<opmath_t>() : nullptr;
+    const opmath_t* gp = Gt.defined() ? Gt.data_ptr<opmath_t>() : nullptr;
     scalar_t* o = out.data_ptr<scalar_t>();
     if (g.Cog == 1) {
       launch_conv<scalar_t, 1>(g, threads, stream, p, a, w, s, gp, rowoff, coloff, o);

@@ -90,7 +90,7 @@ at::Tensor maxpool_li_cuda(const at::Tensor& patches, const at::Tensor& ay_in,
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (out.numel() > 0) {
     const at::Tensor P = patches.contiguous();
-    AT_DISPATCH_FLOATING_TYPES(patches.scalar_type(), "maxpool_li_cuda", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, patches.scalar_type(), "maxpool_li_cuda", [&] {
       maxpool_li_cuda_kernel<scalar_t><<<blocks_for(out.numel(), kThreads), kThreads, 0, stream>>>(
           g, P.data_ptr<scalar_t>(), I.data_ptr<int64_t>(), ayi.data_ptr<int64_t>(),
           axi.data_ptr<int64_t>(), ayo.data_ptr<int64_t>(), axo.data_ptr<int64_t>(),
@@ -138,7 +138,7 @@ at::Tensor place_li_cuda(const at::Tensor& patches, const at::Tensor& ay_in,
   const at::Tensor A = accumulate.has_value() ? accumulate->contiguous() : at::Tensor();
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t* rowoff = tab.data_ptr<int64_t>();
-  AT_DISPATCH_FLOATING_TYPES(patches.scalar_type(), "place_li_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, patches.scalar_type(), "place_li_cuda", [&] {
     place_li_cuda_kernel<scalar_t><<<blocks_for(out.numel(), kThreads), kThreads, 0, stream>>>(
         g, P.data_ptr<scalar_t>(), rowoff, rowoff + g.Ho,
         A.defined() ? A.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>());

@@ -9,6 +9,10 @@
 // element sums act * patch over the neurons whose windows cover (Y, X) (tables of covering
 // rows / columns built on the host from the anchors), in a fixed order, so the result is
 // deterministic. Neurons with a zero activation are skipped.
+//
+// bfloat16 / float16 patches: x, fg, act and the sums are float32 (at::opmath_type); li_stats
+// returns float32 statistics for them (the patch dtype otherwise), filter_fold rounds its images
+// to the patch dtype.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
@@ -24,13 +28,12 @@ namespace {
 constexpr int kNumStats = 11;  // nns_cuda/reference/stats.py STAT_NAMES order
 constexpr int kWarpsPerBlock = kThreads / 32;
 
-template <typename scalar_t>
+template <typename scalar_t, typename opmath_t = at::opmath_type<scalar_t>>
 __global__ void __launch_bounds__(kThreads)
     li_stats_cuda_kernel(const StatDims g, const scalar_t* __restrict__ P,
                          const int64_t* __restrict__ ay, const int64_t* __restrict__ ax,
-                         const scalar_t* __restrict__ X, const scalar_t* __restrict__ F,
-                         scalar_t* __restrict__ out) {
-  using opmath_t = at::opmath_type<scalar_t>;
+                         const opmath_t* __restrict__ X, const opmath_t* __restrict__ F,
+                         opmath_t* __restrict__ out) {
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   const int64_t pin = g.D * g.Rh * g.Rw;
@@ -46,8 +49,8 @@ __global__ void __launch_bounds__(kThreads)
     for (int64_t e = lane; e < pin; e += 32) {
       const int64_t q = e % g.Rw, r = (e / g.Rw) % g.Rh, d = e / (g.Rw * g.Rh);
       const opmath_t li = static_cast<opmath_t>(src[e]);
-      const opmath_t xv = static_cast<opmath_t>(X[((b * g.D + d) * g.H + y0 + r) * g.W + x0 + q]);
-      const opmath_t f = static_cast<opmath_t>(F[(b * g.H + y0 + r) * g.W + x0 + q]);
+      const opmath_t xv = X[((b * g.D + d) * g.H + y0 + r) * g.W + x0 + q];
+      const opmath_t f = F[(b * g.H + y0 + r) * g.W + x0 + q];
       const opmath_t nz = li != opmath_t(0) ? opmath_t(1) : opmath_t(0);
       const opmath_t xnz = xv * nz;
       s[0] += nz * f;
@@ -69,7 +72,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     if (lane == 0) {
 #pragma unroll
-      for (int k = 0; k < kNumStats; ++k) out[n * kNumStats + k] = static_cast<scalar_t>(s[k]);
+      for (int k = 0; k < kNumStats; ++k) out[n * kNumStats + k] = s[k];
     }
   }
 }
@@ -78,35 +81,36 @@ at::Tensor li_stats_cuda(const at::Tensor& patches, const at::Tensor& ay, const 
                          const at::Tensor& x, const at::Tensor& fg) {
   const StatDims g = check_li_stats(patches, ay, ax, x, fg);  // copies the anchors to the host
   const c10::cuda::CUDAGuard guard(patches.device());
-  auto out = at::empty({g.B, g.C, g.Ho, g.Wo, kNumStats}, patches.options());
-  if (out.numel() == 0) return out;
   const auto dt = patches.scalar_type();
+  const auto ct = at::toOpMathType(dt);
+  auto out = at::empty({g.B, g.C, g.Ho, g.Wo, kNumStats}, patches.options().dtype(ct));
+  if (out.numel() == 0) return out;
   const at::Tensor P = patches.contiguous();
-  const at::Tensor X = x.to(dt).contiguous();
-  const at::Tensor F = fg.to(dt).contiguous();
+  const at::Tensor X = x.to(ct).contiguous();
+  const at::Tensor F = fg.to(ct).contiguous();
   const at::Tensor AY = ay.contiguous(), AX = ax.contiguous();
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t nn = g.B * g.C * g.Ho * g.Wo;
-  AT_DISPATCH_FLOATING_TYPES(dt, "li_stats_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "li_stats_cuda", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
     li_stats_cuda_kernel<scalar_t><<<blocks_for(nn, kWarpsPerBlock), kThreads, 0, stream>>>(
         g, P.data_ptr<scalar_t>(), AY.data_ptr<int64_t>(), AX.data_ptr<int64_t>(),
-        X.data_ptr<scalar_t>(), F.data_ptr<scalar_t>(), out.data_ptr<scalar_t>());
+        X.data_ptr<opmath_t>(), F.data_ptr<opmath_t>(), out.data_ptr<opmath_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename opmath_t = at::opmath_type<scalar_t>>
 __global__ void filter_fold_cuda_kernel(const StatDims g, const scalar_t* __restrict__ P,
                                         const int64_t* __restrict__ ay,
                                         const int64_t* __restrict__ ax,
-                                        const scalar_t* __restrict__ A,
+                                        const opmath_t* __restrict__ A,
                                         const int64_t* __restrict__ row_ptr,
                                         const int64_t* __restrict__ col_ptr,
                                         const int64_t* __restrict__ row_idx,
                                         const int64_t* __restrict__ col_idx,
                                         scalar_t* __restrict__ out) {
-  using opmath_t = at::opmath_type<scalar_t>;
   const int64_t pin = g.D * g.Rh * g.Rw;
   const int64_t total = g.B * g.C * g.D * g.H * g.W;
   for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < total;
@@ -120,7 +124,7 @@ __global__ void filter_fold_cuda_kernel(const StatDims g, const scalar_t* __rest
       for (int64_t j = col_ptr[X]; j < col_ptr[X + 1]; ++j) {
         const int64_t x = col_idx[j];
         const int64_t n = (bc * g.Ho + y) * g.Wo + x;
-        const opmath_t a = static_cast<opmath_t>(A[n]);
+        const opmath_t a = A[n];
         if (a == opmath_t(0)) continue;
         acc += a * static_cast<opmath_t>(P[n * pin + (d * g.Rh + r) * g.Rw + (X - ax[x])]);
       }
@@ -138,17 +142,18 @@ at::Tensor filter_fold_cuda(const at::Tensor& patches, const at::Tensor& ay, con
   const at::Tensor tab = fold_cover_table(g, ay, ax).to(patches.device());
   const auto dt = patches.scalar_type();
   const at::Tensor P = patches.contiguous();
-  const at::Tensor A = act.to(dt).contiguous();
+  const at::Tensor A = act.to(at::toOpMathType(dt)).contiguous();
   const at::Tensor AY = ay.contiguous(), AX = ax.contiguous();
   const int64_t* row_ptr = tab.data_ptr<int64_t>();
   const int64_t* col_ptr = row_ptr + (g.H + 1);
   const int64_t* row_idx = col_ptr + (g.W + 1);
   const int64_t* col_idx = row_idx + g.Ho * g.Rh;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(dt, "filter_fold_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "filter_fold_cuda", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
     filter_fold_cuda_kernel<scalar_t><<<blocks_for(out.numel(), kThreads), kThreads, 0, stream>>>(
         g, P.data_ptr<scalar_t>(), AY.data_ptr<int64_t>(), AX.data_ptr<int64_t>(),
-        A.data_ptr<scalar_t>(), row_ptr, col_ptr, row_idx, col_idx, out.data_ptr<scalar_t>());
+        A.data_ptr<opmath_t>(), row_ptr, col_ptr, row_idx, col_idx, out.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;

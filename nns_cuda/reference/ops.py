@@ -16,6 +16,12 @@ window of every input neuron of a conv / pool tap lies inside the window of its 
 
 A dense node (linear output, flattened map) is a patch tensor with a 1×1 grid whose window
 is the whole image: ``[B, N, 1, 1, D, H, W]`` with ``ay = ax = [0]``.
+
+Precision: bfloat16 / float16 patches are a storage format. Every twin computes them in
+float32 (weights, scales, gates and ``x`` are not rounded) and rounds only its result to the
+patch dtype, like the compiled kernels (``at::opmath_type``); ``li_stats`` returns float32
+statistics for them. ``conv_li_gemm`` rounds the weights to the patch dtype, as its tensor-core
+GEMM does.
 """
 from __future__ import annotations
 
@@ -28,12 +34,21 @@ from .stats import NUM_STATS
 
 __all__ = [
     "conv_li",
+    "conv_li_gemm",
     "maxpool_li",
     "place_li",
     "linear_li",
     "li_stats",
     "filter_fold",
 ]
+
+
+_LOW = (torch.bfloat16, torch.float16)
+
+
+def _is_low(t: torch.Tensor) -> bool:
+    """A 16-bit float storage dtype (computed in float32 by every op)."""
+    return t.dtype in _LOW
 
 
 def _pair(v: Sequence[int], name: str, op: str) -> List[int]:
@@ -129,6 +144,9 @@ def conv_li(patches: torch.Tensor, ay_in: torch.Tensor, ax_in: torch.Tensor,
     """
     op = "conv_li"
     _check_patches(op, "patches", patches)
+    if _is_low(patches):
+        return conv_li(patches.float(), ay_in, ax_in, in_active, weight, scale, gate, ay_out, ax_out, stride,
+                       padding, dilation, groups, rh_out, rw_out).to(patches.dtype)
     if weight.dim() != 4:
         raise ValueError(f"{op}: weight must be 4-D [Co, Ci/groups, Kh, Kw], got {list(weight.shape)}")
     s, pd, dl = _pair(stride, "stride", op), _pair(padding, "padding", op), _pair(dilation, "dilation", op)
@@ -156,6 +174,27 @@ def conv_li(patches: torch.Tensor, ay_in: torch.Tensor, ax_in: torch.Tensor,
     if gate is not None:
         out = out * gate.to(out.dtype).view(B, Co, Ho, Wo, 1, 1, 1)
     return out
+
+
+def conv_li_gemm(patches: torch.Tensor, ay_in: torch.Tensor, ax_in: torch.Tensor,
+                 in_active: Optional[torch.Tensor], weight: torch.Tensor,
+                 scale: Optional[torch.Tensor], gate: Optional[torch.Tensor], ay_out: torch.Tensor,
+                 ax_out: torch.Tensor, stride: Sequence[int], padding: Sequence[int],
+                 dilation: Sequence[int], groups: int, rh_out: int, rw_out: int,
+                 max_elems: int = 0) -> torch.Tensor:
+    """Twin of the compiled ``conv_li_gemm`` (the dense-GEMM formulation of :func:`conv_li`).
+
+    The same result as :func:`conv_li` — this twin *is* :func:`conv_li`, so that the GEMM
+    formulation is always tested against code it does not share — except that for bfloat16 /
+    float16 patches the weights are rounded to the patch dtype first, as the tensor-core GEMM
+    does. ``max_elems`` (the compiled op's chunking bound, >= 0) does not change the result.
+    """
+    if max_elems < 0:
+        raise ValueError(f"conv_li_gemm: max_elems must be >= 0 (0: default), got {max_elems}")
+    if _is_low(patches) and weight.is_floating_point():
+        weight = weight.to(patches.dtype)
+    return conv_li(patches, ay_in, ax_in, in_active, weight, scale, gate, ay_out, ax_out, stride, padding,
+                   dilation, groups, rh_out, rw_out)
 
 
 def maxpool_li(patches: torch.Tensor, ay_in: torch.Tensor, ax_in: torch.Tensor, indices: torch.Tensor,
@@ -257,6 +296,8 @@ def linear_li(dense: torch.Tensor, weight: torch.Tensor, gate: Optional[torch.Te
     op = "linear_li"
     if dense.dim() != 3:
         raise ValueError(f"{op}: dense must be 3-D [B, Nin, P], got {list(dense.shape)}")
+    if _is_low(dense):
+        return linear_li(dense.float(), weight, gate).to(dense.dtype)
     if weight.dim() != 2 or weight.shape[1] != dense.shape[1]:
         raise ValueError(f"{op}: weight must be [Nout, {dense.shape[1]}], got {list(weight.shape)}")
     out = torch.matmul(weight.to(dense.dtype), dense)
@@ -288,10 +329,12 @@ def li_stats(patches: torch.Tensor, ay: torch.Tensor, ax: torch.Tensor, x: torch
 
     Returns
     -------
-    Tensor [B, C, Ho, Wo, NUM_STATS]
+    Tensor [B, C, Ho, Wo, NUM_STATS] (float32 for bfloat16 / float16 patches)
     """
     op = "li_stats"
     _check_patches(op, "patches", patches)
+    if _is_low(patches):
+        return li_stats(patches.float(), ay, ax, x, fg)
     B, C, Ho, Wo, D, Rh, Rw = patches.shape
     if x.dim() != 4 or x.shape[0] != B or x.shape[1] != D:
         raise ValueError(f"{op}: x must be [B={B}, D={D}, H, W], got {list(x.shape)}")
@@ -340,6 +383,8 @@ def filter_fold(patches: torch.Tensor, ay: torch.Tensor, ax: torch.Tensor, act: 
     """
     op = "filter_fold"
     _check_patches(op, "patches", patches)
+    if _is_low(patches):
+        return filter_fold(patches.float(), ay, ax, act, h, w).to(patches.dtype)
     B, C, Ho, Wo, D, Rh, Rw = patches.shape
     if tuple(act.shape) != (B, C, Ho, Wo):
         raise ValueError(f"{op}: act must be [B, C, Ho, Wo] = {[B, C, Ho, Wo]}, got {list(act.shape)}")

@@ -61,6 +61,13 @@ std::string cat(const Ts&... xs) {
   return r;
 }
 }  // namespace msg
+
+// The storage dtypes of patches / dense images: float32, float64, and the low-precision
+// bfloat16 / float16 (stored in 16 bits, accumulated in float32: at::opmath_type).
+inline bool is_patch_dtype(c10::ScalarType t) {
+  return t == c10::ScalarType::Float || t == c10::ScalarType::Double ||
+         t == c10::ScalarType::BFloat16 || t == c10::ScalarType::Half;
+}
 }  // namespace nns_cuda
 
 // The message of a TORCH_CHECK: NNS_MSG("op: x must be ", n, ", got ", t.sizes()).
@@ -68,39 +75,39 @@ std::string cat(const Ts&... xs) {
 
 // t.dim() == n; `layout` is a literal such as "[B, C, Ho, Wo, D, Rh, Rw]".
 #define NNS_CHECK_DIM(op, name, t, n, layout)                                              \
-  TORCH_CHECK_VALUE((t).dim() == (n), NNS_MSG(op ": " name " must be " #n "-D " layout ", got ", \
+  TORCH_CHECK_VALUE((t).dim() == (n), NNS_MSG(op, ": " name " must be " #n "-D " layout ", got ", \
                     (t).sizes()))
 
 // t.sizes() == expected (a std::vector<int64_t> or IntArrayRef).
 #define NNS_CHECK_SHAPE(op, name, t, expected, layout)                                   \
   TORCH_CHECK_VALUE((t).sizes() == c10::IntArrayRef(expected),                           NNS_MSG(\
-                    op ": " name " must be " layout " = ", c10::IntArrayRef(expected),   \
+                    op, ": " name " must be " layout " = ", c10::IntArrayRef(expected),  \
                     ", got ", (t).sizes()))
 
-#define NNS_CHECK_FLOAT_OR_DOUBLE(op, name, t)                                           \
-  TORCH_CHECK_TYPE((t).scalar_type() == at::kFloat || (t).scalar_type() == at::kDouble,  NNS_MSG(\
-                   op ": " name " must be float32 or float64, got ",                  \
+#define NNS_CHECK_PATCH_DTYPE(op, name, t)                                               \
+  TORCH_CHECK_TYPE(::nns_cuda::is_patch_dtype((t).scalar_type()),                        NNS_MSG(\
+                   op, ": " name " must be float32, float64, bfloat16 or float16, got ",  \
                    ::nns_cuda::dtype_name((t).scalar_type())))
 
 #define NNS_CHECK_FLOATING(op, name, t)                                                  \
   TORCH_CHECK_TYPE(at::isFloatingType((t).scalar_type()),                                NNS_MSG(\
-                   op ": " name " must be a floating-point tensor, got ",              \
+                   op, ": " name " must be a floating-point tensor, got ",             \
                    ::nns_cuda::dtype_name((t).scalar_type())))
 
 #define NNS_CHECK_FLOATING_OR_BOOL(op, name, t)                                          \
   TORCH_CHECK_TYPE(at::isFloatingType((t).scalar_type()) ||                              \
                        (t).scalar_type() == at::kBool,                                   NNS_MSG(\
-                   op ": " name " must be a floating-point or bool tensor, got ",         \
+                   op, ": " name " must be a floating-point or bool tensor, got ",        \
                    ::nns_cuda::dtype_name((t).scalar_type())))
 
 #define NNS_CHECK_DTYPE(op, name, t, dtype)                                              \
-  TORCH_CHECK_TYPE((t).scalar_type() == (dtype), NNS_MSG(op ": " name " must be ",               \
+  TORCH_CHECK_TYPE((t).scalar_type() == (dtype), NNS_MSG(op, ": " name " must be ",               \
                    ::nns_cuda::dtype_name(dtype), ", got ",                               \
                    ::nns_cuda::dtype_name((t).scalar_type())))
 
 #define NNS_CHECK_SAME_DEVICE(op, name, t, ref)                                          \
   TORCH_CHECK_VALUE((t).device() == (ref).device(),                                      NNS_MSG(\
-                    op ": " name " must be on the same device as patches (",             \
+                    op, ": " name " must be on the same device as patches (",            \
                     (ref).device(), "), got ", (t).device()))
 
 // A 1-D int64 anchor vector on the device of `ref` with `n` entries; `what` names the
@@ -110,9 +117,9 @@ std::string cat(const Ts&... xs) {
     NNS_CHECK_DIM(op, name, t, 1, "[" what "]");                                         \
     NNS_CHECK_DTYPE(op, name, t, at::kLong);                                             \
     NNS_CHECK_SAME_DEVICE(op, name, t, ref);                                             \
-    TORCH_CHECK_VALUE((t).numel() == (n), NNS_MSG(op ": " name " must have " what "=", (n),       \
+    TORCH_CHECK_VALUE((t).numel() == (n), NNS_MSG(op, ": " name " must have " what "=", (n),       \
                       " entries, got ", (t).numel()));                                    \
   } while (0)
 
 #define NNS_CHECK_PAIR(op, name, v)                                                       \
-  TORCH_CHECK_VALUE((v).size() == 2, NNS_MSG(op ": " name " must have 2 entries, got ", (v)))
+  TORCH_CHECK_VALUE((v).size() == 2, NNS_MSG(op, ": " name " must have 2 entries, got ", (v)))

@@ -44,39 +44,40 @@ struct ConvDims {
   int64_t sh, sw, ph, pw, dh, dw;
 };
 
-#define NNS_OP "conv_li"
+// `op` names the op in the messages: "conv_li", or "conv_li_gemm" (same arguments).
+#define NNS_OP op
 inline ConvDims check_conv_li(const at::Tensor& patches, const at::Tensor& ay_in,
                               const at::Tensor& ax_in, const std::optional<at::Tensor>& in_active,
                               const at::Tensor& weight, const std::optional<at::Tensor>& scale,
                               const std::optional<at::Tensor>& gate, const at::Tensor& ay_out,
                               const at::Tensor& ax_out, at::IntArrayRef stride,
                               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                              int64_t rh_out, int64_t rw_out) {
+                              int64_t rh_out, int64_t rw_out, const char* op = "conv_li") {
   NNS_CHECK_DIM(NNS_OP, "patches", patches, 7, "[B, Ci, Hi, Wi, D, Rhi, Rwi]");
-  NNS_CHECK_FLOAT_OR_DOUBLE(NNS_OP, "patches", patches);
+  NNS_CHECK_PATCH_DTYPE(NNS_OP, "patches", patches);
   NNS_CHECK_DIM(NNS_OP, "weight", weight, 4, "[Co, Ci/groups, Kh, Kw]");
   NNS_CHECK_FLOATING(NNS_OP, "weight", weight);
   NNS_CHECK_SAME_DEVICE(NNS_OP, "weight", weight, patches);
   NNS_CHECK_PAIR(NNS_OP, "stride", stride);
   NNS_CHECK_PAIR(NNS_OP, "padding", padding);
   NNS_CHECK_PAIR(NNS_OP, "dilation", dilation);
-  TORCH_CHECK_VALUE(stride[0] >= 1 && stride[1] >= 1, NNS_MSG(NNS_OP ": stride must be >= 1, got ", stride));
-  TORCH_CHECK_VALUE(padding[0] >= 0 && padding[1] >= 0, NNS_MSG(NNS_OP ": padding must be >= 0, got ",
+  TORCH_CHECK_VALUE(stride[0] >= 1 && stride[1] >= 1, NNS_MSG(NNS_OP, ": stride must be >= 1, got ", stride));
+  TORCH_CHECK_VALUE(padding[0] >= 0 && padding[1] >= 0, NNS_MSG(NNS_OP, ": padding must be >= 0, got ",
                     padding));
   TORCH_CHECK_VALUE(dilation[0] >= 1 && dilation[1] >= 1,
-                    NNS_MSG(NNS_OP ": dilation must be >= 1, got ", dilation));
-  TORCH_CHECK_VALUE(groups >= 1, NNS_MSG(NNS_OP ": groups must be >= 1, got ", groups));
+                    NNS_MSG(NNS_OP, ": dilation must be >= 1, got ", dilation));
+  TORCH_CHECK_VALUE(groups >= 1, NNS_MSG(NNS_OP, ": groups must be >= 1, got ", groups));
   ConvDims g;
   g.B = patches.size(0); g.Ci = patches.size(1); g.Hi = patches.size(2); g.Wi = patches.size(3);
   g.D = patches.size(4); g.Rhi = patches.size(5); g.Rwi = patches.size(6);
   g.Co = weight.size(0); g.Cig = weight.size(1); g.Kh = weight.size(2); g.Kw = weight.size(3);
   g.G = groups;
   TORCH_CHECK_VALUE(g.Ci % groups == 0 && g.Co % groups == 0 && g.Cig == g.Ci / groups,
-                    NNS_MSG(NNS_OP ": weight ", weight.sizes(), " does not match ", g.Ci,
+                    NNS_MSG(NNS_OP, ": weight ", weight.sizes(), " does not match ", g.Ci,
                     " input channels with groups=", groups));
   g.Cog = g.Co / groups;
   TORCH_CHECK_VALUE(rh_out >= 0 && rw_out >= 0,
-                    NNS_MSG(NNS_OP ": rh_out and rw_out must be >= 0, got ", rh_out, ", ", rw_out));
+                    NNS_MSG(NNS_OP, ": rh_out and rw_out must be >= 0, got ", rh_out, ", ", rw_out));
   g.rho = rh_out; g.rwo = rw_out;
   NNS_CHECK_ANCHOR(NNS_OP, "ay_in", ay_in, patches, g.Hi, "Hi");
   NNS_CHECK_ANCHOR(NNS_OP, "ax_in", ax_in, patches, g.Wi, "Wi");
@@ -115,7 +116,7 @@ inline ConvDims check_conv_li(const at::Tensor& patches, const at::Tensor& ay_in
 // the tap falls in the padding.
 inline at::Tensor conv_offset_table(const ConvDims& g, const at::Tensor& ay_in,
                                     const at::Tensor& ax_in, const at::Tensor& ay_out,
-                                    const at::Tensor& ax_out) {
+                                    const at::Tensor& ax_out, const char* op = "conv_li") {
   auto h = host_longs({ay_in, ax_in, ay_out, ax_out});
   const int64_t* ayi = h[0].data_ptr<int64_t>();
   const int64_t* axi = h[1].data_ptr<int64_t>();
@@ -130,7 +131,7 @@ inline at::Tensor conv_offset_table(const ConvDims& g, const at::Tensor& ay_in,
       if (yi >= 0 && yi < g.Hi) {
         off = ayi[yi] - ayo[y];
         TORCH_CHECK_VALUE(window_fits(off, g.Rhi, g.rho),
-                          NNS_MSG(NNS_OP ": an input window does not fit inside its output window (offset ",
+                          NNS_MSG(NNS_OP, ": an input window does not fit inside its output window (offset ",
                           off, ", sizes ", g.Rhi, " -> ", g.rho,
                           "); anchors must come from the receptive-field geometry (nns_cuda.graph)"));
       }
@@ -145,7 +146,7 @@ inline at::Tensor conv_offset_table(const ConvDims& g, const at::Tensor& ay_in,
       if (xi >= 0 && xi < g.Wi) {
         off = axi[xi] - axo[x];
         TORCH_CHECK_VALUE(window_fits(off, g.Rwi, g.rwo),
-                          NNS_MSG(NNS_OP ": an input window does not fit inside its output window (offset ",
+                          NNS_MSG(NNS_OP, ": an input window does not fit inside its output window (offset ",
                           off, ", sizes ", g.Rwi, " -> ", g.rwo,
                           "); anchors must come from the receptive-field geometry (nns_cuda.graph)"));
       }
@@ -167,12 +168,12 @@ inline PoolDims check_maxpool_li(const at::Tensor& patches, const at::Tensor& ay
                                  const at::Tensor& ay_out, const at::Tensor& ax_out,
                                  int64_t rh_out, int64_t rw_out) {
   NNS_CHECK_DIM(NNS_OP, "patches", patches, 7, "[B, C, Hi, Wi, D, Rhi, Rwi]");
-  NNS_CHECK_FLOAT_OR_DOUBLE(NNS_OP, "patches", patches);
+  NNS_CHECK_PATCH_DTYPE(NNS_OP, "patches", patches);
   PoolDims g;
   g.B = patches.size(0); g.C = patches.size(1); g.Hi = patches.size(2); g.Wi = patches.size(3);
   g.D = patches.size(4); g.Rhi = patches.size(5); g.Rwi = patches.size(6);
   TORCH_CHECK_VALUE(rh_out >= 0 && rw_out >= 0,
-                    NNS_MSG(NNS_OP ": rh_out and rw_out must be >= 0, got ", rh_out, ", ", rw_out));
+                    NNS_MSG(NNS_OP, ": rh_out and rw_out must be >= 0, got ", rh_out, ", ", rw_out));
   g.rho = rh_out; g.rwo = rw_out;
   NNS_CHECK_ANCHOR(NNS_OP, "ay_in", ay_in, patches, g.Hi, "Hi");
   NNS_CHECK_ANCHOR(NNS_OP, "ax_in", ax_in, patches, g.Wi, "Wi");
@@ -196,13 +197,13 @@ inline PoolDims check_place_li(const at::Tensor& patches, const at::Tensor& ay_i
                                const at::Tensor& ax_out, int64_t rh_out, int64_t rw_out,
                                const std::optional<at::Tensor>& accumulate) {
   NNS_CHECK_DIM(NNS_OP, "patches", patches, 7, "[B, C, Ho, Wo, D, Rhi, Rwi]");
-  NNS_CHECK_FLOAT_OR_DOUBLE(NNS_OP, "patches", patches);
+  NNS_CHECK_PATCH_DTYPE(NNS_OP, "patches", patches);
   PoolDims g;
   g.B = patches.size(0); g.C = patches.size(1); g.Ho = patches.size(2); g.Wo = patches.size(3);
   g.Hi = g.Ho; g.Wi = g.Wo;
   g.D = patches.size(4); g.Rhi = patches.size(5); g.Rwi = patches.size(6);
   TORCH_CHECK_VALUE(rh_out >= 0 && rw_out >= 0,
-                    NNS_MSG(NNS_OP ": rh_out and rw_out must be >= 0, got ", rh_out, ", ", rw_out));
+                    NNS_MSG(NNS_OP, ": rh_out and rw_out must be >= 0, got ", rh_out, ", ", rw_out));
   g.rho = rh_out; g.rwo = rw_out;
   NNS_CHECK_ANCHOR(NNS_OP, "ay_in", ay_in, patches, g.Ho, "Ho");
   NNS_CHECK_ANCHOR(NNS_OP, "ax_in", ax_in, patches, g.Wo, "Wo");
@@ -232,7 +233,7 @@ inline at::Tensor place_offset_table(const PoolDims& g, const at::Tensor& ay_in,
   for (int64_t y = 0; y < g.Ho; ++y) {
     const int64_t off = ayi[y] - ayo[y];
     TORCH_CHECK_VALUE(window_fits(off, g.Rhi, g.rho),
-                      NNS_MSG(NNS_OP ": an input window does not fit inside its output window (offset ",
+                      NNS_MSG(NNS_OP, ": an input window does not fit inside its output window (offset ",
                       off, ", sizes ", g.Rhi, " -> ", g.rho,
                       "); anchors must come from the receptive-field geometry (nns_cuda.graph)"));
     t[y] = off;
@@ -240,7 +241,7 @@ inline at::Tensor place_offset_table(const PoolDims& g, const at::Tensor& ay_in,
   for (int64_t x = 0; x < g.Wo; ++x) {
     const int64_t off = axi[x] - axo[x];
     TORCH_CHECK_VALUE(window_fits(off, g.Rwi, g.rwo),
-                      NNS_MSG(NNS_OP ": an input window does not fit inside its output window (offset ",
+                      NNS_MSG(NNS_OP, ": an input window does not fit inside its output window (offset ",
                       off, ", sizes ", g.Rwi, " -> ", g.rwo,
                       "); anchors must come from the receptive-field geometry (nns_cuda.graph)"));
     t[g.Ho + x] = off;
@@ -258,23 +259,23 @@ struct LinearDims {
 inline LinearDims check_linear_li(const at::Tensor& dense, const at::Tensor& weight,
                                   const std::optional<at::Tensor>& gate) {
   NNS_CHECK_DIM(NNS_OP, "dense", dense, 3, "[B, Nin, P]");
-  NNS_CHECK_FLOAT_OR_DOUBLE(NNS_OP, "dense", dense);
+  NNS_CHECK_PATCH_DTYPE(NNS_OP, "dense", dense);
   LinearDims g;
   g.B = dense.size(0); g.Nin = dense.size(1); g.P = dense.size(2);
   NNS_CHECK_DIM(NNS_OP, "weight", weight, 2, "[Nout, Nin]");
-  TORCH_CHECK_VALUE(weight.size(1) == g.Nin, NNS_MSG(NNS_OP ": weight must be [Nout, Nin=", g.Nin,
+  TORCH_CHECK_VALUE(weight.size(1) == g.Nin, NNS_MSG(NNS_OP, ": weight must be [Nout, Nin=", g.Nin,
                     "], got ", weight.sizes()));
   NNS_CHECK_FLOATING(NNS_OP, "weight", weight);
   // "patches" in the device message means the op's main tensor, here `dense`.
   TORCH_CHECK_VALUE(weight.device() == dense.device(),
-                    NNS_MSG(NNS_OP ": weight must be on the same device as dense (", dense.device(),
+                    NNS_MSG(NNS_OP, ": weight must be on the same device as dense (", dense.device(),
                     "), got ", weight.device()));
   g.Nout = weight.size(0);
   if (gate.has_value()) {
     const auto& t = *gate;
     NNS_CHECK_FLOATING_OR_BOOL(NNS_OP, "gate", t);
     TORCH_CHECK_VALUE(t.device() == dense.device(),
-                      NNS_MSG(NNS_OP ": gate must be on the same device as dense (", dense.device(),
+                      NNS_MSG(NNS_OP, ": gate must be on the same device as dense (", dense.device(),
                       "), got ", t.device()));
     const std::vector<int64_t> want{g.B, g.Nout};
     NNS_CHECK_SHAPE(NNS_OP, "gate", t, want, "[B, Nout]");
@@ -303,14 +304,14 @@ inline void check_windows_in_image(const char* op, const at::Tensor& ay, const a
 inline StatDims check_li_stats(const at::Tensor& patches, const at::Tensor& ay,
                                const at::Tensor& ax, const at::Tensor& x, const at::Tensor& fg) {
   NNS_CHECK_DIM(NNS_OP, "patches", patches, 7, "[B, C, Ho, Wo, D, Rh, Rw]");
-  NNS_CHECK_FLOAT_OR_DOUBLE(NNS_OP, "patches", patches);
+  NNS_CHECK_PATCH_DTYPE(NNS_OP, "patches", patches);
   StatDims g;
   g.B = patches.size(0); g.C = patches.size(1); g.Ho = patches.size(2); g.Wo = patches.size(3);
   g.D = patches.size(4); g.Rh = patches.size(5); g.Rw = patches.size(6);
   NNS_CHECK_ANCHOR(NNS_OP, "ay", ay, patches, g.Ho, "Ho");
   NNS_CHECK_ANCHOR(NNS_OP, "ax", ax, patches, g.Wo, "Wo");
   TORCH_CHECK_VALUE(x.dim() == 4 && x.size(0) == g.B && x.size(1) == g.D,
-                    NNS_MSG(NNS_OP ": x must be [B=", g.B, ", D=", g.D, ", H, W], got ", x.sizes()));
+                    NNS_MSG(NNS_OP, ": x must be [B=", g.B, ", D=", g.D, ", H, W], got ", x.sizes()));
   NNS_CHECK_FLOATING(NNS_OP, "x", x);
   NNS_CHECK_SAME_DEVICE(NNS_OP, "x", x, patches);
   g.H = x.size(2); g.W = x.size(3);
@@ -328,7 +329,7 @@ inline StatDims check_filter_fold(const at::Tensor& patches, const at::Tensor& a
                                   const at::Tensor& ax, const at::Tensor& act, int64_t h,
                                   int64_t w) {
   NNS_CHECK_DIM(NNS_OP, "patches", patches, 7, "[B, C, Ho, Wo, D, Rh, Rw]");
-  NNS_CHECK_FLOAT_OR_DOUBLE(NNS_OP, "patches", patches);
+  NNS_CHECK_PATCH_DTYPE(NNS_OP, "patches", patches);
   StatDims g;
   g.B = patches.size(0); g.C = patches.size(1); g.Ho = patches.size(2); g.Wo = patches.size(3);
   g.D = patches.size(4); g.Rh = patches.size(5); g.Rw = patches.size(6);
@@ -338,7 +339,7 @@ inline StatDims check_filter_fold(const at::Tensor& patches, const at::Tensor& a
   NNS_CHECK_SHAPE(NNS_OP, "act", act, want, "[B, C, Ho, Wo]");
   NNS_CHECK_FLOATING_OR_BOOL(NNS_OP, "act", act);
   NNS_CHECK_SAME_DEVICE(NNS_OP, "act", act, patches);
-  TORCH_CHECK_VALUE(h >= 0 && w >= 0, NNS_MSG(NNS_OP ": h and w must be >= 0, got ", h, ", ", w));
+  TORCH_CHECK_VALUE(h >= 0 && w >= 0, NNS_MSG(NNS_OP, ": h and w must be >= 0, got ", h, ", ", w));
   g.H = h; g.W = w;
   check_windows_in_image(NNS_OP, ay, ax, g.Rh, g.Rw, h, w);
   return g;
