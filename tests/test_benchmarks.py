@@ -215,3 +215,21 @@ def test_wrong_method_is_caught_before_timing(tmp_path, monkeypatch):
     (row,) = [r for r in doc["rows"] if r["method"] == "dense"]
     assert row["verified"] is False and row["rel_err"] > 1e-3
     assert rc == 2
+
+
+def test_bench_fq_streams_and_logs(tmp_path):
+    """benchmarks.bench_fq (issue 5's data-set FQ run) on a tiny configuration: every sample
+    counted, one log row per batch, memory fields present, JSON written."""
+    import json
+
+    from benchmarks import bench_fq
+
+    out = tmp_path / "fq.json"
+    assert bench_fq.main(["--images", "6", "--batch", "2", "--model", "simple_cnn", "--layers", "2",
+                          "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["n_samples"] == 6 and len(res["log"]) == 3
+    assert [r["images_before"] for r in res["log"]] == [0, 2, 4]
+    assert res["neurons_per_image"] > 0 and res["seconds"] > 0
+    assert res["peak_rss_gib"] >= res["log"][0]["rss_gib"] > 0
+    assert res["config"]["layers"] and res["env"]["torch"]
