@@ -233,3 +233,39 @@ def test_bench_fq_streams_and_logs(tmp_path):
     assert res["neurons_per_image"] > 0 and res["seconds"] > 0
     assert res["peak_rss_gib"] >= res["log"][0]["rss_gib"] > 0
     assert res["config"]["layers"] and res["env"]["torch"]
+
+
+def test_stats_errors_separates_support_flips_from_value_errors():
+    """The benchmark's agreement measure: value columns relative to their maximum; an entry that
+    is exactly 0 in one computation and not in the other counts as a support flip (a fraction of
+    the non-zero entries), not as a relative error of the discontinuous count columns; a wrong
+    value or a wrong fg_xnz column on neurons whose counts agree is still caught."""
+    from benchmarks.common import stats_errors, stats_rel_err
+    from nns_cuda.reference.stats import STAT_INDEX
+
+    gen = torch.Generator().manual_seed(0)
+    want = torch.rand(1, 40, 11, generator=gen, dtype=torch.float64)
+    want[..., STAT_INDEX["nz_fg"]] = 500.0
+    want[..., STAT_INDEX["nz_bg"]] = 1500.0
+    assert stats_errors(want.clone(), want)["rel_err"] == 0.0
+    # one neuron loses one foreground entry (x = 0.84): counts and fg_xnz columns move
+    got = want.clone()
+    got[0, 3, STAT_INDEX["nz_fg"]] -= 1
+    got[0, 3, STAT_INDEX["fg_xnz_sum"]] -= 0.84
+    got[0, 3, STAT_INDEX["fg_xnz_sq_sum"]] -= 0.84**2
+    e = stats_errors(got, want)
+    assert e["flip_frac"] == pytest.approx(1 / (40 * 2000))
+    assert e["support"] == 0.0 and e["values"] == 0.0 and e["rel_err"] < 1e-4
+    # a wrong fg_xnz_sum on a neuron whose counts agree is an error
+    bad = want.clone()
+    bad[0, 5, STAT_INDEX["fg_xnz_sum"]] *= 1.01
+    assert stats_rel_err(bad, want) > 1e-3
+    # a wrong value column is an error; counts wrong everywhere are an error
+    bad = want.clone()
+    bad[0, 7, STAT_INDEX["sum"]] += 0.5
+    assert stats_rel_err(bad, want) > 1e-2
+    bad = want.clone()
+    bad[..., STAT_INDEX["nz_bg"]] += 30
+    assert stats_errors(bad, want)["flip_frac"] > 1e-2
+    bad[0, 0, 0] = float("nan")
+    assert stats_rel_err(bad, want) == float("inf")
