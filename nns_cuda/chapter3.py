@@ -479,32 +479,48 @@ class WinnerDistance:
 # Feature-map ↔ learned-image correlation (eqs. 3-17, 3-18, Table 3-3)
 # ============================================================================================
 @dataclass
-class CorrelationLayer:
-    """``value``: ``C^l`` — mean over samples of the mean over filters with ``|A^k| > 0`` of
-    ``C^k = |S^k ∩ A^k| / |A^k|``; ``per_filter`` [K]: mean of ``C^k`` over the samples where
-    ``|A^k| > 0`` (NaN if never)."""
+class _PerFilterLayer:
+    """A per-layer measure: ``value`` (the layer's number), ``per_filter`` [K], ``n_samples``;
+    ``to_dict`` names the value ``_KEY``."""
 
+    _KEY = "value"
     layer: str
     value: float
     per_filter: Tensor
     n_samples: int
 
     def to_dict(self, arrays: bool = False) -> Dict[str, Any]:
-        d = {"layer": self.layer, "C_l": _none_if_nan(self.value), "n_samples": self.n_samples}
+        d = {"layer": self.layer, self._KEY: _none_if_nan(self.value), "n_samples": self.n_samples}
         if arrays:
             d["per_filter"] = _list_or_none(self.per_filter)
         return d
 
 
 @dataclass
-class CorrelationResult:
-    layers: Dict[str, CorrelationLayer]
+class _LayersResult:
+    """``{layer: per-layer result}``, indexable by layer name, with ``to_dict``."""
 
-    def __getitem__(self, layer: str) -> CorrelationLayer:
+    layers: Dict[str, Any]
+
+    def __getitem__(self, layer: str):
         return self.layers[layer]
 
     def to_dict(self, arrays: bool = False) -> Dict[str, Any]:
         return {"layers": {k: v.to_dict(arrays) for k, v in self.layers.items()}}
+
+
+@dataclass
+class CorrelationLayer(_PerFilterLayer):
+    """``value``: ``C^l`` — mean over samples of the mean over filters with ``|A^k| > 0`` of
+    ``C^k = |S^k ∩ A^k| / |A^k|``; ``per_filter`` [K]: mean of ``C^k`` over the samples where
+    ``|A^k| > 0`` (NaN if never)."""
+
+    _KEY = "C_l"
+
+
+@dataclass
+class CorrelationResult(_LayersResult):
+    layers: Dict[str, CorrelationLayer]
 
 
 def _check_spatial(a: Tensor, layer: str, where: str) -> None:
@@ -575,31 +591,16 @@ class FeatureMapCorrelation:
 # Top-2 neuron IoU (eqs. 3-19, 3-20, Table 3-4)
 # ============================================================================================
 @dataclass
-class Top2Layer:
+class Top2Layer(_PerFilterLayer):
     """``value``: ``IoU^l`` — mean over samples of the mean over filters whose top-2 neurons are both
     active of the IoU of their channel-summed ``|LI|`` active sets; ``per_filter`` [K] likewise per filter."""
 
-    layer: str
-    value: float
-    per_filter: Tensor
-    n_samples: int
-
-    def to_dict(self, arrays: bool = False) -> Dict[str, Any]:
-        d = {"layer": self.layer, "IoU_l": _none_if_nan(self.value), "n_samples": self.n_samples}
-        if arrays:
-            d["per_filter"] = _list_or_none(self.per_filter)
-        return d
+    _KEY = "IoU_l"
 
 
 @dataclass
-class Top2Result:
+class Top2Result(_LayersResult):
     layers: Dict[str, Top2Layer]
-
-    def __getitem__(self, layer: str) -> Top2Layer:
-        return self.layers[layer]
-
-    def to_dict(self, arrays: bool = False) -> Dict[str, Any]:
-        return {"layers": {k: v.to_dict(arrays) for k, v in self.layers.items()}}
 
 
 class Top2IoU:
