@@ -23,7 +23,7 @@ import nns_cuda
 
 from . import bench_baselines as BL
 from .common import (FP32_TOL, TF32_FLAG, FloorCount, Workload, build_model, conv_layer_names, count_floor,
-                     make_inputs, precision, stats_rel_err, sync, time_runs)
+                     make_inputs, precision, stats_errors, stats_rel_err, sync, time_runs)
 
 __all__ = ["Options", "Skip", "run_stats_workload", "measure", "log", "speedups"]
 
@@ -78,8 +78,10 @@ def _free_bytes(device: str) -> int:
     return 4 << 30
 
 
-def _cmp_full(out: Dict[str, torch.Tensor], ref: Dict[str, torch.Tensor]) -> float:
-    return max(stats_rel_err(out[n], ref[n]) for n in ref)
+def _cmp_full(out: Dict[str, torch.Tensor], ref: Dict[str, torch.Tensor]) -> Dict[str, float]:
+    """Per-component agreement (:func:`benchmarks.common.stats_errors`), the max over layers."""
+    errs = [stats_errors(out[n], ref[n]) for n in ref]
+    return {k: max(e[k] for e in errs) for k in errs[0]}
 
 
 def _cmp_sampled(out: Dict[str, Any], ref: Dict[str, torch.Tensor]) -> float:
@@ -112,6 +114,9 @@ def measure(*, row: Dict[str, Any], run: Callable[[torch.Tensor, torch.Tensor], 
             sync(dev)
             row["check_s"] = time.perf_counter() - t0
         err = compare(check_out)
+        if isinstance(err, dict):  # components: values, support, flip_frac, rel_err
+            row["check_detail"] = err
+            err = err["rel_err"]
         row["rel_err"] = err
         row["tol"] = tol
         row["verified"] = bool(err <= tol)

@@ -194,6 +194,9 @@ def test_quick_smoke_json_schema(tmp_path, capsys):
         # correctness first: checked (and right) before the timed runs began
         assert r["verified"] is True and r["rel_err"] <= 1e-4, r
         assert r["checked_at"] <= r["timing_started_at"]
+        if r["method"] in ("reference", "dense", "cpu", "cuda"):  # full comparisons: components kept
+            d = r["check_detail"]
+            assert set(d) == {"values", "support", "flip_frac", "rel_err"} and d["rel_err"] == r["rel_err"]
         assert r["times_s"] and all(t > 0 for t in r["times_s"])
         assert r["s_per_image"] == pytest.approx(r["total_s"] / r["batch"])
         assert r["floor_s"] > 0 and r["time_over_floor"] == pytest.approx(r["total_s"] / r["floor_s"])
