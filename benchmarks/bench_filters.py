@@ -17,7 +17,8 @@ import torch
 import nns_cuda
 
 from . import bench_baselines as BL
-from .bench_scan import Options, Skip, _free_bytes, log, measure, record_failure, speedups
+from .bench_scan import Options, Skip, _free_bytes, log, measure, past_deadline, record_failure, speedups, \
+    start_row
 from .common import FloorCount, Workload, build_model, conv_layer_names, count_floor, make_inputs, precision, \
     reverse_flops, sync
 
@@ -137,13 +138,8 @@ def run_filters_workload(wl: Workload, opts: Options, peaks: Dict[str, Any],
         elif m == "vjp":
             plan.append(("vjp", "fp32"))
     for method, prec in plan:
-        row = {"workload": wl.name, "task": wl.task, "method": method, "precision": prec, "device": dev,
-               "batch": None, "notes": [], "error": None, "verified": None, "rel_err": None}
-        log(opts, f"  {method} {prec}:")
-        if time.time() > opts.deadline:
-            row["error"] = "skipped: suite time limit reached"
-            rows.append(row)
-            emit(row)
+        row = start_row(wl, method, prec, opts)
+        if past_deadline(opts, row, rows, emit):
             continue
         common = dict(x=x, fg=fg, check_batch=Bc, opts=opts, floor=floor, peaks=peaks, neurons_per_image=n_filters)
         try:

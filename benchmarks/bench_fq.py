@@ -6,7 +6,7 @@ for the first 13 ReLU layers (every conv neuron's activation: 276,480 neurons pe
 best available backend (the engine's ``"auto"``). The fit streams: per-neuron running max /
 arg-max / sums, never the images.
 
-Recorded per batch: elapsed time, resident set size (``VmRSS``), peak RSS so far (``ru_maxrss``)
+Recorded per batch: elapsed time, resident set size (``/proc/self/statm``), peak RSS so far (``ru_maxrss``)
 and the load average — the evidence that memory does not grow with the number of images.
 
     python -m benchmarks.bench_fq --images 1000 --json benchmarks/results/fq_vgg16_cpu.json
@@ -26,19 +26,11 @@ from typing import Any, Dict, Iterator, List, Optional  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, Subset  # noqa: E402
 
-from .common import env_info  # noqa: E402
+from .common import env_info, rss_bytes  # noqa: E402
 
 
 def _rss_gib() -> float:
-    """Current resident set size (GiB) from /proc; NaN where that does not exist."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmRSS"):
-                    return int(line.split()[1]) / 2**20
-    except OSError:  # pragma: no cover - not Linux
-        pass
-    return float("nan")
+    return rss_bytes() / 2**30
 
 
 def _peak_gib() -> float:

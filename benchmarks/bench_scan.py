@@ -163,9 +163,22 @@ def measure(*, row: Dict[str, Any], run: Callable[[torch.Tensor, torch.Tensor], 
     return row
 
 
-def _base_row(wl: Workload, method: str, prec: str, opts: Options) -> Dict[str, Any]:
+def start_row(wl: Workload, method: str, prec: str, opts: Options) -> Dict[str, Any]:
+    """A fresh result row (filled by :func:`measure`), announced in the log."""
+    log(opts, f"  {method} {prec}:")
     return {"workload": wl.name, "task": wl.task, "method": method, "precision": prec, "device": opts.device,
             "batch": None, "notes": [], "error": None, "verified": None, "rel_err": None}
+
+
+def past_deadline(opts: Options, row: Dict[str, Any], rows: List[Dict[str, Any]], emit) -> bool:
+    """When the suite's time limit has passed: record ``row`` as skipped (kept and emitted) and
+    return True, so that the caller moves on."""
+    if time.time() <= opts.deadline:
+        return False
+    row["error"] = "skipped: suite time limit reached"
+    rows.append(row)
+    emit(row)
+    return True
 
 
 def speedups(rows: List[Dict[str, Any]]) -> None:
@@ -250,12 +263,8 @@ def run_stats_workload(wl: Workload, opts: Options, peaks: Dict[str, Any],
 
     rows: List[Dict[str, Any]] = []
     for method, prec in plan_methods(opts):
-        row = _base_row(wl, method, prec, opts)
-        log(opts, f"  {method} {prec}:")
-        if time.time() > opts.deadline:
-            row["error"] = "skipped: suite time limit reached"
-            rows.append(row)
-            emit(row)
+        row = start_row(wl, method, prec, opts)
+        if past_deadline(opts, row, rows, emit):
             continue
         try:
             _run_method(row, method, prec, wl, model, names, graph, x, fg, B, Bc, ref, opts, floor, peaks, npi)

@@ -148,7 +148,8 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _rss_bytes() -> int:
+def rss_bytes() -> int:
+    """Current resident set size in bytes (``/proc/self/statm``; the peak where that is missing)."""
     try:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -175,7 +176,7 @@ class PeakMemory:
             self.base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
         else:
-            self.base = _rss_bytes()
+            self.base = rss_bytes()
             self._max = self.base
             self._stop = threading.Event()
             self._t = threading.Thread(target=self._sample, daemon=True)
@@ -184,7 +185,7 @@ class PeakMemory:
 
     def _sample(self) -> None:
         while not self._stop.wait(0.002):
-            self._max = max(self._max, _rss_bytes())
+            self._max = max(self._max, rss_bytes())
 
     def __exit__(self, *exc) -> None:
         if self.device == "cuda":
@@ -193,7 +194,7 @@ class PeakMemory:
         else:
             self._stop.set()
             self._t.join()
-            self._max = max(self._max, _rss_bytes())
+            self._max = max(self._max, rss_bytes())
             self.peak = max(0, self._max - self.base)
 
 

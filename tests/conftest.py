@@ -44,6 +44,13 @@ def device(request) -> str:
     return request.param
 
 
+def noncontiguous(args: dict) -> dict:
+    """The same keyword arguments with every tensor replaced by a non-contiguous view of the same
+    values (every other element of a doubled tensor); other values unchanged."""
+    return {k: torch.stack([v, torch.zeros_like(v)], dim=-1)[..., 0] if isinstance(v, torch.Tensor) else v
+            for k, v in args.items()}
+
+
 @contextlib.contextmanager
 def nan_filled_outputs() -> Iterator[None]:
     """Within the block, ``torch.empty`` (and the kernels' ``at::empty``) fill floating

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import (expect_op_error, TOL, assert_rel_close, conv_geometry, cpu_and_cuda, nan_filled_outputs,
-                      needs_cuda, rel_err, rf_anchors)
+                      needs_cuda, noncontiguous, rel_err, rf_anchors)
 from nns_cuda import ops
 from nns_cuda.reference import ops as ref
 
@@ -128,23 +128,22 @@ def test_conv_li_in_active_skips_inputs(device):
     assert_rel_close(out, expected, torch.float64)
 
 
+def noncontiguous_case(case: dict, device) -> dict:
+    """``case`` on ``device`` with every tensor a non-contiguous view of the same values, and the
+    weight with channels-last-like strides (shared with test_conv_li_gemm.py)."""
+    nc = noncontiguous(to(case, device))
+    assert all(not v.is_contiguous() or v.numel() <= 1 for v in nc.values() if isinstance(v, torch.Tensor))
+    nc["weight"] = nc["weight"].permute(3, 2, 1, 0).contiguous().permute(3, 2, 1, 0)
+    return nc
+
+
 @pytest.mark.parametrize("device", cpu_and_cuda())
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
 def test_conv_li_noncontiguous(dtype, device):
     case = make_case(6, dtype=dtype, groups=2, s=(2, 1), pre=(3, 1, 1))
     expected = reference64(case)
-    nc = {}
-    for key, v in to(case, device).items():
-        if isinstance(v, torch.Tensor) and v.dim() >= 1:
-            # the same values in a non-contiguous view: every other element of a doubled tensor
-            big = torch.stack([v, torch.zeros_like(v)], dim=-1)
-            v = big[..., 0]
-            assert not v.is_contiguous() or v.numel() <= 1
-        nc[key] = v
-    w = nc["weight"]
-    nc["weight"] = w.permute(3, 2, 1, 0).contiguous().permute(3, 2, 1, 0)  # channels-last-like strides
     with nan_filled_outputs():
-        out = ops.conv_li(**nc)
+        out = ops.conv_li(**noncontiguous_case(case, device))
     assert_rel_close(out, expected, dtype)
 
 

@@ -28,7 +28,7 @@ from conftest import (TOL, assert_rel_close, cpu_and_cuda, expect_op_error, nan_
 from nns_cuda import ops
 from nns_cuda.reference import ops as ref
 from test_conv_li import BAD as CONV_BAD
-from test_conv_li import CONFIGS, make_case, reference64, to
+from test_conv_li import CONFIGS, make_case, noncontiguous_case, reference64, to
 
 pytestmark = pytest.mark.skipif(not ops.HAS_OPS, reason="nns_cuda._C not built")
 
@@ -134,17 +134,8 @@ def test_conv_li_gemm_in_active_masks_inputs(device):
 def test_conv_li_gemm_noncontiguous(dtype, device):
     case = make_case(6, dtype=dtype, groups=2, s=(2, 1), pre=(3, 1, 1))
     expected = reference64(case)
-    nc = {}
-    for key, v in to(case, device).items():
-        if isinstance(v, torch.Tensor) and v.dim() >= 1:
-            big = torch.stack([v, torch.zeros_like(v)], dim=-1)
-            v = big[..., 0]
-            assert not v.is_contiguous() or v.numel() <= 1
-        nc[key] = v
-    w = nc["weight"]
-    nc["weight"] = w.permute(3, 2, 1, 0).contiguous().permute(3, 2, 1, 0)
     with nan_filled_outputs():
-        out = gemm(nc, 300)
+        out = gemm(noncontiguous_case(case, device), 300)
     assert_rel_close(out, expected, dtype)
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import expect_op_error, assert_rel_close, conv_geometry, cpu_and_cuda, nan_filled_outputs, needs_cuda, rel_err, rf_anchors
+from conftest import expect_op_error, assert_rel_close, conv_geometry, cpu_and_cuda, nan_filled_outputs, noncontiguous, needs_cuda, rel_err, rf_anchors
 from nns_cuda import ops
 from nns_cuda.reference import ops as ref
 
@@ -91,11 +91,7 @@ def test_filter_fold_matches_reference(cfg, dtype, device):
 def test_filter_fold_noncontiguous(device):
     case = make_case(60, pad=(1, 1))
     expected = ref.filter_fold(**case)
-    nc = {}
-    for key, v in to(case, device).items():
-        if isinstance(v, torch.Tensor):
-            v = torch.stack([v, torch.zeros_like(v)], dim=-1)[..., 0]
-        nc[key] = v
+    nc = noncontiguous(to(case, device))
     with nan_filled_outputs():
         out = ops.filter_fold(**nc)
     assert_rel_close(out, expected, torch.float64)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import expect_op_error, assert_rel_close, cpu_and_cuda, nan_filled_outputs, needs_cuda, rel_err, rf_anchors
+from conftest import expect_op_error, assert_rel_close, cpu_and_cuda, nan_filled_outputs, noncontiguous, needs_cuda, rel_err, rf_anchors
 from nns_cuda import ops
 from nns_cuda.reference import ops as ref
 from nns_cuda.reference.stats import NUM_STATS, li_stats_dense
@@ -105,9 +105,7 @@ def test_li_stats_matches_reference(cfg, dtype, device):
 def test_li_stats_noncontiguous(device):
     case = make_case(50)
     expected = ref.li_stats(**case)
-    nc = {}
-    for key, v in to(case, device).items():
-        nc[key] = torch.stack([v, torch.zeros_like(v)], dim=-1)[..., 0]
+    nc = noncontiguous(to(case, device))
     with nan_filled_outputs():
         out = ops.li_stats(**nc)
     assert_rel_close(out, expected, torch.float64)

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import expect_op_error, assert_rel_close, conv_geometry, cpu_and_cuda, nan_filled_outputs, needs_cuda, rf_anchors
+from conftest import expect_op_error, assert_rel_close, conv_geometry, cpu_and_cuda, nan_filled_outputs, noncontiguous, needs_cuda, rf_anchors
 from nns_cuda import ops
 from nns_cuda.reference import ops as ref
 
@@ -90,11 +90,7 @@ def test_maxpool_li_matches_reference(cfg, dtype, device):
 def test_maxpool_li_noncontiguous(device):
     case = make_case(20, k=(3, 3), s=(2, 2), p=(1, 1), pre=(3, 1, 1))
     expected = ref.maxpool_li(**case)
-    nc = {}
-    for key, v in to(case, device).items():
-        if isinstance(v, torch.Tensor):
-            v = torch.stack([v, torch.zeros_like(v)], dim=-1)[..., 0]
-        nc[key] = v
+    nc = noncontiguous(to(case, device))
     with nan_filled_outputs():
         out = ops.maxpool_li(**nc)
     assert_rel_close(out, expected, torch.float64)

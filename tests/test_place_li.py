@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import expect_op_error, assert_rel_close, cpu_and_cuda, nan_filled_outputs, needs_cuda, rel_err, rf_anchors
+from conftest import expect_op_error, assert_rel_close, cpu_and_cuda, nan_filled_outputs, noncontiguous, needs_cuda, rel_err, rf_anchors
 from nns_cuda import ops
 from nns_cuda.reference import ops as ref
 
@@ -99,11 +99,7 @@ def test_place_li_matches_reference(cfg, dtype, device):
 def test_place_li_noncontiguous(device):
     case = make_case(30, accumulate=True)
     expected = ref.place_li(**case)
-    nc = {}
-    for key, v in to(case, device).items():
-        if isinstance(v, torch.Tensor):
-            v = torch.stack([v, torch.zeros_like(v)], dim=-1)[..., 0]
-        nc[key] = v
+    nc = noncontiguous(to(case, device))
     with nan_filled_outputs():
         out = ops.place_li(**nc)
     assert_rel_close(out, expected, torch.float64)
