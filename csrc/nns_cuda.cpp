@@ -29,6 +29,10 @@ TORCH_LIBRARY(nns_cuda, m) {
       "Tensor? scale, Tensor? gate, Tensor ay_out, Tensor ax_out, int[] stride, int[] padding, "
       "int[] dilation, int groups, int rh_out, int rw_out, int max_elems=0) -> Tensor");
   m.def(
+      "conv_li_gather(Tensor patches, Tensor ay_in, Tensor ax_in, Tensor? in_active, Tensor weight, "
+      "Tensor? scale, Tensor? gate, Tensor ay_out, Tensor ax_out, int[] stride, int[] padding, "
+      "int[] dilation, int groups, int rh_out, int rw_out, int max_elems=0) -> Tensor");
+  m.def(
       "maxpool_li(Tensor patches, Tensor ay_in, Tensor ax_in, Tensor indices, Tensor ay_out, "
       "Tensor ax_out, int rh_out, int rw_out) -> Tensor");
   m.def(

@@ -53,7 +53,7 @@ __all__ = [
 BACKENDS = ("auto", "reference", "cpu", "cuda")
 STRATEGIES = ("auto", "forward", "reverse")
 PRECISIONS = ("auto", "fp32", "fp64", "tf32", "bf16", "fp16")
-CONV_ALGORITHMS = ("auto", "direct", "gemm")
+CONV_ALGORITHMS = ("auto", "direct", "gemm", "gather")
 #: storage dtype of the learned-image patches for each explicit precision
 _STORAGE = {"fp32": torch.float32, "fp64": torch.float64, "tf32": torch.float32, "bf16": torch.bfloat16,
             "fp16": torch.float16}
@@ -154,9 +154,9 @@ def resolve_conv_algorithm(conv_algorithm: str, device: torch.device, precision:
         if device.type == "cuda" and precision in ("tf32", "bf16", "fp16"):
             return "gemm"
         return "direct"
-    if precision == "tf32" and conv_algorithm != "gemm":
-        raise ValueError(f"precision='tf32' runs the convolutions as TF32 GEMMs: it needs conv_algorithm='gemm' "
-                         f"or 'auto', got {conv_algorithm!r}")
+    if precision == "tf32" and conv_algorithm == "direct":
+        raise ValueError("precision='tf32' runs the convolutions as TF32 GEMMs: it needs conv_algorithm='gemm', "
+                         "'gather' or 'auto', got 'direct'")
     return conv_algorithm
 
 
@@ -421,6 +421,8 @@ class _PatchEngine:
                 list(a["dilation"]), int(a["groups"]), rh, rw)
         if self.conv_algorithm == "gemm" and int(a["groups"]) == 1:
             t = self.O.conv_li_gemm(*args, self.gemm_max_elems)
+        elif self.conv_algorithm == "gather" and int(a["groups"]) == 1 and _gather_fits(r, ay, ax, a):
+            t = self.O.conv_li_gather(*args, self.gemm_max_elems)
         else:
             t = self.O.conv_li(*args)
         return _Rep(t, ay, ax, None if gate is None else gate != 0)
@@ -577,6 +579,31 @@ class _PatchEngine:
 
 
 # ----------------------------------------------------------------------------- estimates
+def _one_offset(a_in: torch.Tensor, a_out: torch.Tensor, n_in: int, K: int, stride: int, pad: int,
+                dil: int) -> bool:
+    """Along one axis of a conv: does every input position sit at a single offset
+    (``a_in[i] - a_out[y]``) in all the output windows ``y`` whose taps read it?"""
+    a_in, a_out = a_in.detach().cpu().long(), a_out.detach().cpu().long()
+    yi = torch.arange(a_out.numel())[:, None] * stride + torch.arange(K)[None, :] * dil - pad
+    ok = (yi >= 0) & (yi < n_in)
+    if not bool(ok.any()):
+        return True
+    src = yi[ok]
+    off = (a_in[yi.clamp(0, n_in - 1)] - a_out[:, None])[ok]
+    lo = torch.zeros(n_in, dtype=torch.long).scatter_reduce(0, src, off, "amin", include_self=False)
+    hi = torch.zeros(n_in, dtype=torch.long).scatter_reduce(0, src, off, "amax", include_self=False)
+    return bool((lo == hi).all())
+
+
+def _gather_fits(r: "_Rep", ay: torch.Tensor, ax: torch.Tensor, a: Dict[str, Any]) -> bool:
+    """Whether ``conv_li_gather`` is economical for this conv (``ops.conv_li_gather``): every
+    input position at one offset in the output windows that use it, so that its placed copy of
+    the input is no larger than the input placed once (deep layers: all windows are the image)."""
+    Hi, Wi = r.t.shape[2], r.t.shape[3]
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = a["kernel"], a["stride"], a["padding"], a["dilation"]
+    return (_one_offset(r.ay, ay, Hi, kh, sh, ph, dh) and _one_offset(r.ax, ax, Wi, kw, sw, pw, dw))
+
+
 def _node_patch_elems(graph: ScanGraph, g: GNode) -> int:
     D, H, W = _image_dims(graph.input_shape)
     if g.kind == "input":
@@ -711,8 +738,8 @@ class Scanner:
         _check_choice("precision", precision, PRECISIONS)
         _check_choice("conv_algorithm", conv_algorithm, CONV_ALGORITHMS)
         if precision == "tf32" and conv_algorithm == "direct":
-            raise ValueError("precision='tf32' runs the convolutions as TF32 GEMMs: it needs conv_algorithm='gemm' "
-                             "or 'auto', got 'direct'")
+            raise ValueError("precision='tf32' runs the convolutions as TF32 GEMMs: it needs conv_algorithm='gemm', "
+                             "'gather' or 'auto', got 'direct'")
         if max_memory is not None and max_memory <= 0:
             raise ValueError(f"max_memory must be a positive number of bytes, got {max_memory}")
         if isinstance(layers, str):

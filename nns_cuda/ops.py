@@ -29,8 +29,8 @@ patches are *storage* formats: the kernels read them, compute every product and 
 not rounded) and round only the result to the patch dtype, so that they agree with the
 reference twins (which compute in float32 and cast back) to the rounding of the result.
 ``li_stats`` returns its statistics in float32 for 16-bit patches (the patch dtype
-otherwise). :func:`conv_li_gemm` is the exception by design: it multiplies in the patch dtype
-(tensor cores on CUDA), with the weights rounded to it.
+otherwise). :func:`conv_li_gemm` and :func:`conv_li_gather` are the exceptions by design: they
+multiply in the patch dtype (tensor cores on CUDA), with the weights rounded to it.
 """
 from __future__ import annotations
 
@@ -46,6 +46,7 @@ from .reference.stats import NUM_STATS
 __all__ = [
     "conv_li",
     "conv_li_gemm",
+    "conv_li_gather",
     "maxpool_li",
     "place_li",
     "linear_li",
@@ -64,7 +65,7 @@ except Exception as _e:  # ImportError, or OSError for a library built against a
 #: Whether the compiled ops are registered (otherwise the wrappers use the reference).
 HAS_OPS: bool = hasattr(torch.ops.nns_cuda, "conv_li")
 
-_OPS = ("conv_li", "conv_li_gemm", "maxpool_li", "place_li", "linear_li", "li_stats", "filter_fold")
+_OPS = ("conv_li", "conv_li_gemm", "conv_li_gather", "maxpool_li", "place_li", "linear_li", "li_stats", "filter_fold")
 _warned = False
 
 
@@ -184,6 +185,61 @@ def conv_li_gemm(patches: torch.Tensor, ay_in: torch.Tensor, ax_in: torch.Tensor
                                            ay_out, ax_out, _ints(stride), _ints(padding),
                                            _ints(dilation), int(groups), int(rh_out),
                                            int(rw_out), int(max_elems))
+
+
+def conv_li_gather(patches: torch.Tensor, ay_in: torch.Tensor, ax_in: torch.Tensor,
+                   in_active: Optional[torch.Tensor], weight: torch.Tensor,
+                   scale: Optional[torch.Tensor], gate: Optional[torch.Tensor], ay_out: torch.Tensor,
+                   ax_out: torch.Tensor, stride: Sequence[int], padding: Sequence[int],
+                   dilation: Sequence[int], groups: int, rh_out: int, rw_out: int,
+                   max_elems: int = 0) -> torch.Tensor:
+    """:func:`conv_li` as batched GEMMs over the *active* (input neuron, tap) pairs of every
+    output position (the gated GEMM of DESIGN §2; ``csrc/conv_gather.cpp``).
+
+    For output position ``p`` of image ``b`` (and group): ``out[b, :, p] = (W[:, J] · gate ·
+    scale) @ A`` where ``J`` are the pairs ``(i, ky, kx)`` whose tap is not padding and whose
+    input neuron is active, padded with zero rows to the longest list of the chunk, and row ``j``
+    of ``A`` is that input neuron's patch placed into the output window of ``p``. Inactive
+    inputs cost nothing (unlike :func:`conv_li_gemm`); the rows of ``A`` are whole rows of a
+    once-placed copy of the input (one copy per distinct offset of an input position; none
+    where the input windows already are the output window), so the gather moves whole patches.
+    One ATen-only C++ implementation runs on the CPU and, with cuBLAS, on CUDA.
+
+    Economical where every input position sits at one offset in all the output windows that
+    use it (always true when all output windows are the same window, i.e. the receptive field
+    covers the image; the engine's ``conv_algorithm="gather"`` uses it only there). Elsewhere
+    it is exact but the placed copy grows up to ``Kh·Kw`` times.
+
+    Same arguments and result as :func:`conv_li` (any ``groups``), plus ``max_elems``.
+    Differences: inactive inputs are never read (they may hold anything); gated-off outputs
+    (``gate · scale == 0``) are exactly zero, as in :func:`conv_li`;
+    precision as :func:`conv_li_gemm` (the GEMM in the patch dtype, TF32 switch obeyed on
+    CUDA, float16 on the CPU multiplied in float32; weights · gate · scale formed in float32
+    and rounded to the GEMM dtype).
+
+    Parameters
+    ----------
+    patches, ay_in, ax_in, in_active, weight, scale, gate, ay_out, ax_out, stride, padding,
+    dilation, groups, rh_out, rw_out : as :func:`conv_li`
+    max_elems : int
+        Upper bound, in elements of the GEMM dtype, on the placed copy of an image chunk plus
+        the temporaries of one batched GEMM (``A``, the weights, the result, the index
+        tables). Work is chunked over images and tiles of output positions (one output
+        position at least). 0: the default, 2**26.
+
+    Returns
+    -------
+    Tensor [B, Co, Ho, Wo, D, rh_out, rw_out], dtype of ``patches``
+    """
+    if not HAS_OPS:
+        _fallback()
+        return _ref.conv_li_gather(patches, ay_in, ax_in, in_active, weight, scale, gate, ay_out,
+                                   ax_out, stride, padding, dilation, groups, rh_out, rw_out,
+                                   max_elems)
+    return torch.ops.nns_cuda.conv_li_gather(patches, ay_in, ax_in, in_active, weight, scale, gate,
+                                             ay_out, ax_out, _ints(stride), _ints(padding),
+                                             _ints(dilation), int(groups), int(rh_out),
+                                             int(rw_out), int(max_elems))
 
 
 def maxpool_li(patches: torch.Tensor, ay_in: torch.Tensor, ax_in: torch.Tensor,
@@ -517,6 +573,16 @@ def _register_fakes() -> None:
                                           rh_out, rw_out, op="conv_li_gemm")
         torch._check_value(max_elems >= 0,
                            lambda: f"conv_li_gemm: max_elems must be >= 0 (0: default), got {max_elems}")
+        return patches.new_empty((B, Co, Ho, Wo, D, rh_out, rw_out))
+
+    @torch.library.register_fake("nns_cuda::conv_li_gather")
+    def _conv_li_gather_fake(patches, ay_in, ax_in, in_active, weight, scale, gate, ay_out, ax_out,
+                             stride, padding, dilation, groups, rh_out, rw_out, max_elems=0):
+        B, Co, Ho, Wo, D = _check_conv_li(patches, ay_in, ax_in, in_active, weight, scale, gate,
+                                          ay_out, ax_out, stride, padding, dilation, groups,
+                                          rh_out, rw_out, op="conv_li_gather")
+        torch._check_value(max_elems >= 0,
+                           lambda: f"conv_li_gather: max_elems must be >= 0 (0: default), got {max_elems}")
         return patches.new_empty((B, Co, Ho, Wo, D, rh_out, rw_out))
 
     @torch.library.register_fake("nns_cuda::maxpool_li")

@@ -35,6 +35,7 @@ from .stats import NUM_STATS
 __all__ = [
     "conv_li",
     "conv_li_gemm",
+    "conv_li_gather",
     "maxpool_li",
     "place_li",
     "linear_li",
@@ -195,6 +196,21 @@ def conv_li_gemm(patches: torch.Tensor, ay_in: torch.Tensor, ax_in: torch.Tensor
         weight = weight.to(patches.dtype)
     return conv_li(patches, ay_in, ax_in, in_active, weight, scale, gate, ay_out, ax_out, stride, padding,
                    dilation, groups, rh_out, rw_out)
+
+def conv_li_gather(patches: torch.Tensor, ay_in: torch.Tensor, ax_in: torch.Tensor,
+                   in_active: Optional[torch.Tensor], weight: torch.Tensor,
+                   scale: Optional[torch.Tensor], gate: Optional[torch.Tensor], ay_out: torch.Tensor,
+                   ax_out: torch.Tensor, stride: Sequence[int], padding: Sequence[int],
+                   dilation: Sequence[int], groups: int, rh_out: int, rw_out: int,
+                   max_elems: int = 0) -> torch.Tensor:
+    """Twin of the compiled ``conv_li_gather`` (the active-pair GEMM formulation of
+    :func:`conv_li`): :func:`conv_li_gemm`'s twin under its own name (both are :func:`conv_li`,
+    with the weights rounded to 16-bit patch dtypes), so that the compiled op is tested against
+    code it shares nothing with."""
+    if max_elems < 0:
+        raise ValueError(f"conv_li_gather: max_elems must be >= 0 (0: default), got {max_elems}")
+    return conv_li_gemm(patches, ay_in, ax_in, in_active, weight, scale, gate, ay_out, ax_out, stride, padding,
+                        dilation, groups, rh_out, rw_out)
 
 
 def maxpool_li(patches: torch.Tensor, ay_in: torch.Tensor, ax_in: torch.Tensor, indices: torch.Tensor,
