@@ -50,16 +50,21 @@ from .common import Workload, conv_layer_names, env_info, make_inputs, sync, wri
 
 MODELS = {"vgg16_32": "vgg16_cifar", "simple_cnn_32": "simple_cnn"}
 #: (precision, conv_algorithm) pairs in run order; "tf32" runs on CUDA only
-CONFIGS = [("fp64", "direct"), ("fp32", "direct"), ("fp32", "gemm"), ("bf16", "direct"), ("bf16", "gemm"),
-           ("fp16", "direct"), ("fp16", "gemm"), ("tf32", "gemm")]
-#: on CUDA the tensor-core configurations first (a time limit cuts the tail)
-CONFIGS_CUDA = [("tf32", "gemm"), ("bf16", "gemm"), ("fp16", "gemm"), ("fp32", "gemm"), ("fp32", "direct"),
-                ("bf16", "direct"), ("fp16", "direct"), ("fp64", "direct")]
+CONFIGS = [("fp64", "direct"), ("fp32", "direct"), ("fp32", "gemm"), ("fp32", "gather"), ("bf16", "direct"),
+           ("bf16", "gemm"), ("fp16", "direct"), ("fp16", "gemm"), ("tf32", "gemm")]
+#: on CUDA the tensor-core / GEMM configurations first (a time limit cuts the tail): gather (the
+#: predicted fast one) at tf32 and fp32 first of all
+CONFIGS_CUDA = [("tf32", "gather"), ("fp32", "gather"), ("tf32", "gemm"), ("bf16", "gather"), ("bf16", "gemm"),
+                ("fp16", "gemm"), ("fp32", "gemm"), ("fp32", "direct"), ("bf16", "direct"), ("fp16", "direct"),
+                ("fp64", "direct")]
 
 
-def _run(model, x, fg, names, precision: str, algo: str, device: str) -> Tuple[Dict[str, Dict[str, torch.Tensor]], float]:
-    """One forward-strategy scan: ``{layer: {"patches", "stats", "filters"}}`` and its time
-    (forward + propagation + statistics; the filter fold runs after the clock stops)."""
+def _run(model, x, fg, names, precision: str, algo: str,
+         device: str) -> Tuple[Dict[str, Dict[str, torch.Tensor]], float, Dict[str, int]]:
+    """One forward-strategy scan: ``{layer: {"patches", "stats", "filters"}}``, its time
+    (forward + propagation + statistics; the filter fold runs after the clock stops) and how
+    many convolutions ran each op (``{"gather": 10, "direct": 3}``: ``gather`` falls back to the
+    direct kernels where it does not pay, ``gemm`` for grouped convolutions)."""
     sc = nns_cuda.Scanner(model, names, precision=precision, conv_algorithm=algo, stats=True)
     graph = sc.graph(x)
     nodes = sc._nodes(graph)
@@ -84,7 +89,8 @@ def _run(model, x, fg, names, precision: str, algo: str, device: str) -> Tuple[D
         for n, g in zip(names, nodes):
             r = reps[g.idx]
             res[n]["filters"] = sc._fold(eng.O, g, r, fwd, B, D, H, W, graph).to(out_dtype)
-    return res, elapsed
+    used = list((getattr(eng, "used", None) or {}).values())
+    return res, elapsed, {k: used.count(k) for k in dict.fromkeys(used)}
 
 
 def _frob(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -127,8 +133,8 @@ def run_model(key: str, device: str, batch: int, repeats: int, configs: List[Tup
     x, fg = make_inputs(Workload(key, MODELS[key], 32), batch, device)
     names = conv_layer_names(model, x, neurons="act")
     print(f"[{key}] {len(names)} layers, batch {batch}, device {device}", file=sys.stderr, flush=True)
-    ref64, t64 = _run(model, x, fg, names, "fp64", "direct", device)
-    ref32, t32 = _run(model, x, fg, names, "fp32", "direct", device)
+    ref64, t64, ops64 = _run(model, x, fg, names, "fp64", "direct", device)
+    ref32, t32, ops32 = _run(model, x, fg, names, "fp32", "direct", device)
     for prec, algo in configs:
         if prec == "tf32" and device != "cuda":
             continue
@@ -136,11 +142,13 @@ def run_model(key: str, device: str, batch: int, repeats: int, configs: List[Tup
                                "layers": len(names)}
         try:
             if (prec, algo) == ("fp64", "direct"):
-                got, t_first = ref64, t64
+                got, t_first, ops = ref64, t64, ops64
             elif (prec, algo) == ("fp32", "direct"):
-                got, t_first = ref32, t32
+                got, t_first, ops = ref32, t32, ops32
             else:
-                got, t_first = _run(model, x, fg, names, prec, algo, device)
+                got, t_first, ops = _run(model, x, fg, names, prec, algo, device)
+            if ops:
+                row["conv_ops"] = ops
             e64, e32 = _errors(got, ref64), _errors(got, ref32)
             del got
             row.update({f"{k}_vs_fp64": v for k, v in e64.items()})
@@ -180,7 +188,11 @@ def table(rows: List[Dict[str, Any]]) -> str:
     """Markdown table of the rows (errors to 2 digits)."""
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
-        head = [r["model"], r["precision"], r["conv_algorithm"]]
+        ops = r.get("conv_ops") or {}
+        algo = r["conv_algorithm"]
+        if set(ops) - {algo}:  # some convolutions ran another op
+            algo += " (" + ", ".join(f"{v} {k}" for k, v in ops.items()) + ")"
+        head = [r["model"], r["precision"], algo]
         if "error" in r:
             cells = head + [r["error"]] + [""] * (len(COLUMNS) - 4)
         else:

@@ -6,6 +6,14 @@ Per method and precision: a correctness check on the check batch against the ref
 backend's statistics, then the timed runs (warm-up, median of repeats) on the method's batch,
 then a batch-consistency check (the first check-batch samples of the timed output must equal
 the check output). Run through ``python -m benchmarks.run``.
+
+Conv algorithms (``Options.algorithms``, ``--algorithms``): the engine methods ``cuda`` and
+``cpu`` run once per requested ``conv_algorithm`` of :class:`nns_cuda.Scanner` (one row per
+method, precision and algorithm; the row records ``requested_algorithm`` and, from the
+:class:`nns_cuda.ScanResult`, the ``conv_algorithm`` that ran). ``reference`` and the baselines
+are unaffected (one row per precision). Not planned: ``tf32`` with ``direct`` (the engine refuses
+it). An explicit algorithm that ``auto`` already ran at the same method and precision is not run
+again: its row is kept, marked ``skipped: same as auto``.
 """
 from __future__ import annotations
 
@@ -20,12 +28,14 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 
 import nns_cuda
+from nns_cuda.engine import CONV_ALGORITHMS
 
 from . import bench_baselines as BL
 from .common import (FP32_TOL, TF32_FLAG, FloorCount, Workload, build_model, conv_layer_names, count_floor,
                      make_inputs, precision, stats_errors, stats_rel_err, sync, time_runs)
 
-__all__ = ["Options", "Skip", "run_stats_workload", "measure", "log", "speedups"]
+__all__ = ["Options", "Skip", "run_stats_workload", "measure", "log", "speedups", "plan_methods",
+           "algorithm_skip_reason", "CONV_ALGORITHMS"]
 
 
 class Skip(Exception):
@@ -34,6 +44,8 @@ class Skip(Exception):
 ENGINE_METHODS = ("cuda", "cpu", "reference")
 BASELINE_METHODS = ("dense", "vjp", "captum")
 ALL_METHODS = ENGINE_METHODS + BASELINE_METHODS
+#: the engine methods that run once per requested conv algorithm
+ALGORITHM_METHODS = ("cuda", "cpu")
 
 
 @dataclass
@@ -42,6 +54,7 @@ class Options:
     quick: bool = False
     methods: Sequence[str] = ALL_METHODS
     precisions: Sequence[str] = ("fp32", "tf32")
+    algorithms: Sequence[str] = ("auto",)  # conv_algorithm of the cuda / cpu rows (one row each)
     repeats: int = 3
     batch: Optional[int] = None          # overrides the workload's batch for our backends
     check_batch: int = 1
@@ -163,11 +176,17 @@ def measure(*, row: Dict[str, Any], run: Callable[[torch.Tensor, torch.Tensor], 
     return row
 
 
-def start_row(wl: Workload, method: str, prec: str, opts: Options) -> Dict[str, Any]:
-    """A fresh result row (filled by :func:`measure`), announced in the log."""
-    log(opts, f"  {method} {prec}:")
-    return {"workload": wl.name, "task": wl.task, "method": method, "precision": prec, "device": opts.device,
-            "batch": None, "notes": [], "error": None, "verified": None, "rel_err": None}
+def start_row(wl: Workload, method: str, prec: str, opts: Options, algorithm: Optional[str] = None) -> Dict[str, Any]:
+    """A fresh result row (filled by :func:`measure`), announced in the log. ``algorithm``: the
+    requested conv algorithm of an engine row (``requested_algorithm``; ``conv_algorithm``, what
+    ran, is filled in after the run)."""
+    log(opts, f"  {method} {prec}" + (f" conv_algorithm={algorithm}" if algorithm else "") + ":")
+    row = {"workload": wl.name, "task": wl.task, "method": method, "precision": prec, "device": opts.device,
+           "batch": None, "notes": [], "error": None, "verified": None, "rel_err": None}
+    if algorithm is not None:
+        row["requested_algorithm"] = algorithm
+        row["conv_algorithm"] = None
+    return row
 
 
 def past_deadline(opts: Options, row: Dict[str, Any], rows: List[Dict[str, Any]], emit) -> bool:
@@ -183,7 +202,9 @@ def past_deadline(opts: Options, row: Dict[str, Any], rows: List[Dict[str, Any]]
 
 def speedups(rows: List[Dict[str, Any]]) -> None:
     """Ratio columns of one workload's rows: the dense forward mode's s/image at the same
-    precision over the row's, and the Captum loop's (fp32) over the row's."""
+    precision over the row's, and the Captum loop's (fp32) over the row's. Every row gets its
+    own ratios (several rows of one method and precision, e.g. one per conv algorithm, each
+    against the same dense / Captum row)."""
     def s(method, prec):
         for r in rows:
             if r["method"] == method and r["precision"] == prec and r.get("s_per_image") and not r.get("error"):
@@ -198,8 +219,25 @@ def speedups(rows: List[Dict[str, Any]]) -> None:
         r["speedup_vs_captum"] = captum / r["s_per_image"] if captum else None
 
 
-def plan_methods(opts: Options, task: str = "stats") -> List[tuple]:
-    """(method, precision) pairs to run on ``opts.device``, in priority order."""
+def algorithm_skip_reason(precision: str, algorithm: str) -> Optional[str]:
+    """Why an engine row of this precision and requested conv algorithm is not planned (None:
+    it is): tf32 runs the convolutions as TF32 GEMMs, the engine refuses ``direct``."""
+    if precision == "tf32" and algorithm == "direct":
+        return "precision tf32 needs a GEMM conv algorithm (the engine refuses 'direct')"
+    return None
+
+
+def plan_methods(opts: Options, task: str = "stats",
+                 not_planned: Optional[List[tuple]] = None) -> List[tuple]:
+    """(method, precision, algorithm) triples to run on ``opts.device``, in priority order.
+
+    ``algorithm`` is the requested ``conv_algorithm`` for the ``cuda`` / ``cpu`` rows (one
+    triple per entry of ``opts.algorithms``, duplicates dropped) and None for the others.
+    Order: the engine rows first (the ``auto`` ones first of all, fp32 before the others, then
+    the explicit algorithms in the requested order), then dense, captum, vjp, reference.
+    Combinations :func:`algorithm_skip_reason` refuses (tf32 + direct) are left out and, when
+    ``not_planned`` is a list, appended to it as (method, precision, algorithm, reason)."""
+    algos = list(dict.fromkeys(opts.algorithms or ("auto",)))
     out = []
     for m in opts.methods:
         if m in ("cuda", "cpu") and m != opts.device:
@@ -207,9 +245,18 @@ def plan_methods(opts: Options, task: str = "stats") -> List[tuple]:
         for p in opts.precisions:
             if p == "tf32" and (opts.device != "cuda" or m not in ("cuda", "dense")):
                 continue
-            out.append((m, p))
+            if m not in ALGORITHM_METHODS:
+                out.append((m, p, None))
+                continue
+            for a in algos:
+                why = algorithm_skip_reason(p, a)
+                if why:
+                    if not_planned is not None:
+                        not_planned.append((m, p, a, why))
+                    continue
+                out.append((m, p, a))
     order = {"cuda": 0, "cpu": 0, "dense": 1, "captum": 2, "vjp": 3, "reference": 4}
-    return sorted(out, key=lambda mp: (order.get(mp[0], 9), mp[1] != "fp32"))
+    return sorted(out, key=lambda mpa: (order.get(mpa[0], 9), mpa[2] not in (None, "auto"), mpa[1] != "fp32"))
 
 
 def _vjp_rows(opts: Options, graph, names, batch: int, device: str) -> int:
@@ -262,12 +309,20 @@ def run_stats_workload(wl: Workload, opts: Options, peaks: Dict[str, Any],
     opts.extra["oracle_run"] = (ref, info["oracle_s"])
 
     rows: List[Dict[str, Any]] = []
-    for method, prec in plan_methods(opts):
-        row = start_row(wl, method, prec, opts)
+    not_planned: List[tuple] = []
+    plan = plan_methods(opts, not_planned=not_planned)
+    for m, p, a, why in not_planned:
+        log(opts, f"  {m} {p} conv_algorithm={a}: not planned ({why})")
+    for method, prec, algo in plan:
+        row = start_row(wl, method, prec, opts, algo)
         if past_deadline(opts, row, rows, emit):
             continue
         try:
-            _run_method(row, method, prec, wl, model, names, graph, x, fg, B, Bc, ref, opts, floor, peaks, npi)
+            dup = _same_as_auto(rows, method, prec, algo)
+            if dup is not None:
+                raise Skip(f"same as auto (the auto row ran {algo})")
+            _run_method(row, method, prec, wl, model, names, graph, x, fg, B, Bc, ref, opts, floor, peaks, npi,
+                        algo)
         except Skip as e:
             row["error"] = f"skipped: {e}"
             log(opts, f"    {row['error']}")
@@ -279,18 +334,34 @@ def run_stats_workload(wl: Workload, opts: Options, peaks: Dict[str, Any],
     return info
 
 
-def _run_method(row, method, prec, wl, model, names, graph, x, fg, B, Bc, ref, opts, floor, peaks, npi) -> None:
+def _same_as_auto(rows: List[Dict[str, Any]], method: str, prec: str, algo: Optional[str]) -> Optional[Dict[str, Any]]:
+    """The finished ``auto`` row of this workload, method and precision that ran ``algo``
+    (an explicit request of the same algorithm need not run again), or None."""
+    if algo in (None, "auto"):
+        return None
+    for r in rows:
+        if r["method"] == method and r["precision"] == prec and r.get("requested_algorithm") == "auto" \
+                and r.get("conv_algorithm") == algo and not r.get("error"):
+            return r
+    return None
+
+
+def _run_method(row, method, prec, wl, model, names, graph, x, fg, B, Bc, ref, opts, floor, peaks, npi,
+                algo: Optional[str] = None) -> None:
     dev = opts.device
     common = dict(x=x, fg=fg, check_batch=Bc, opts=opts, floor=floor, peaks=peaks, neurons_per_image=npi)
     if method in ENGINE_METHODS:
         if method != "reference" and not nns_cuda.ext_info().get(method):
             raise Skip(f"the extension has no {method} kernels ({nns_cuda.ext_info().get('error')})")
-        sc = nns_cuda.Scanner(model, names, backend=method, strategy="forward", stats=True)
+        kw = {} if algo is None else {"conv_algorithm": algo}
+        sc = nns_cuda.Scanner(model, names, backend=method, strategy="forward", stats=True, **kw)
         info = {}
 
         def run(xx, ff):
             r = sc.scan(xx, ff)
             info["backend"], info["strategy"] = r.backend, r.strategy
+            info["conv_algorithm"] = getattr(r, "conv_algorithm", None)
+            info["conv_algorithms"] = dict(getattr(r, "conv_algorithms", None) or {})
             return {n: r[n].stats for n in names}
 
         batch = Bc if method == "reference" else B
@@ -303,6 +374,14 @@ def _run_method(row, method, prec, wl, model, names, graph, x, fg, B, Bc, ref, o
         measure(row=row, run=run, compare=lambda o: _cmp_full(o, ref), batch=batch, precomputed=pre,
                 consistency=lambda o, c: max(stats_rel_err(o[n][: c[n].shape[0]], c[n]) for n in names), **common)
         row["backend"], row["strategy"] = info.get("backend"), info.get("strategy")
+        if algo is not None:
+            row["conv_algorithm"] = info.get("conv_algorithm")
+            ops = info.get("conv_algorithms") or {}
+            if ops:  # the op each convolution ran (gather falls back to direct where it does not pay)
+                row["conv_algorithms"] = ops
+                counts = {k: list(ops.values()).count(k) for k in dict.fromkeys(ops.values())}
+                if set(counts) != {row["conv_algorithm"]}:
+                    row["notes"].append("convs: " + ", ".join(f"{v} {k}" for k, v in counts.items()))
     elif method == "dense":
         batch = opts.dense_batch or Bc
         budget = int(0.35 * _free_bytes(dev)) if dev == "cuda" else (512 << 20 if opts.quick else 1 << 30)

@@ -75,6 +75,16 @@ def _f(v: Optional[float], kind: str) -> str:
     return f"{v:.2g}"
 
 
+def _method(r: Dict[str, Any]) -> str:
+    """``benchmarks.common.method_label`` (not imported: this module works without torch)."""
+    m = str(r.get("method", "?"))
+    req = r.get("requested_algorithm")
+    if not req:
+        return m
+    ran = r.get("conv_algorithm")
+    return f"{m} ({req}→{ran})" if ran and ran != req else f"{m} ({req})"
+
+
 def _bench(path: str) -> List[str]:
     if not os.path.exists(path):
         return ["no bench.json"]
@@ -91,16 +101,16 @@ def _bench(path: str) -> List[str]:
                                    if k.endswith("_flops") and isinstance(v, (int, float)))
              + (f", copy {pk['copy_bytes_per_s'] / 1e12:.3g} TB/s" if pk.get("copy_bytes_per_s") else "")]
     rows = doc.get("rows", [])
-    hdr = f"{'workload':22s} {'method':9s} {'prec':5s} {'s/image':>11s} {'vs dense':>9s} {'vs captum':>10s} " \
+    hdr = f"{'workload':22s} {'method':18s} {'prec':5s} {'s/image':>11s} {'vs dense':>9s} {'vs captum':>10s} " \
           f"{'time/floor':>10s} {'rel.err':>8s} ok"
     lines.append(hdr)
     for r in rows:
         if r.get("error"):
-            lines.append(f"{r.get('workload', '?'):22s} {r.get('method', '?'):9s} {r.get('precision', '?'):5s} "
+            lines.append(f"{r.get('workload', '?'):22s} {_method(r):18s} {r.get('precision', '?'):5s} "
                          f"{str(r['error'])[:70]}")
             continue
         ok = "–" if r.get("verified") is None else ("yes" if r["verified"] else "NO")
-        lines.append(f"{r['workload']:22s} {r['method']:9s} {r['precision']:5s} {_f(r.get('s_per_image'), 's'):>11s} "
+        lines.append(f"{r['workload']:22s} {_method(r):18s} {r['precision']:5s} {_f(r.get('s_per_image'), 's'):>11s} "
                      f"{_f(r.get('speedup_vs_dense'), 'x'):>9s} {_f(r.get('speedup_vs_captum'), 'x'):>10s} "
                      f"{_f(r.get('time_over_floor'), 'x'):>10s} {_f(r.get('rel_err'), 'e'):>8s} {ok}")
     goals = doc.get("goals") or []

@@ -33,7 +33,7 @@ __all__ = [
     "measure_peaks", "Workload", "WORKLOADS", "QUICK_WORKLOADS", "FULL_WORKLOADS",
     "build_model", "make_inputs", "conv_layer_names", "NEURON_SETS", "FloorCount", "NodeCount", "count_floor",
     "reverse_flops", "stats_rel_err", "stats_errors", "neuron_gates", "TinyNet", "write_json", "markdown_table",
-    "fmt",
+    "method_label", "fmt",
 ]
 
 PRECISIONS = ("fp32", "tf32")
@@ -788,8 +788,21 @@ _COLUMNS = [
 ]
 
 
+def method_label(row: Dict[str, Any]) -> str:
+    """The method as the tables show it: an engine row that records a requested conv algorithm
+    names it, ``cuda (gather)``, or for ``auto`` what it chose, ``cuda (auto→gemm)``
+    (``cuda (auto)`` when nothing ran); other rows (and JSON of older runs): the method."""
+    m = str(row.get("method", "?"))
+    req = row.get("requested_algorithm")
+    if not req:
+        return m
+    ran = row.get("conv_algorithm")
+    return f"{m} ({req}→{ran})" if ran and ran != req else f"{m} ({req})"
+
+
 def markdown_table(rows: Sequence[Dict[str, Any]]) -> str:
-    """The results table: one line per (workload, method, precision)."""
+    """The results table: one line per (workload, method, precision, conv algorithm); the
+    method cell names the conv algorithm of engine rows (:func:`method_label`)."""
     head = "| " + " | ".join(c[0] for c in _COLUMNS) + " |"
     sep = "|" + "|".join("---" for _ in _COLUMNS) + "|"
     lines = [head, sep]
@@ -799,6 +812,8 @@ def markdown_table(rows: Sequence[Dict[str, Any]]) -> str:
             v = r.get(key)
             if key == "verified":
                 v = "–" if v is None else ("yes" if v else "NO")
+            elif key == "method":
+                v = method_label(r)
             elif key == "notes":
                 v = "; ".join(r.get("notes") or []) + (f" ERROR: {r['error']}" if r.get("error") else "")
                 v = v.replace("|", "/")

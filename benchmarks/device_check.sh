@@ -9,16 +9,21 @@
 # precision.json sanitizer.log bench.log bench.json bench.md summary.txt. Every step runs under
 # `timeout`; a failing step does not stop the others. Time budget (H200, total
 # NNS_CHECK_SECONDS, default 450 s of the 8 min):
-#   build ~60-120 s (cap 200) · tests ~30-60 s (cap 110) · precision (issue 3, not yet timed on a
-#   GPU): the CUDA cases of the conv_li_gemm / precision tests (cap 40) and
-#   benchmarks/bench_precision.py on VGG-16 @32, tf32 / bf16 / fp16 x gemm / direct against fp32
-#   and fp64, error and time (cap 60; it writes precision.json after every configuration,
-#   tensor-core ones first; both shrink so that >= 200 s stay for the rest) · sanitizers ~20-60 s (cap
-#   65 each) · benchmarks: whatever is left minus 25 s (suite --time-limit 45 s below its hard
-#   timeout, so the method running at the limit can finish and the JSON / markdown get written)
-#   · summary (with the precision table appended).
+#   build ~60-120 s (cap 200) · tests ~30-60 s (cap 110; the CUDA cases of the op tests,
+#   conv_li_gather's included, and of the whole-model backend oracles for every conv algorithm)
+#   · precision (issue 3, not yet timed on a GPU): the CUDA cases of the conv_li_gemm /
+#   conv_li_gather / precision tests (cap 40) and benchmarks/bench_precision.py on VGG-16 @32,
+#   fp32 / tf32 / bf16 / fp16 x gather / gemm / direct against fp32 and fp64, error and time (cap
+#   60; it writes precision.json after every configuration, tf32 / fp32 gather first, then the
+#   other tensor-core ones; both shrink so that >= 200 s stay for the rest) · sanitizers ~20-60 s
+#   (cap 65 each) · benchmarks: whatever is left minus 25 s (suite --time-limit 45 s below its hard
+#   timeout, so the method running at the limit can finish and the JSON / markdown get written),
+#   with --algorithms auto,direct,gather,gemm: one cuda row per conv algorithm and precision side
+#   by side (tf32 + direct is not run; an explicit algorithm that auto already ran is recorded as
+#   skipped) · summary (with the precision table appended).
 # Knobs (environment): NNS_CHECK_SECONDS, BENCH_ARGS (extra arguments for benchmarks.run, e.g.
-#   "--workloads vgg16_32,resnet18_32"), MAX_JOBS (16), TORCH_CUDA_ARCH_LIST (9.0).
+#   "--workloads vgg16_32,resnet18_32"; they come after the defaults, and argparse keeps the last
+#   value, so e.g. BENCH_ARGS="--algorithms auto" overrides the algorithm list), MAX_JOBS (16), TORCH_CUDA_ARCH_LIST (9.0).
 set -u
 
 OUT_DIR="${1:-${OUT:-}}"
@@ -71,14 +76,17 @@ BUILD_S=$(( $(now) - B0 ))
 # ------------------------------------------------------------------ 2. tests (CUDA ones included)
 stamp "tests" >&2
 TESTS=""
-for t in tests/test_conv_li.py tests/test_maxpool_li.py tests/test_place_li.py tests/test_linear_li.py \
+for t in tests/test_conv_li.py tests/test_conv_li_gather.py tests/test_maxpool_li.py tests/test_place_li.py tests/test_linear_li.py \
          tests/test_li_stats.py tests/test_filter_fold.py tests/test_engine_backends.py; do
   [ -f "$t" ] && TESTS="$TESTS $t"
 done
 if [ -n "$TESTS" ]; then
   # shellcheck disable=SC2086
-  timeout "$(cap 110 120)" "$PY" -m pytest -q -p no:cacheprovider --junitxml="$OUT_DIR/tests.xml" $TESTS \
-    > "$OUT_DIR/tests.log" 2>&1
+  # the CUDA cases only (CI runs the CPU ones), spread over 8 workers where pytest-xdist exists
+  XDIST=""
+  "$PY" -c "import xdist" >/dev/null 2>&1 && XDIST="-n 8"
+  timeout "$(cap 110 120)" "$PY" -m pytest -q -p no:cacheprovider -m needs_cuda $XDIST \
+    --junitxml="$OUT_DIR/tests.xml" $TESTS > "$OUT_DIR/tests.log" 2>&1
   TESTS_RC=$?
 else
   echo "no test files found" > "$OUT_DIR/tests.log"
@@ -89,9 +97,10 @@ echo "== pytest rc=$TESTS_RC" >> "$OUT_DIR/tests.log"
 # ------------------------------------------------------------------ 2b. precision (issue 3)
 stamp "precision" >&2
 {
-  echo "== CUDA cases of tests/test_conv_li_gemm.py tests/test_precision.py (the CPU ones run in CI)"
+  echo "== CUDA cases of tests/test_conv_li_gemm.py tests/test_conv_li_gather.py tests/test_precision.py" \
+       "(the CPU ones run in CI)"
   timeout "$(cap 40 220)" "$PY" -m pytest -q -p no:cacheprovider -m needs_cuda \
-    tests/test_conv_li_gemm.py tests/test_precision.py 2>&1 | tail -n 40
+    tests/test_conv_li_gemm.py tests/test_conv_li_gather.py tests/test_precision.py 2>&1 | tail -n 40
   echo "== pytest rc=${PIPESTATUS[0]}"
   echo "== benchmarks.bench_precision (VGG-16 @32: error at batch 2, time at batch 8, median of 2)"
   timeout "$(cap 60 200)" "$PY" -m benchmarks.bench_precision --device cuda --models vgg16_32 --batch 2 \
@@ -122,6 +131,7 @@ BENCH_T=$(cap 400 25)
 BENCH_LIMIT=$(( BENCH_T - 45 )); [ "$BENCH_LIMIT" -lt 20 ] && BENCH_LIMIT=20
 # shellcheck disable=SC2086
 timeout "$BENCH_T" "$PY" -m benchmarks.run --device cuda --time-limit "$BENCH_LIMIT" \
+  --algorithms auto,direct,gather,gemm \
   --json "$OUT_DIR/bench.json" --markdown "$OUT_DIR/bench.md" ${BENCH_ARGS:-} > "$OUT_DIR/bench.log" 2>&1
 BENCH_RC=$?
 echo "== benchmarks.run rc=$BENCH_RC (timeout ${BENCH_T} s, suite limit ${BENCH_LIMIT} s)" >> "$OUT_DIR/bench.log"

@@ -2,7 +2,8 @@
 
     python -m benchmarks.run [--quick] [--device cpu|cuda] [--json out.json] [--markdown out.md]
                              [--workloads vgg16_32,resnet18_32,...] [--methods cuda,dense,...]
-                             [--precision fp32,tf32] [--time-limit SECONDS] ...
+                             [--precision fp32,tf32] [--algorithms auto,direct,gemm,gather]
+                             [--time-limit SECONDS] ...
 
 For each workload and method: a correctness check against the reference backend (fp32 within
 1e-4 relative per statistic; tf32 errors are measured and reported), then timing (CUDA events
@@ -10,6 +11,11 @@ after a warm-up, or ``time.perf_counter`` on the CPU; median of repeats), peak m
 GFLOP/s and the fraction of the gated floor (DESIGN §2) with peaks measured in the same run.
 The JSON holds the machine, versions, commit, date, peaks and every row; the markdown table is
 printed last. Speed goals are reported as measured, never asserted.
+
+``--algorithms``: the ``conv_algorithm`` options of :class:`nns_cuda.Scanner` the engine methods
+(``cuda``, ``cpu``) run, one row each (default ``auto`` only); ``tf32`` + ``direct`` is not run
+(the engine refuses it) and an explicit algorithm that ``auto`` already ran is recorded as
+skipped. The other methods run once per precision.
 
 ``main(argv)`` returns 0, 1 when a method raised, 2 when an fp32 correctness check failed.
 ``--quick`` runs a CI-sized subset (VGG-16 @32's first four conv layers, batch 1) in a few
@@ -33,7 +39,7 @@ import torch  # noqa: E402
 
 from . import common as C  # noqa: E402
 from .bench_filters import run_filters_workload  # noqa: E402
-from .bench_scan import ALL_METHODS, Options, log, run_stats_workload  # noqa: E402
+from .bench_scan import ALL_METHODS, CONV_ALGORITHMS, Options, log, run_stats_workload  # noqa: E402
 
 SCHEMA = "nns_cuda.bench/1"
 
@@ -61,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workloads", help="comma-separated names (see --list)")
     p.add_argument("--methods", help=f"comma-separated subset of {','.join(ALL_METHODS)}")
     p.add_argument("--precision", default=None, help="fp32,tf32 (tf32: CUDA only; default both on CUDA)")
+    p.add_argument("--algorithms", default=None,
+                   help=f"comma-separated conv_algorithm options ({','.join(CONV_ALGORITHMS)}) of the cuda / cpu "
+                        "rows, one row each (default: auto); tf32 + direct is not run; an explicit algorithm that "
+                        "auto already ran is recorded as skipped")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per method (median reported)")
     p.add_argument("--batch", type=int, default=None, help="batch of our backends (default: per workload)")
     p.add_argument("--check-batch", type=int, default=None, help="batch of the correctness checks")
@@ -96,6 +106,10 @@ def _options(a: argparse.Namespace, device: str) -> Options:
     bad = [p for p in o.precisions if p not in C.PRECISIONS]
     if bad:
         raise SystemExit(f"unknown precision(s) {bad}; known: {list(C.PRECISIONS)}")
+    o.algorithms = list(dict.fromkeys(_csv(a.algorithms) or ["auto"]))
+    bad = [g for g in o.algorithms if g not in CONV_ALGORITHMS]
+    if bad:
+        raise SystemExit(f"unknown conv algorithm(s) {bad}; known: {list(CONV_ALGORITHMS)}")
     o.repeats = a.repeats or (1 if quick else 3)
     o.batch = a.batch
     o.check_batch = a.check_batch or (2 if device == "cuda" else 1)
@@ -109,13 +123,20 @@ def _options(a: argparse.Namespace, device: str) -> Options:
 
 
 def goals(rows: Sequence[Dict[str, Any]], device: str) -> List[Dict[str, Any]]:
-    """The issue's speed goals, evaluated on the measured rows (reported, never asserted)."""
+    """The issue's speed goals, evaluated on the measured rows (reported, never asserted).
+    Where a method has several rows at one precision (one per conv algorithm): the row of the
+    engine's default (``requested_algorithm`` ``auto``, or none recorded), else the fastest."""
     def row(wl, method, prec):
-        for r in rows:
-            if r["workload"] == wl and r["method"] == method and r["precision"] == prec and not r.get("error") \
-                    and r.get("s_per_image"):
-                return r
-        return None
+        cands = [r for r in rows if r["workload"] == wl and r["method"] == method and r["precision"] == prec
+                 and not r.get("error") and r.get("s_per_image")]
+        default = [r for r in cands if r.get("requested_algorithm", "auto") == "auto"]
+        if default:
+            return default[0]
+        return min(cands, key=lambda r: r["s_per_image"]) if cands else None
+
+    def tag(r):  # the algorithm of a row that is not the default's
+        a = r.get("requested_algorithm", "auto")
+        return "" if a == "auto" else f" ({r.get('conv_algorithm') or a})"
 
     out: List[Dict[str, Any]] = []
     if device == "cuda":
@@ -124,14 +145,14 @@ def goals(rows: Sequence[Dict[str, Any]], device: str) -> List[Dict[str, Any]]:
                 r = row(wl, "cuda", prec)
                 if r is None:
                     continue
-                out.append({"goal": f"{wl} cuda {prec} vs dense forward {prec}", "target": f">= {target:g}x",
+                out.append({"goal": f"{wl} cuda{tag(r)} {prec} vs dense forward {prec}", "target": f">= {target:g}x",
                             "measured": r.get("speedup_vs_dense"),
                             "met": _ge(r.get("speedup_vs_dense"), target)})
                 if prec == "fp32":
-                    out.append({"goal": f"{wl} cuda fp32 vs Captum loop", "target": f">= {CAPTUM_GOAL:,.0f}x",
+                    out.append({"goal": f"{wl} cuda{tag(r)} fp32 vs Captum loop", "target": f">= {CAPTUM_GOAL:,.0f}x",
                                 "measured": r.get("speedup_vs_captum"),
                                 "met": _ge(r.get("speedup_vs_captum"), CAPTUM_GOAL)})
-                out.append({"goal": f"{wl} cuda {prec} time / floor", "target": f"<= {FLOOR_GOAL:g}x",
+                out.append({"goal": f"{wl} cuda{tag(r)} {prec} time / floor", "target": f"<= {FLOOR_GOAL:g}x",
                             "measured": r.get("time_over_floor"),
                             "met": None if r.get("time_over_floor") is None else r["time_over_floor"] <= FLOOR_GOAL})
         for r in rows:
@@ -148,7 +169,7 @@ def goals(rows: Sequence[Dict[str, Any]], device: str) -> List[Dict[str, Any]]:
             best = min((o["s_per_image"] for o in others if o), default=None)
             ratio = best / r["s_per_image"] if best else None
             label = "" if wl == "vgg16_32" else " (quick proxy: first 4 conv layers; the goal is vgg16_32)"
-            out.append({"goal": f"{wl} cpu vs faster of reference / dense forward, batch {r['batch']}{label}",
+            out.append({"goal": f"{wl} cpu{tag(r)} vs faster of reference / dense forward, batch {r['batch']}{label}",
                         "target": f">= {CPU_GOAL:g}x", "measured": ratio, "met": _ge(ratio, CPU_GOAL)})
     return out
 
@@ -187,7 +208,9 @@ def render_markdown(doc: Dict[str, Any]) -> str:
     lines.append("")
     lines.append("s/image, neurons/s (filters/s for filter workloads), useful GFLOP/s and the floor are per DESIGN §2; "
                  "'vs dense' = dense forward's s/image at the same precision / this row's; 'vs captum' = Captum "
-                 "loop's (fp32) / this row's; sampled baselines are extrapolated (notes).")
+                 "loop's (fp32) / this row's; sampled baselines are extrapolated (notes). Engine rows name the "
+                 "conv algorithm: 'cuda (gather)' ran the requested gather, 'cuda (auto→gemm)' the engine's "
+                 "default, which chose gemm.")
     lines.append("")
     lines.append(C.markdown_table(doc["rows"]))
     if doc.get("goals"):
@@ -244,7 +267,8 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
     doc: Dict[str, Any] = {"schema": SCHEMA, "env": C.env_info(device),
                            "config": {"quick": a.quick, "device": device, "workloads": names, "methods": list(opts.methods),
-                                      "precisions": list(opts.precisions), "repeats": opts.repeats,
+                                      "precisions": list(opts.precisions), "algorithms": list(opts.algorithms),
+                                      "repeats": opts.repeats,
                                       "check_batch": opts.check_batch, "neurons": opts.neurons, "captum_neurons": opts.captum_neurons,
                                       "vjp_rows": opts.vjp_rows, "vjp_chunks": opts.vjp_chunks,
                                       "time_limit_s": a.time_limit, "argv": list(argv) if argv is not None else sys.argv[1:]},
@@ -256,7 +280,7 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
             C.write_json(a.json, doc)
 
     log(opts, f"nns_cuda benchmarks on {device}: workloads {names}, methods {list(opts.methods)}, "
-              f"precisions {list(opts.precisions)}")
+              f"precisions {list(opts.precisions)}, conv algorithms {list(opts.algorithms)}")
     doc["peaks"] = C.measure_peaks(device, quick=a.quick)
     pk = doc["peaks"]
     log(opts, "peaks: " + ", ".join(f"{k} {v:.4g}" for k, v in pk.items() if isinstance(v, float)))

@@ -18,8 +18,10 @@ Backends of the forward strategy: ``"reference"`` (pure PyTorch), ``"cpu"`` (C++
 reference. Precisions (``precision=``, see :class:`Scanner`): the input's dtype by default,
 float32 / float64 on request, TF32 / bfloat16 / float16 on request (CUDA tensor cores).
 Conv algorithms of the forward strategy (``conv_algorithm=``): the direct gated kernels
-(``conv_li``) or one dense GEMM per image (``conv_li_gemm``). Every result records the backend,
-strategy, precision and conv algorithm that ran.
+(``conv_li``), one dense GEMM per image (``conv_li_gemm``), or batched GEMMs over the active
+(input, tap) pairs of each output position (``conv_li_gather``). Every result records the
+backend, strategy, precision and conv algorithm that ran (per convolution:
+``ScanResult.conv_algorithms``).
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ import contextlib
 import math
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -143,17 +145,18 @@ def resolve_precision(precision: str, x: torch.Tensor) -> Tuple[str, torch.dtype
 
 
 def resolve_conv_algorithm(conv_algorithm: str, device: torch.device, precision: str) -> str:
-    """``"direct"`` or ``"gemm"`` for a ``conv_algorithm`` option (``precision`` resolved).
+    """``"direct"``, ``"gemm"`` or ``"gather"`` for a ``conv_algorithm`` option (``precision``
+    resolved).
 
-    ``"auto"``: ``"direct"`` on the CPU (the direct kernels skip inactive neurons, the dense GEMM
-    does not); on CUDA ``"gemm"`` for tf32 / bf16 / fp16 (the tensor cores need a GEMM) and
-    ``"direct"`` otherwise. The CUDA choice is a prediction, not yet measured: the numbers come
-    from ``benchmarks/device_check.sh`` (``benchmarks/bench_precision.py``) on a GPU."""
+    ``"auto"``: ``"direct"`` on the CPU — measured fastest there (``benchmarks/NOTES.md``: on a
+    deep VGG layer the direct kernel runs at ~90 % of the 2-core machine's FMA peak, and the
+    gather's row copies cost more than its GEMM gains) — and ``"gather"`` on CUDA, for every
+    precision: cuBLAS GEMMs (tensor cores for tf32 / bf16 / fp16) over the active pairs only.
+    The CUDA choice is a prediction from the arithmetic (DESIGN §2 floors), not yet measured:
+    ``benchmarks/device_check.sh`` times every algorithm side by side on a GPU."""
     _check_choice("conv_algorithm", conv_algorithm, CONV_ALGORITHMS)
     if conv_algorithm == "auto":
-        if device.type == "cuda" and precision in ("tf32", "bf16", "fp16"):
-            return "gemm"
-        return "direct"
+        return "gather" if device.type == "cuda" else "direct"
     if precision == "tf32" and conv_algorithm == "direct":
         raise ValueError("precision='tf32' runs the convolutions as TF32 GEMMs: it needs conv_algorithm='gemm', "
                          "'gather' or 'auto', got 'direct'")
@@ -268,8 +271,9 @@ class ScanResult:
     ``backend`` / ``strategy``: what ran (``"autograd"`` / ``"reverse"`` for the reverse
     strategy). ``precision``: the resolved precision (``"fp32"``, ``"fp64"``, ``"tf32"``,
     ``"bf16"``, ``"fp16"``; ``"auto"`` resolves to the input's dtype). ``conv_algorithm``:
-    ``"direct"`` or ``"gemm"`` (the latter for the ``groups == 1`` convolutions), ``"autograd"``
-    for the reverse strategy."""
+    ``"direct"``, ``"gemm"`` or ``"gather"`` (the resolved option; see :class:`Scanner`),
+    ``"autograd"`` for the reverse strategy. ``conv_algorithms``: for every convolution the
+    forward strategy ran, the op it used (``"direct"``, ``"gemm"``, ``"gather"``)."""
 
     layers: Dict[str, LayerResult]
     backend: str
@@ -278,6 +282,7 @@ class ScanResult:
     logits: Optional[torch.Tensor] = None
     precision: str = ""
     conv_algorithm: str = ""
+    conv_algorithms: Dict[str, str] = field(default_factory=dict)
 
     def __getitem__(self, name: str) -> LayerResult:
         if name not in self.layers:
@@ -365,6 +370,7 @@ class _PatchEngine:
         self.pdtype = torch.float32 if self.low else dtype
         self.conv_algorithm = conv_algorithm
         self.gemm_max_elems = gemm_max_elems
+        self.used: Dict[str, str] = {}  # conv node name -> the op that ran
         self.B = x.shape[0]
         self.D, self.H, self.W = _image_dims(graph.input_shape)
         self.dev = x.device
@@ -420,11 +426,12 @@ class _PatchEngine:
         args = (r.t, r.ay, r.ax, r.active, w, scale, gate, ay, ax, list(a["stride"]), list(a["padding"]),
                 list(a["dilation"]), int(a["groups"]), rh, rw)
         if self.conv_algorithm == "gemm" and int(a["groups"]) == 1:
-            t = self.O.conv_li_gemm(*args, self.gemm_max_elems)
-        elif self.conv_algorithm == "gather" and int(a["groups"]) == 1 and _gather_fits(r, ay, ax, a):
-            t = self.O.conv_li_gather(*args, self.gemm_max_elems)
+            t, used = self.O.conv_li_gemm(*args, self.gemm_max_elems), "gemm"
+        elif self.conv_algorithm == "gather" and _gather_fits(r, ay, ax, a, rh, rw, self.gemm_max_elems):
+            t, used = self.O.conv_li_gather(*args, self.gemm_max_elems), "gather"
         else:
-            t = self.O.conv_li(*args)
+            t, used = self.O.conv_li(*args), "direct"
+        self.used[g.name] = used
         return _Rep(t, ay, ax, None if gate is None else gate != 0)
 
     def pool_avg(self, g: GNode, r: _Rep, kernel, stride, padding, ceil_mode, count_include_pad, divisor) -> _Rep:
@@ -579,29 +586,33 @@ class _PatchEngine:
 
 
 # ----------------------------------------------------------------------------- estimates
-def _one_offset(a_in: torch.Tensor, a_out: torch.Tensor, n_in: int, K: int, stride: int, pad: int,
-                dil: int) -> bool:
-    """Along one axis of a conv: does every input position sit at a single offset
-    (``a_in[i] - a_out[y]``) in all the output windows ``y`` whose taps read it?"""
+def _placements(a_in: torch.Tensor, a_out: torch.Tensor, n_in: int, K: int, stride: int, pad: int,
+                dil: int) -> int:
+    """Along one axis of a conv: the number of distinct (input position, offset
+    ``a_in[i] - a_out[y]``) pairs over the output positions ``y`` and taps that read an input
+    position — the length of ``conv_li_gather``'s placed copy along that axis (``n_in`` when
+    every input position sits at one offset)."""
     a_in, a_out = a_in.detach().cpu().long(), a_out.detach().cpu().long()
     yi = torch.arange(a_out.numel())[:, None] * stride + torch.arange(K)[None, :] * dil - pad
     ok = (yi >= 0) & (yi < n_in)
-    if not bool(ok.any()):
-        return True
-    src = yi[ok]
-    off = (a_in[yi.clamp(0, n_in - 1)] - a_out[:, None])[ok]
-    lo = torch.zeros(n_in, dtype=torch.long).scatter_reduce(0, src, off, "amin", include_self=False)
-    hi = torch.zeros(n_in, dtype=torch.long).scatter_reduce(0, src, off, "amax", include_self=False)
-    return bool((lo == hi).all())
+    off = a_in[yi.clamp(0, n_in - 1)] - a_out[:, None]
+    return int(torch.unique(yi[ok] * (2 * int(off.abs().max()) + 1 if off.numel() else 1) + off[ok]).numel())
 
 
-def _gather_fits(r: "_Rep", ay: torch.Tensor, ax: torch.Tensor, a: Dict[str, Any]) -> bool:
-    """Whether ``conv_li_gather`` is economical for this conv (``ops.conv_li_gather``): every
-    input position at one offset in the output windows that use it, so that its placed copy of
-    the input is no larger than the input placed once (deep layers: all windows are the image)."""
-    Hi, Wi = r.t.shape[2], r.t.shape[3]
+def _gather_fits(r: "_Rep", ay: torch.Tensor, ax: torch.Tensor, a: Dict[str, Any], rh: int, rw: int,
+                 max_elems: int) -> bool:
+    """Whether this conv runs ``conv_li_gather`` under ``conv_algorithm="gather"``: ``groups ==
+    1``, and the op's placed copy of one image's input (``Ci × placements_y × placements_x ×
+    D·rh·rw``) either has one placement per input position (the usual case once the receptive
+    field covers the image) or fits the op's chunk bound ``max_elems`` (windows that move with
+    the position need up to ``Kh·Kw`` placements per input position)."""
+    if int(a["groups"]) != 1:
+        return False
+    B, Ci, Hi, Wi, D = r.t.shape[:5]
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = a["kernel"], a["stride"], a["padding"], a["dilation"]
-    return (_one_offset(r.ay, ay, Hi, kh, sh, ph, dh) and _one_offset(r.ax, ax, Wi, kw, sw, pw, dw))
+    hq = _placements(r.ay, ay, Hi, kh, sh, ph, dh)
+    wq = _placements(r.ax, ax, Wi, kw, sw, pw, dw)
+    return (hq <= Hi and wq <= Wi) or Ci * hq * wq * D * rh * rw <= max_elems
 
 
 def _node_patch_elems(graph: ScanGraph, g: GNode) -> int:
@@ -666,8 +677,9 @@ class Scanner:
       Statistics, filter images and images are returned in float32. The model's forward pass
       (activations, gates) is unchanged. float16's range ends at 65504: a layer whose
       learned images overflow raises ``FloatingPointError`` (use ``"bf16"``).
-    - ``"tf32"``: float32 storage, convolutions as ``conv_li_gemm`` GEMMs with cuBLAS TF32 on
-      (linear layers too). CUDA only: on the CPU it raises ``ValueError``.
+    - ``"tf32"``: float32 storage, convolutions as GEMMs (``"gather"`` or ``"gemm"``) with cuBLAS
+      TF32 on (linear layers too); layers the gather does not take run the direct float32
+      kernel. CUDA only: on the CPU it raises ``ValueError``.
 
     The reverse strategy runs autograd in the input's dtype; a precision other than ``"auto"``
     or the input's own dtype needs the forward strategy (``ValueError`` otherwise).
@@ -721,10 +733,19 @@ class Scanner:
     ---------------
     ``"direct"``: the gated kernels (``ops.conv_li``), which skip gated-off outputs and
     inactive inputs. ``"gemm"``: ``ops.conv_li_gemm``, one dense GEMM per image (tensor cores on
-    CUDA; no sparsity skipping), for convolutions with ``groups == 1`` (grouped / depthwise
-    convolutions and average pools stay direct). ``"auto"``: ``"direct"`` on the CPU; on CUDA
-    ``"gemm"`` for ``"tf32"`` / ``"bf16"`` / ``"fp16"`` and ``"direct"`` otherwise — a
-    prediction (tensor cores need a GEMM), not yet measured on a GPU.
+    CUDA; no sparsity skipping), for convolutions with ``groups == 1``. ``"gather"``:
+    ``ops.conv_li_gather``, per output position a GEMM over the active (input neuron, tap)
+    pairs only (inactive inputs cost nothing; cuBLAS on CUDA), for ``groups == 1``
+    convolutions. Its rows are copied from a placed copy of the input, which has the input's
+    size where every input position sits at one offset in the output windows that read it
+    (always so once the receptive field covers the image, where most of the work is: VGG-16
+    @32, 93 % of the gated FLOPs; ResNet-18 @32, 79 %) and up to ``Kh·Kw`` times more where
+    the windows move with the position: such a layer runs direct when that copy of one image
+    exceeds the chunk bound (a quarter of ``max_memory``). Grouped / depthwise convolutions
+    and average pools always run direct.
+    ``ScanResult.conv_algorithms`` says which ran for each convolution. ``"auto"``:
+    ``"direct"`` on the CPU (measured fastest there), ``"gather"`` on CUDA (a prediction,
+    see :func:`resolve_conv_algorithm`).
     """
 
     def __init__(self, model: nn.Module, layers: Optional[Sequence[str]] = None, *, backend: str = "auto",
@@ -820,16 +841,18 @@ class Scanner:
         if strategy == "reverse":
             plan = _Plan(prec, x.dtype, x.dtype, "autograd", 0)
         parts: List[Dict[str, LayerResult]] = []
+        used: Dict[str, str] = {}
         with _matmul_precision(prec if self.precision != "auto" else "auto", x.device):
             for s in range(0, x.shape[0], chunk):
                 xb = x[s: s + chunk]
                 fb = fg[s: s + chunk]
-                parts.append(self._scan_batch(graph, nodes, layer_names, xb, fb, backend, strategy, budget, plan))
+                parts.append(self._scan_batch(graph, nodes, layer_names, xb, fb, backend, strategy, budget, plan, used))
         layers = {n: _cat_layer([p[n] for p in parts]) for n in layer_names}
         return ScanResult(layers, backend if strategy == "forward" else "autograd", strategy, tuple(graph.input_shape),
-                          precision=plan.precision, conv_algorithm=plan.conv_algorithm)
+                          precision=plan.precision, conv_algorithm=plan.conv_algorithm, conv_algorithms=used)
 
-    def _scan_batch(self, graph, nodes, names, x, fg, backend, strategy, budget, plan: "_Plan") -> Dict[str, LayerResult]:
+    def _scan_batch(self, graph, nodes, names, x, fg, backend, strategy, budget, plan: "_Plan",
+                    used: Dict[str, str]) -> Dict[str, LayerResult]:
         fwd = _Forward(graph, x, self.gate_outputs)
         D, H, W = _image_dims(graph.input_shape)
         B = x.shape[0]
@@ -838,6 +861,7 @@ class Scanner:
             eng = _PatchEngine(graph, fwd, x, backend, [g.idx for g in nodes], plan.storage, plan.conv_algorithm,
                                plan.gemm_max_elems)
             reps = eng.run({})
+            used.update(eng.used)
             O = eng.O
             x4 = x.reshape(B, D, H, W)
             out = plan.out_dtype
@@ -896,7 +920,8 @@ class Scanner:
 @dataclass(frozen=True)
 class _Plan:
     """Resolved numerics of one scan: precision name, patch storage dtype, result dtype, conv
-    algorithm ("direct" / "gemm", "autograd" for the reverse strategy), conv_li_gemm chunk."""
+    algorithm ("direct" / "gemm" / "gather", "autograd" for the reverse strategy), chunk bound
+    of conv_li_gemm / conv_li_gather."""
 
     precision: str
     storage: torch.dtype

@@ -272,3 +272,107 @@ def test_stats_errors_separates_support_flips_from_value_errors():
     assert stats_errors(bad, want)["flip_frac"] > 1e-2
     bad[0, 0, 0] = float("nan")
     assert stats_rel_err(bad, want) == float("inf")
+
+
+# ----------------------------------------------------------------------------- conv algorithms
+def test_algorithms_one_cpu_row_each(tmp_path):
+    """``--algorithms direct,gather``: one cpu row per algorithm, recording what ran, both checked
+    against the reference before timing, each with its own ratio against the one dense row;
+    the baselines' rows are unchanged; the markdown and the device-check summary tell the
+    algorithms apart."""
+    from benchmarks import bench_summary
+
+    rc, doc, md = _run(tmp_path, "--workloads", "tiny", "--methods", "cpu,dense", "--algorithms", "direct,gather")
+    assert rc == 0
+    assert doc["config"]["algorithms"] == ["direct", "gather"]
+    cpu = [r for r in doc["rows"] if r["method"] == "cpu"]
+    assert [r["requested_algorithm"] for r in cpu] == ["direct", "gather"]
+    assert [r["conv_algorithm"] for r in cpu] == ["direct", "gather"]
+    (dense,) = [r for r in doc["rows"] if r["method"] == "dense"]
+    assert "requested_algorithm" not in dense and "conv_algorithm" not in dense
+    for r in cpu:
+        assert not r["error"], r["error"]
+        missing = _ROW_KEYS - set(r)
+        assert not missing, missing
+        assert r["verified"] is True and r["rel_err"] <= 1e-4, r
+        assert r["checked_at"] <= r["timing_started_at"]
+        assert r["speedup_vs_dense"] == pytest.approx(dense["s_per_image"] / r["s_per_image"])
+    assert "| cpu (direct) |" in md and "| cpu (gather) |" in md
+    summary = "\n".join(bench_summary._bench(str(tmp_path / "bench.json")))
+    assert "cpu (direct)" in summary and "cpu (gather)" in summary
+
+
+def test_algorithms_auto_duplicate_recorded_as_skipped(tmp_path):
+    """An explicit algorithm that ``auto`` already ran (same method and precision) is not run
+    again: its row is kept, marked skipped; the other explicit algorithm runs."""
+    rc, doc, md = _run(tmp_path, "--workloads", "tiny", "--methods", "cpu", "--algorithms", "gather,direct,auto")
+    assert rc == 0
+    rows = [r for r in doc["rows"] if r["method"] == "cpu"]
+    assert [r["requested_algorithm"] for r in rows] == ["auto", "gather", "direct"]  # auto first
+    auto = rows[0]
+    assert not auto["error"] and auto["verified"] is True
+    chosen = auto["conv_algorithm"]
+    assert chosen in ("direct", "gather")
+    for r in rows[1:]:
+        if r["requested_algorithm"] == chosen:
+            assert r["error"].startswith("skipped: same as auto") and r["conv_algorithm"] is None
+        else:
+            assert not r["error"] and r["conv_algorithm"] == r["requested_algorithm"] and r["verified"] is True
+    assert f"| cpu (auto→{chosen}) |" in md
+
+
+def test_algorithms_plan_and_options():
+    """The plan (no CUDA needed): one engine triple per algorithm, tf32 + direct left out (and
+    reported), the auto rows first, then the explicit ones; baselines and the reference once
+    per precision; the option's parsing (default auto, unknown names refused, last one wins)."""
+    from benchmarks.bench_scan import Options, algorithm_skip_reason, plan_methods
+
+    opts = Options(device="cuda", methods=("reference", "dense", "cuda", "cpu"), precisions=("fp32", "tf32"),
+                   algorithms=("gather", "auto", "direct", "gemm", "gather"), verbose=False)
+    skipped: list = []
+    plan = plan_methods(opts, not_planned=skipped)
+    assert plan == [("cuda", "fp32", "auto"), ("cuda", "tf32", "auto"),
+                    ("cuda", "fp32", "gather"), ("cuda", "fp32", "direct"), ("cuda", "fp32", "gemm"),
+                    ("cuda", "tf32", "gather"), ("cuda", "tf32", "gemm"),
+                    ("dense", "fp32", None), ("dense", "tf32", None), ("reference", "fp32", None)]
+    assert [s[:3] for s in skipped] == [("cuda", "tf32", "direct")] and "tf32" in skipped[0][3]
+    assert algorithm_skip_reason("fp32", "direct") is None and algorithm_skip_reason("tf32", "gather") is None
+    # the default: one engine row per precision, as before the option
+    cpu = Options(device="cpu", methods=("cpu", "dense", "vjp"), precisions=("fp32",), verbose=False)
+    assert plan_methods(cpu) == [("cpu", "fp32", "auto"), ("dense", "fp32", None), ("vjp", "fp32", None)]
+
+    def parse(*argv):
+        return bench_run._options(bench_run.build_parser().parse_args(list(argv)), "cuda").algorithms
+
+    assert parse() == ["auto"]
+    assert parse("--algorithms", "direct,gather,direct") == ["direct", "gather"]
+    assert parse("--algorithms", "auto,direct,gather,gemm", "--algorithms", "auto") == ["auto"]
+    with pytest.raises(SystemExit):
+        parse("--algorithms", "winograd")
+
+
+def test_algorithms_rows_render_and_goals():
+    """Several rows of one method and precision: each its own ratio against dense; the goals use
+    the engine's default (auto) row, else the fastest; the tables label every engine row."""
+    from benchmarks.bench_scan import speedups
+
+    def row(method, prec, s, req=None, ran=None):
+        r = {"workload": "vgg16_32", "task": "stats", "method": method, "precision": prec, "device": "cuda",
+             "batch": 4, "s_per_image": s, "error": None, "verified": True, "notes": [], "time_over_floor": 2.0}
+        if req:
+            r["requested_algorithm"], r["conv_algorithm"] = req, ran
+        return r
+
+    rows = [row("cuda", "fp32", 2e-3, "auto", "direct"), row("cuda", "fp32", 1e-3, "gather", "gather"),
+            row("cuda", "tf32", 4e-4, "gemm", "gemm"), row("cuda", "tf32", 2e-4, "gather", "gather"),
+            row("dense", "fp32", 0.1), row("dense", "tf32", 0.04)]
+    speedups(rows)
+    assert [r.get("speedup_vs_dense") for r in rows[:4]] == pytest.approx([50, 100, 100, 200])
+    g = {x["goal"]: x["measured"] for x in bench_run.goals(rows, "cuda")}
+    assert g["vgg16_32 cuda fp32 vs dense forward fp32"] == pytest.approx(50)            # the auto row
+    assert g["vgg16_32 cuda (gather) tf32 vs dense forward tf32"] == pytest.approx(200)  # no auto: fastest
+    md = common.markdown_table(rows)
+    for label in ("cuda (auto→direct)", "cuda (gather)", "cuda (gemm)", "dense"):
+        assert f"| {label} |" in md
+    # JSON of older runs (no algorithm keys) renders as before
+    assert common.method_label({"method": "cuda"}) == "cuda"

@@ -1,6 +1,8 @@
 """The whole-model oracles re-run for every backend (issue 3): the C++ (``cpu``) and CUDA
 (``cuda``) backends of the forward strategy against plain autograd on the real model, plus
-statistics and filter images against the reference backend, float64 and float32."""
+statistics and filter images against the reference backend, float64 and float32 — each with
+every conv algorithm (``direct``: the gated kernels, ``gemm``: dense im2col GEMM, ``gather``:
+GEMMs over the active pairs), which must each actually run on the models' convolutions."""
 from __future__ import annotations
 
 import pytest
@@ -14,6 +16,13 @@ from _oracle import rel_err
 from test_engine import MODELS, _leaf_layers, _oracles, _record
 
 BACKENDS = ["cpu", pytest.param("cuda", marks=pytest.mark.needs_cuda)]
+ALGOS = ["direct", "gemm", "gather"]
+
+
+def _check_algorithms(res, model, algo):
+    assert res.conv_algorithm == algo
+    if any(isinstance(m, torch.nn.Conv2d) and m.groups == 1 for m in model.modules()):
+        assert algo in res.conv_algorithms.values(), res.conv_algorithms
 
 
 def _need(backend):
@@ -21,9 +30,10 @@ def _need(backend):
         pytest.fail(f"the extension has no {backend} kernels: {nns.ext_info()} (rebuild with make build)")
 
 
+@pytest.mark.parametrize("algo", ALGOS)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("model_name", MODELS)
-def test_backend_equals_autograd(model_name, backend):
+def test_backend_equals_autograd(model_name, backend, algo):
     _need(backend)
     model, x = make(model_name)
     names = [n for n, _ in _leaf_layers(model)]
@@ -32,14 +42,15 @@ def test_backend_equals_autograd(model_name, backend):
     fg[:, 2: H - 3, 1: W // 2] = True
     m, xd = model.to(backend), x.to(backend)
     res = nns.Scanner(m, names, backend=backend, strategy="forward", keep_images=True, stats=True,
-                      filter_images=True).scan(xd, fg.to(backend))
+                      filter_images=True, conv_algorithm=algo).scan(xd, fg.to(backend))
     assert res.backend == backend
+    _check_algorithms(res, model, algo)
     want_all = _oracles(model_name)
     for n in names:
         got = res[n].images.cpu()
         err = rel_err(got, want_all[n])
-        _record(f"forward-{backend}", model_name, err)
-        assert err <= 1e-10, f"{model_name}/{n} [{backend}]: relative error {err:.3e}"
+        _record(f"forward-{backend}-{algo}", model_name, err)
+        assert err <= 1e-10, f"{model_name}/{n} [{backend}, {algo}]: relative error {err:.3e}"
         st = li_stats_dense(want_all[n].reshape(x.shape[0], -1, *x.shape[1:]), x, fg)
         assert rel_err(res[n].stats.cpu().reshape(st.shape), st) <= 1e-10, n
         if res[n].filter_images is not None and res[n].activations.dim() == 4:
@@ -49,18 +60,21 @@ def test_backend_equals_autograd(model_name, backend):
     model.cpu()
 
 
+@pytest.mark.parametrize("algo", ALGOS)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("model_name", ["simple_cnn", "small_resnet", "alexnet_like"])
-def test_backend_float32(model_name, backend):
+def test_backend_float32(model_name, backend, algo):
     _need(backend)
     model, x = make(model_name)
     names = [n for n, _ in _leaf_layers(model)]
     m32, x32 = model.float().to(backend), x.float().to(backend)
-    res = nns.Scanner(m32, names, backend=backend, strategy="forward", keep_images=True, stats=False).scan(x32)
+    res = nns.Scanner(m32, names, backend=backend, strategy="forward", keep_images=True, stats=False,
+                      precision="fp32", conv_algorithm=algo).scan(x32)
+    _check_algorithms(res, model, algo)
     for n in names:
         err = rel_err(res[n].images.cpu().double(), _oracles(model_name)[n])
-        _record(f"forward-{backend}-fp32", model_name, err)
-        assert err <= 1e-5, f"{model_name}/{n} [{backend}] float32: relative error {err:.3e}"
+        _record(f"forward-{backend}-fp32-{algo}", model_name, err)
+        assert err <= 1e-5, f"{model_name}/{n} [{backend}, {algo}] float32: relative error {err:.3e}"
 
 
 def test_auto_backend_prefers_extension():

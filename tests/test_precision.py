@@ -188,7 +188,7 @@ def fp32_scans():
 @pytest.mark.parametrize("model_name", LOW_MODELS)
 def test_low_precision_close_to_fp32(model_name, precision, fp32_scans):
     model, x, want = fp32_scans[model_name]
-    for algo in ("direct", "gemm"):
+    for algo in ("direct", "gemm", "gather"):
         res = _scan(model, x, precision, algo)
         assert res.precision == precision and res.conv_algorithm == algo
         for n in want:
@@ -225,14 +225,19 @@ def test_precision_check_catches_a_wrong_model(fp32_scans):
     assert e["img"] > 2 * TOL_LOW["bf16"] and e["stat_val"] > 2 * TOL_STAT["bf16"], e
 
 
+@pytest.mark.parametrize("algo", ["gemm", "gather"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("model_name", MODELS)
-def test_gemm_equals_direct(model_name, dtype):
+def test_gemm_equals_direct(model_name, dtype, algo):
+    """Both GEMM algorithms equal the direct kernels; each convolution records the op it ran."""
     tol = {torch.float64: 1e-10, torch.float32: 1e-5}[dtype]
     model, x = make(model_name, dtype)
     d = _scan(model, x, conv_algorithm="direct")
-    g = _scan(model, x, conv_algorithm="gemm")
-    assert g.conv_algorithm == "gemm" and d.conv_algorithm == "direct"
+    g = _scan(model, x, conv_algorithm=algo)
+    assert g.conv_algorithm == algo and d.conv_algorithm == "direct"
+    assert set(d.conv_algorithms.values()) <= {"direct"} and set(d.conv_algorithms) == set(g.conv_algorithms)
+    if any(isinstance(m, torch.nn.Conv2d) and m.groups == 1 for m in model.modules()):
+        assert algo in g.conv_algorithms.values()
     for n in d:
         assert g[n].images.dtype == dtype
         assert rel_err(g[n].images, d[n].images) <= tol, n
@@ -315,7 +320,7 @@ def test_bad_options():
     allowed_p = r"\('auto', 'fp32', 'fp64', 'tf32', 'bf16', 'fp16'\)"
     with pytest.raises(ValueError, match=rf"precision must be one of {allowed_p}, got 'bf17'"):
         nns.Scanner(model, precision="bf17")
-    with pytest.raises(ValueError, match=r"conv_algorithm must be one of \('auto', 'direct', 'gemm'\), got 'winograd'"):
+    with pytest.raises(ValueError, match=r"conv_algorithm must be one of \('auto', 'direct', 'gemm', 'gather'\), got 'winograd'"):
         nns.Scanner(model, conv_algorithm="winograd")
     with pytest.raises(ValueError, match=r"precision='tf32' runs the convolutions as TF32 GEMMs.*got 'direct'"):
         nns.Scanner(model, precision="tf32", conv_algorithm="direct")
@@ -336,13 +341,14 @@ def test_bad_options():
 @pytest.mark.parametrize("precision", ["bf16", "fp16", "tf32"])
 @pytest.mark.parametrize("model_name", ["simple_cnn", "small_resnet"])
 def test_cuda_low_precision_close_to_fp32(model_name, precision):
-    """On the GPU "auto" runs the tensor-core GEMM for these precisions; TF32 rounds the float32
-    operands to 10 mantissa bits (u = 2^-11, like float16)."""
+    """On the GPU "auto" runs the gather GEMMs (tensor cores for these precisions); TF32 rounds
+    the float32 operands to 10 mantissa bits (u = 2^-11, like float16)."""
     model, x = make(model_name, torch.float32)
     m, xc = model.cuda(), x.cuda()
     want = _scan(m, xc, "fp32")
     res = _scan(m, xc, precision)
-    assert res.precision == precision and res.conv_algorithm == "gemm"
+    assert res.precision == precision and res.conv_algorithm == "gather"
+    assert "gather" in res.conv_algorithms.values()
     e = _errors(res, want)
     p = "fp16" if precision == "tf32" else precision
     assert e["img"] <= TOL_LOW[p] and e["filt"] <= TOL_LOW[p] and e["stat_val"] <= TOL_STAT[p], e
@@ -353,13 +359,15 @@ def test_cuda_low_precision_close_to_fp32(model_name, precision):
 
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("algo", ["gemm", "gather"])
 @pytest.mark.parametrize("model_name", ["simple_cnn", "small_resnet", "alexnet_like"])
-def test_cuda_gemm_equals_direct(model_name, dtype):
+def test_cuda_gemm_equals_direct(model_name, dtype, algo):
     tol = {torch.float64: 1e-10, torch.float32: 1e-5}[dtype]
     model, x = make(model_name, dtype)
     m, xc = model.cuda(), x.cuda()
     d = _scan(m, xc, "fp64" if dtype == torch.float64 else "fp32", "direct")
-    g = _scan(m, xc, "fp64" if dtype == torch.float64 else "fp32", "gemm")
+    g = _scan(m, xc, "fp64" if dtype == torch.float64 else "fp32", algo)
+    assert algo in g.conv_algorithms.values()
     for n in d:
         assert rel_err(g[n].images, d[n].images) <= tol, n
         assert rel_err(g[n].stats, d[n].stats) <= tol, n
@@ -373,9 +381,10 @@ def test_cuda_fp32_turns_tf32_off_and_restores():
         torch.backends.cuda.matmul.allow_tf32 = True
         m, xc = model.cuda(), x.cuda()
         d = _scan(m, xc, "fp32", "direct")
-        g = _scan(m, xc, "fp32", "gemm")  # TF32 off inside the scan: float32 accuracy
-        for n in d:
-            assert rel_err(g[n].images, d[n].images) <= 1e-5, n
+        for algo in ("gemm", "gather"):
+            g = _scan(m, xc, "fp32", algo)  # TF32 off inside the scan: float32 accuracy
+            for n in d:
+                assert rel_err(g[n].images, d[n].images) <= 1e-5, (algo, n)
         assert torch.backends.cuda.matmul.allow_tf32 is True
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
