@@ -603,16 +603,18 @@ def _gather_fits(r: "_Rep", ay: torch.Tensor, ax: torch.Tensor, a: Dict[str, Any
                  max_elems: int) -> bool:
     """Whether this conv runs ``conv_li_gather`` under ``conv_algorithm="gather"``: ``groups ==
     1``, and the op's placed copy of one image's input (``Ci × placements_y × placements_x ×
-    D·rh·rw``) either has one placement per input position (the usual case once the receptive
-    field covers the image) or fits the op's chunk bound ``max_elems`` (windows that move with
-    the position need up to ``Kh·Kw`` placements per input position)."""
+    D·rh·rw`` elements; up to ``Kh·Kw`` placements per input position where the windows move
+    with the position, one once the receptive field covers the image) fits the op's chunk
+    bound ``max_elems`` — or is no copy at all (input windows already are the output window)."""
     if int(a["groups"]) != 1:
         return False
-    B, Ci, Hi, Wi, D = r.t.shape[:5]
+    B, Ci, Hi, Wi, D, Rhi, Rwi = r.t.shape
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = a["kernel"], a["stride"], a["padding"], a["dilation"]
     hq = _placements(r.ay, ay, Hi, kh, sh, ph, dh)
     wq = _placements(r.ax, ax, Wi, kw, sw, pw, dw)
-    return (hq <= Hi and wq <= Wi) or Ci * hq * wq * D * rh * rw <= max_elems
+    if hq == Hi and wq == Wi and (Rhi, Rwi) == (rh, rw):
+        return True  # every window is its output window (offsets 0): the op reads the input itself
+    return Ci * hq * wq * D * rh * rw <= max_elems
 
 
 def _node_patch_elems(graph: ScanGraph, g: GNode) -> int:
@@ -740,7 +742,7 @@ class Scanner:
     size where every input position sits at one offset in the output windows that read it
     (always so once the receptive field covers the image, where most of the work is: VGG-16
     @32, 93 % of the gated FLOPs; ResNet-18 @32, 79 %) and up to ``Kh·Kw`` times more where
-    the windows move with the position: such a layer runs direct when that copy of one image
+    the windows move with the position: a layer runs direct when that copy of one image
     exceeds the chunk bound (a quarter of ``max_memory``). Grouped / depthwise convolutions
     and average pools always run direct.
     ``ScanResult.conv_algorithms`` says which ran for each convolution. ``"auto"``:

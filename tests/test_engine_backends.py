@@ -82,3 +82,23 @@ def test_auto_backend_prefers_extension():
     res = nns.Scanner(model, ["4"]).scan(x)
     assert res.backend == ("cpu" if nns.ext_info()["cpu"] else "reference")
     assert res["4"].backend == res.backend and res.strategy == "forward"
+
+
+def test_gather_falls_back_to_direct_when_its_copy_does_not_fit():
+    """conv_algorithm="gather" runs conv_li_gather only where its placed copy of the input fits
+    the chunk bound (a quarter of max_memory): alexnet_like's first conv (11x11 windows moving
+    with the position: up to 121 placements per input pixel) runs direct at 28 MiB, gather at
+    400 MiB; the later convs gather in both. The results equal the direct scan either way."""
+    model, x = make("alexnet_like")
+    model, x = model.float(), x.float()
+    names = [n for n, _ in _leaf_layers(model)]
+    want = nns.Scanner(model, names, conv_algorithm="direct", strategy="forward", keep_images=True).scan(x)
+    seen = {}
+    for mib in (28, 400):
+        res = nns.Scanner(model, names, conv_algorithm="gather", strategy="forward", keep_images=True,
+                          max_memory=mib << 20).scan(x)
+        seen[mib] = res.conv_algorithms
+        for n in names:
+            assert rel_err(res[n].images.double(), want[n].images.double()) <= 1e-5, (mib, n)
+    assert seen[28] == {"0": "direct", "3": "gather", "6": "gather"}, seen
+    assert seen[400] == {"0": "gather", "3": "gather", "6": "gather"}, seen
