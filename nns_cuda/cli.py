@@ -139,6 +139,12 @@ def _scan_parser(sub) -> None:
     p.add_argument("--samples", type=int, default=16, metavar="N", help="samples to scan")
     p.add_argument("--layers", nargs="+", default=None,
                    help="layer names from model.named_modules() (default: every ReLU and the output layer)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp64", "tf32", "bf16", "fp16"],
+                   help="learned-image precision: auto = the input's dtype; bf16 / fp16 store the patches in 16 "
+                        "bits (counts become unreliable); tf32 = TF32 tensor-core GEMMs (CUDA only)")
+    p.add_argument("--conv-algorithm", default="auto", choices=["auto", "direct", "gemm", "gather"],
+                   help="conv propagation: direct gated kernels, one dense GEMM per image, or GEMMs over the active "
+                        "(input, tap) pairs; auto = direct on the CPU, gather on CUDA")
     p.add_argument("--strategy", default="auto", choices=["auto", "forward", "reverse"],
                    help="forward: all neurons in one sweep; reverse: one backward pass per neuron/filter")
     p.add_argument("--images", type=int, default=4, metavar="N", help="samples drawn in learned_images.png")
@@ -516,18 +522,22 @@ def _cmd_scan(args: argparse.Namespace) -> int:
                                 input_size=args.input_size)
     layers = args.layers or scan_layers(model, x[:1].to(dev))
     scanner = Scanner(model, layers, backend=args.backend, strategy=args.strategy, max_memory=parse_bytes(args.max_memory),
-                      stats=True, gate_outputs=args.gate_outputs)
+                      stats=True, gate_outputs=args.gate_outputs, precision=args.precision,
+                      conv_algorithm=args.conv_algorithm)
     os.makedirs(args.out, exist_ok=True)
     n = x.shape[0]
     acc: Dict[str, Dict[str, Any]] = {}
     first = None
     backend = strategy = None
+    numerics: Dict[str, Any] = {}
     bar = _progress((n + args.batch_size - 1) // args.batch_size, "nns scan", args.no_progress)
     try:
         for s in range(0, n, args.batch_size):
             xb, fb = x[s:s + args.batch_size].to(dev), fg[s:s + args.batch_size].to(dev)
             res = scanner.scan(xb, fb)
             backend, strategy = res.backend, res.strategy
+            numerics = {"precision": res.precision, "conv_algorithm": res.conv_algorithm,
+                        "conv_algorithms": dict(res.conv_algorithms)}
             cx = (xb != 0).flatten(1).sum(1).double()
             sx = xb.abs().flatten(1).sum(1).double()
             for l in layers:
@@ -585,7 +595,7 @@ def _cmd_scan(args: argparse.Namespace) -> int:
     if args.images > 0:
         files += _scan_figures(model, x, layers, args, dev)
     meta = {"model": mdesc, "data": ddesc, "samples": n, "layers": rows, "backend": backend, "strategy": strategy,
-            "device": str(dev), "seconds": {"scan": round(t_scan, 3), "total": round(time.perf_counter() - t0, 3)},
+            **numerics, "device": str(dev), "seconds": {"scan": round(t_scan, 3), "total": round(time.perf_counter() - t0, 3)},
             "files": files + ["scan.json"],
             "notes": "count = non-zero entries of a learned image, strength = sum of |values| (SPEC §2); ratios are "
                      "relative to the input's; neurons_<layer>.csv index = position in the layer output"}
@@ -605,7 +615,8 @@ def _scan_figures(model, x, layers, args, dev) -> List[str]:
     k = min(args.images, x.shape[0])
     xb = x[:k].to(dev)
     res = Scanner(model, layers, backend=args.backend, strategy=args.strategy, stats=False, filter_images=True,
-                  gate_outputs=args.gate_outputs).scan(xb)
+                  gate_outputs=args.gate_outputs, precision=args.precision,
+                  conv_algorithm=args.conv_algorithm).scan(xb)
     rows = [{l: res[l].filter_images[b].sum(0) for l in layers} for b in range(k)]
     files = []
     fig = viz.layer_grid([xb[b] for b in range(k)], rows, cmap=args.cmap)

@@ -137,6 +137,34 @@ class _Tiny(nn.Module):
         return self.fc(torch.flatten(self.pool(self.relu(self.conv(x))), 1))
 
 
+def test_scan_precision_and_conv_algorithm(tmp_path, capsys):
+    """--precision / --conv-algorithm reach the engine and are recorded in scan.json (with the
+    op each conv ran); the gather's statistics equal the default scan's; a bad combination is
+    an error that names the option."""
+    from nns_cuda import models
+
+    weights = tmp_path / "w.pt"
+    torch.save(models.build("simple_cnn", 10, seed=4).state_dict(), weights)
+    args = ["scan", "--model", "simple_cnn", "--weights", str(weights), "--samples", "3", "--images", "0",
+            "--layers", "features.relu1", "features.relu2", "--no-progress"]
+    rc, _, err = _run(args + ["--out", str(tmp_path / "a")], capsys)
+    assert rc == 0, err
+    rc, _, err = _run(args + ["--out", str(tmp_path / "b"), "--conv-algorithm", "gather", "--precision", "fp32"],
+                      capsys)
+    assert rc == 0, err
+    a = json.loads((tmp_path / "a" / "scan.json").read_text())
+    b = json.loads((tmp_path / "b" / "scan.json").read_text())
+    assert (a["precision"], a["conv_algorithm"]) == ("fp32", "direct")
+    assert (b["precision"], b["conv_algorithm"]) == ("fp32", "gather")
+    assert set(b["conv_algorithms"].values()) == {"gather"} and set(a["conv_algorithms"].values()) == {"direct"}
+    for ra, rb in zip(csv.DictReader(open(tmp_path / "a" / "layers.csv")),
+                      csv.DictReader(open(tmp_path / "b" / "layers.csv"))):
+        for k in ("mean_activation", "count_ratio", "strength_ratio"):
+            assert float(ra[k]) == pytest.approx(float(rb[k]), rel=1e-4), k
+    rc, _, err = _run(args + ["--out", str(tmp_path / "c"), "--precision", "tf32"], capsys)
+    assert rc != 0 and "tf32" in err and "CUDA" in err
+
+
 def test_scan_saved_model_on_an_image_folder(tmp_path, capsys):
     from PIL import Image
 
