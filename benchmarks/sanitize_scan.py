@@ -4,8 +4,9 @@
 
 A tiny CNN with every construct (conv with stride / padding, BN, ReLU, max-pool, average pool,
 a residual block with a 1×1 shortcut, adaptive pool, linear) is scanned with the ``cuda``
-backend: statistics, filter images and dense images of every layer, plus the learned images
-of the linear output; each is compared with the reference backend (so an out-of-bounds read that
+backend with each conv algorithm (``direct``: the CUDA conv kernel; ``gather`` — what ``auto``
+runs on CUDA — and ``gemm``: ATen / cuBLAS): statistics, filter images and dense images of every
+layer, plus the learned images of the linear output; each is compared with the reference backend (so an out-of-bounds read that
 happens to return garbage also fails). Exit status: 0 ok, 1 mismatch, 3 no CUDA kernels.
 Set ``PYTORCH_NO_CUDA_MEMORY_CACHING=1`` under memcheck so that the caching allocator does not
 hide out-of-bounds accesses inside its pooled blocks (device_check.sh does).
@@ -39,19 +40,20 @@ def main() -> int:
         x, fg = make_inputs(wl, 3, "cuda")
         x = x.to(dtype)
         kw = dict(strategy="forward", stats=True, filter_images=True, keep_images=True)
-        got = nns_cuda.Scanner(model, None, backend="cuda", **kw).scan(x, fg)
         want = nns_cuda.Scanner(model, None, backend="reference", **kw).scan(x, fg)
         tol = 1e-4 if dtype == torch.float32 else 1e-10
-        for name in want:
-            for attr in ("stats", "filter_images", "images"):
-                a, b = getattr(got[name], attr), getattr(want[name], attr)
-                if b is None:
-                    continue
-                e = _err(a, b)
-                worst = max(worst, e)
-                if not e <= tol:
-                    print(f"sanitize_scan: MISMATCH {dtype} {name}.{attr}: rel. err {e:.2e} > {tol:.0e}")
-                    return 1
+        for algo in ("direct", "gather", "gemm"):
+            got = nns_cuda.Scanner(model, None, backend="cuda", conv_algorithm=algo, **kw).scan(x, fg)
+            for name in want:
+                for attr in ("stats", "filter_images", "images"):
+                    a, b = getattr(got[name], attr), getattr(want[name], attr)
+                    if b is None:
+                        continue
+                    e = _err(a, b)
+                    worst = max(worst, e)
+                    if not e <= tol:
+                        print(f"sanitize_scan: MISMATCH {dtype} {algo} {name}.{attr}: rel. err {e:.2e} > {tol:.0e}")
+                        return 1
         li = nns_cuda.learned_images(model, x, "fc", backend="cuda", strategy="forward")
         li_ref = nns_cuda.learned_images(model, x, "fc", backend="reference", strategy="forward")
         e = _err(li, li_ref)
@@ -60,7 +62,8 @@ def main() -> int:
             print(f"sanitize_scan: MISMATCH {dtype} learned_images(fc): rel. err {e:.2e}")
             return 1
     torch.cuda.synchronize()
-    print(f"sanitize_scan: ok ({len(want.layers)} layers, float32 + float64, worst rel. err {worst:.1e}, "
+    print(f"sanitize_scan: ok ({len(want.layers)} layers, float32 + float64, conv algorithms direct / gather / "
+          f"gemm, worst rel. err {worst:.1e}, "
           f"{time.perf_counter() - t0:.1f} s)")
     return 0
 
