@@ -54,7 +54,8 @@ CONFIGS = [("fp64", "direct"), ("fp32", "direct"), ("fp32", "gemm"), ("fp32", "g
            ("bf16", "gemm"), ("fp16", "direct"), ("fp16", "gemm"), ("tf32", "gemm")]
 #: on CUDA the tensor-core / GEMM configurations first (a time limit cuts the tail): gather (the
 #: predicted fast one) at tf32 and fp32 first of all
-CONFIGS_CUDA = [("tf32", "gather"), ("fp32", "gather"), ("tf32", "gemm"), ("bf16", "gather"), ("bf16", "gemm"),
+CONFIGS_CUDA = [("tf32", "gather"), ("fp32", "gather"), ("tf32", "implicit"), ("fp32", "implicit"), ("tf32", "gemm"),
+                ("bf16", "gather"), ("bf16", "implicit"), ("bf16", "gemm"),
                 ("fp16", "gemm"), ("fp32", "gemm"), ("fp32", "direct"), ("bf16", "direct"), ("fp16", "direct"),
                 ("fp64", "direct")]
 

@@ -18,7 +18,7 @@
 #   other tensor-core ones; both shrink so that >= 200 s stay for the rest) · sanitizers ~20-60 s
 #   (cap 65 each) · benchmarks: whatever is left minus 25 s (suite --time-limit 45 s below its hard
 #   timeout, so the method running at the limit can finish and the JSON / markdown get written),
-#   with --algorithms auto,direct,gather,gemm: one cuda row per conv algorithm and precision side
+#   with --algorithms auto,direct,gather,implicit,gemm: one cuda row per conv algorithm and precision side
 #   by side (tf32 + direct is not run; an explicit algorithm that auto already ran is recorded as
 #   skipped) · summary (with the precision table appended).
 # Knobs (environment): NNS_CHECK_SECONDS, BENCH_ARGS (extra arguments for benchmarks.run, e.g.
@@ -76,7 +76,7 @@ BUILD_S=$(( $(now) - B0 ))
 # ------------------------------------------------------------------ 2. tests (CUDA ones included)
 stamp "tests" >&2
 TESTS=""
-for t in tests/test_conv_li.py tests/test_conv_li_gather.py tests/test_maxpool_li.py tests/test_place_li.py tests/test_linear_li.py \
+for t in tests/test_conv_li.py tests/test_conv_li_gather.py tests/test_conv_li_implicit.py tests/test_maxpool_li.py tests/test_place_li.py tests/test_linear_li.py \
          tests/test_li_stats.py tests/test_filter_fold.py tests/test_engine_backends.py; do
   [ -f "$t" ] && TESTS="$TESTS $t"
 done
@@ -119,7 +119,7 @@ SAN="$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")"
     [ "$tool" = memcheck ] && extra="--leak-check no"
     # racecheck looks for shared-memory races, i.e. in our kernels: the direct conv kernel plus
     # the ops every algorithm shares; memcheck also covers the gather's ATen / cuBLAS path
-    algos="direct,gather"
+    algos="direct,gather,implicit"
     [ "$tool" = racecheck ] && algos="direct"
     # the caching allocator would hide out-of-bounds accesses inside its pooled blocks
     # shellcheck disable=SC2086
@@ -135,7 +135,7 @@ BENCH_T=$(cap 400 25)
 BENCH_LIMIT=$(( BENCH_T - 45 )); [ "$BENCH_LIMIT" -lt 20 ] && BENCH_LIMIT=20
 # shellcheck disable=SC2086
 timeout "$BENCH_T" "$PY" -m benchmarks.run --device cuda --time-limit "$BENCH_LIMIT" \
-  --algorithms auto,direct,gather,gemm \
+  --algorithms auto,direct,gather,implicit,gemm \
   --json "$OUT_DIR/bench.json" --markdown "$OUT_DIR/bench.md" ${BENCH_ARGS:-} > "$OUT_DIR/bench.log" 2>&1
 BENCH_RC=$?
 echo "== benchmarks.run rc=$BENCH_RC (timeout ${BENCH_T} s, suite limit ${BENCH_LIMIT} s)" >> "$OUT_DIR/bench.log"

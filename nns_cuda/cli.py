@@ -142,9 +142,10 @@ def _scan_parser(sub) -> None:
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp64", "tf32", "bf16", "fp16"],
                    help="learned-image precision: auto = the input's dtype; bf16 / fp16 store the patches in 16 "
                         "bits (counts become unreliable); tf32 = TF32 tensor-core GEMMs (CUDA only)")
-    p.add_argument("--conv-algorithm", default="auto", choices=["auto", "direct", "gemm", "gather"],
-                   help="conv propagation: direct gated kernels, one dense GEMM per image, or GEMMs over the active "
-                        "(input, tap) pairs; auto = direct on the CPU, gather on CUDA")
+    p.add_argument("--conv-algorithm", default="auto", choices=["auto", "direct", "gemm", "gather", "implicit"],
+                   help="conv propagation: direct gated kernels, one dense GEMM per image, GEMMs over the active "
+                        "(input, tap) pairs (gather), or those as one Triton kernel (implicit, CUDA); auto = direct "
+                        "on the CPU, gather on CUDA")
     p.add_argument("--strategy", default="auto", choices=["auto", "forward", "reverse"],
                    help="forward: all neurons in one sweep; reverse: one backward pass per neuron/filter")
     p.add_argument("--images", type=int, default=4, metavar="N", help="samples drawn in learned_images.png")

@@ -18,8 +18,9 @@ Backends of the forward strategy: ``"reference"`` (pure PyTorch), ``"cpu"`` (C++
 reference. Precisions (``precision=``, see :class:`Scanner`): the input's dtype by default,
 float32 / float64 on request, TF32 / bfloat16 / float16 on request (CUDA tensor cores).
 Conv algorithms of the forward strategy (``conv_algorithm=``): the direct gated kernels
-(``conv_li``), one dense GEMM per image (``conv_li_gemm``), or batched GEMMs over the active
-(input, tap) pairs of each output position (``conv_li_gather``). Every result records the
+(``conv_li``), one dense GEMM per image (``conv_li_gemm``), batched GEMMs over the active
+(input, tap) pairs of each output position (``conv_li_gather``), or the same as one Triton
+kernel that gathers the pairs' rows itself (``conv_li_implicit``, CUDA). Every result records the
 backend, strategy, precision and conv algorithm that ran (per convolution:
 ``ScanResult.conv_algorithms``).
 """
@@ -55,7 +56,7 @@ __all__ = [
 BACKENDS = ("auto", "reference", "cpu", "cuda")
 STRATEGIES = ("auto", "forward", "reverse")
 PRECISIONS = ("auto", "fp32", "fp64", "tf32", "bf16", "fp16")
-CONV_ALGORITHMS = ("auto", "direct", "gemm", "gather")
+CONV_ALGORITHMS = ("auto", "direct", "gemm", "gather", "implicit")
 #: storage dtype of the learned-image patches for each explicit precision
 _STORAGE = {"fp32": torch.float32, "fp64": torch.float64, "tf32": torch.float32, "bf16": torch.bfloat16,
             "fp16": torch.float16}
@@ -144,7 +145,8 @@ def resolve_precision(precision: str, x: torch.Tensor) -> Tuple[str, torch.dtype
     return precision, storage, (torch.float32 if storage in _LOW_DTYPES or precision == "tf32" else storage)
 
 
-def resolve_conv_algorithm(conv_algorithm: str, device: torch.device, precision: str) -> str:
+def resolve_conv_algorithm(conv_algorithm: str, device: torch.device, precision: str,
+                           backend: Optional[str] = None) -> str:
     """``"direct"``, ``"gemm"`` or ``"gather"`` for a ``conv_algorithm`` option (``precision``
     resolved).
 
@@ -157,6 +159,12 @@ def resolve_conv_algorithm(conv_algorithm: str, device: torch.device, precision:
     _check_choice("conv_algorithm", conv_algorithm, CONV_ALGORITHMS)
     if conv_algorithm == "auto":
         return "gather" if device.type == "cuda" else "direct"
+    if conv_algorithm == "implicit" and backend != "reference":  # the reference runs its twin
+        from . import _triton_conv
+
+        why = _triton_conv.available(device)
+        if why:
+            raise ValueError(f"conv_algorithm='implicit' cannot run here: {why}")
     if precision == "tf32" and conv_algorithm == "direct":
         raise ValueError("precision='tf32' runs the convolutions as TF32 GEMMs: it needs conv_algorithm='gemm', "
                          "'gather' or 'auto', got 'direct'")
@@ -429,6 +437,11 @@ class _PatchEngine:
             t, used = self.O.conv_li_gemm(*args, self.gemm_max_elems), "gemm"
         elif self.conv_algorithm == "gather" and _gather_fits(r, ay, ax, a, rh, rw, self.gemm_max_elems):
             t, used = self.O.conv_li_gather(*args, self.gemm_max_elems), "gather"
+        elif self.conv_algorithm == "implicit" and _gather_fits(r, ay, ax, a, rh, rw, self.gemm_max_elems):
+            if self.dtype == torch.float64:  # Triton has no float64 dot: the cuBLAS gather
+                t, used = self.O.conv_li_gather(*args, self.gemm_max_elems), "gather"
+            else:
+                t, used = self.O.conv_li_implicit(*args, self.gemm_max_elems), "implicit"
         else:
             t, used = self.O.conv_li(*args), "direct"
         self.used[g.name] = used
@@ -743,11 +756,15 @@ class Scanner:
     (always so once the receptive field covers the image, where most of the work is: VGG-16
     @32, 93 % of the gated FLOPs; ResNet-18 @32, 79 %) and up to ``Kh·Kw`` times more where
     the windows move with the position: a layer runs direct when that copy of one image
-    exceeds the chunk bound (a quarter of ``max_memory``). Grouped / depthwise convolutions
-    and average pools always run direct.
+    exceeds the chunk bound (a quarter of ``max_memory``). ``"implicit"``: the gather's
+    arithmetic as one Triton kernel on CUDA (``ops.conv_li_implicit``), which loads the pairs'
+    rows itself instead of copying them (no gathered operand in memory, no padding of the pair
+    lists); same layers as ``"gather"``, float64 runs the gather; needs CUDA and Triton
+    (``ValueError`` otherwise). Grouped / depthwise convolutions and average pools always run
+    direct.
     ``ScanResult.conv_algorithms`` says which ran for each convolution. ``"auto"``:
     ``"direct"`` on the CPU (measured fastest there), ``"gather"`` on CUDA (a prediction,
-    see :func:`resolve_conv_algorithm`).
+    see :func:`resolve_conv_algorithm`; ``"implicit"`` stays opt-in until measured).
     """
 
     def __init__(self, model: nn.Module, layers: Optional[Sequence[str]] = None, *, backend: str = "auto",
@@ -817,7 +834,7 @@ class Scanner:
         fg = _check_mask(fg_mask, x.shape[0], H, W, x.device)
         backend = resolve_backend(self.backend, x.device)
         prec, storage, out_dtype = resolve_precision(self.precision, x)
-        algo = resolve_conv_algorithm(self.conv_algorithm, x.device, prec)
+        algo = resolve_conv_algorithm(self.conv_algorithm, x.device, prec, backend)
         budget = self.max_memory or _default_budget(x.device)
         fit_budget = self.max_memory or _default_budget(x.device, fit=True)
         strategy = self.strategy
@@ -1099,7 +1116,7 @@ def learned_images(model: nn.Module, x: torch.Tensor, layer: str, *, neurons: Op
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     prec, storage, _ = resolve_precision(precision, x)
-    resolve_conv_algorithm(conv_algorithm, x.device, prec)
+    resolve_conv_algorithm(conv_algorithm, x.device, prec, resolve_backend(backend, x.device))
     graph = build_graph(model, x[:1], linearize)
     g = graph.resolve(layer)
     sel = None if neurons is None else _neuron_index(neurons, g.shape, x.device)

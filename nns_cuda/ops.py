@@ -47,6 +47,7 @@ __all__ = [
     "conv_li",
     "conv_li_gemm",
     "conv_li_gather",
+    "conv_li_implicit",
     "maxpool_li",
     "place_li",
     "linear_li",
@@ -240,6 +241,30 @@ def conv_li_gather(patches: torch.Tensor, ay_in: torch.Tensor, ax_in: torch.Tens
                                              ay_out, ax_out, _ints(stride), _ints(padding),
                                              _ints(dilation), int(groups), int(rh_out),
                                              int(rw_out), int(max_elems))
+
+
+def conv_li_implicit(patches: torch.Tensor, ay_in: torch.Tensor, ax_in: torch.Tensor,
+                     in_active: Optional[torch.Tensor], weight: torch.Tensor,
+                     scale: Optional[torch.Tensor], gate: Optional[torch.Tensor], ay_out: torch.Tensor,
+                     ax_out: torch.Tensor, stride: Sequence[int], padding: Sequence[int],
+                     dilation: Sequence[int], groups: int, rh_out: int, rw_out: int,
+                     max_elems: int = 0) -> torch.Tensor:
+    """:func:`conv_li_gather`'s arithmetic as one Triton kernel (``nns_cuda/_triton_conv.py``):
+    the rows of the active pairs are loaded straight from the placed input inside the GEMM
+    (an implicit gather), so nothing of the size of the gathered operand is written, and the
+    pair lists are ragged (no padding). CUDA tensors only (on the CPU only under Triton's
+    interpreter, ``TRITON_INTERPRET=1``, for tests); float32 (``"ieee"`` products, or TF32 when
+    ``torch.backends.cuda.matmul.allow_tf32`` is on), bfloat16, float16 — not float64.
+
+    Same arguments and result as :func:`conv_li_gather`; gated-off outputs exactly zero;
+    inactive inputs never read. Raises ``ValueError`` where it cannot run (no Triton, CPU
+    tensors without the interpreter, float64).
+    """
+    from . import _triton_conv  # registers torch.ops.nns_cuda.conv_li_implicit (imports Triton)
+
+    return torch.ops.nns_cuda.conv_li_implicit(patches, ay_in, ax_in, in_active, weight, scale, gate, ay_out,
+                                               ax_out, _ints(stride), _ints(padding), _ints(dilation),
+                                               int(groups), int(rh_out), int(rw_out), int(max_elems))
 
 
 def maxpool_li(patches: torch.Tensor, ay_in: torch.Tensor, ax_in: torch.Tensor,

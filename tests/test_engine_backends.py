@@ -16,13 +16,15 @@ from _oracle import rel_err
 from test_engine import MODELS, _leaf_layers, _oracles, _record
 
 BACKENDS = ["cpu", pytest.param("cuda", marks=pytest.mark.needs_cuda)]
-ALGOS = ["direct", "gemm", "gather"]
+#: "implicit" (the Triton kernel) runs on CUDA only (its CPU checks: tests/test_conv_li_implicit.py)
+ALGOS = ["direct", "gemm", "gather", pytest.param("implicit", marks=pytest.mark.needs_cuda)]
 
 
-def _check_algorithms(res, model, algo):
+def _check_algorithms(res, model, algo, dtype):
     assert res.conv_algorithm == algo
+    op = "gather" if (algo, dtype) == ("implicit", torch.float64) else algo  # Triton has no float64 dot
     if any(isinstance(m, torch.nn.Conv2d) and m.groups == 1 for m in model.modules()):
-        assert algo in res.conv_algorithms.values(), res.conv_algorithms
+        assert op in res.conv_algorithms.values(), res.conv_algorithms
 
 
 def _need(backend):
@@ -35,6 +37,8 @@ def _need(backend):
 @pytest.mark.parametrize("model_name", MODELS)
 def test_backend_equals_autograd(model_name, backend, algo):
     _need(backend)
+    if algo == "implicit" and backend != "cuda":
+        pytest.skip("conv_algorithm='implicit' is a CUDA kernel")
     model, x = make(model_name)
     names = [n for n, _ in _leaf_layers(model)]
     H, W = x.shape[-2:]
@@ -44,7 +48,7 @@ def test_backend_equals_autograd(model_name, backend, algo):
     res = nns.Scanner(m, names, backend=backend, strategy="forward", keep_images=True, stats=True,
                       filter_images=True, conv_algorithm=algo).scan(xd, fg.to(backend))
     assert res.backend == backend
-    _check_algorithms(res, model, algo)
+    _check_algorithms(res, model, algo, x.dtype)
     want_all = _oracles(model_name)
     for n in names:
         got = res[n].images.cpu()
@@ -65,12 +69,14 @@ def test_backend_equals_autograd(model_name, backend, algo):
 @pytest.mark.parametrize("model_name", ["simple_cnn", "small_resnet", "alexnet_like"])
 def test_backend_float32(model_name, backend, algo):
     _need(backend)
+    if algo == "implicit" and backend != "cuda":
+        pytest.skip("conv_algorithm='implicit' is a CUDA kernel")
     model, x = make(model_name)
     names = [n for n, _ in _leaf_layers(model)]
     m32, x32 = model.float().to(backend), x.float().to(backend)
     res = nns.Scanner(m32, names, backend=backend, strategy="forward", keep_images=True, stats=False,
                       precision="fp32", conv_algorithm=algo).scan(x32)
-    _check_algorithms(res, model, algo)
+    _check_algorithms(res, model, algo, torch.float32)
     for n in names:
         err = rel_err(res[n].images.cpu().double(), _oracles(model_name)[n])
         _record(f"forward-{backend}-fp32-{algo}", model_name, err)

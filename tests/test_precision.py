@@ -320,7 +320,7 @@ def test_bad_options():
     allowed_p = r"\('auto', 'fp32', 'fp64', 'tf32', 'bf16', 'fp16'\)"
     with pytest.raises(ValueError, match=rf"precision must be one of {allowed_p}, got 'bf17'"):
         nns.Scanner(model, precision="bf17")
-    with pytest.raises(ValueError, match=r"conv_algorithm must be one of \('auto', 'direct', 'gemm', 'gather'\), got 'winograd'"):
+    with pytest.raises(ValueError, match=r"conv_algorithm must be one of \('auto', 'direct', 'gemm', 'gather', 'implicit'\), got 'winograd'"):
         nns.Scanner(model, conv_algorithm="winograd")
     with pytest.raises(ValueError, match=r"precision='tf32' runs the convolutions as TF32 GEMMs.*got 'direct'"):
         nns.Scanner(model, precision="tf32", conv_algorithm="direct")

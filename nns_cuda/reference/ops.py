@@ -36,6 +36,7 @@ __all__ = [
     "conv_li",
     "conv_li_gemm",
     "conv_li_gather",
+    "conv_li_implicit",
     "maxpool_li",
     "place_li",
     "linear_li",
@@ -209,6 +210,20 @@ def conv_li_gather(patches: torch.Tensor, ay_in: torch.Tensor, ax_in: torch.Tens
     code it shares nothing with."""
     if max_elems < 0:
         raise ValueError(f"conv_li_gather: max_elems must be >= 0 (0: default), got {max_elems}")
+    return conv_li_gemm(patches, ay_in, ax_in, in_active, weight, scale, gate, ay_out, ax_out, stride, padding,
+                        dilation, groups, rh_out, rw_out)
+
+
+def conv_li_implicit(patches: torch.Tensor, ay_in: torch.Tensor, ax_in: torch.Tensor,
+                     in_active: Optional[torch.Tensor], weight: torch.Tensor,
+                     scale: Optional[torch.Tensor], gate: Optional[torch.Tensor], ay_out: torch.Tensor,
+                     ax_out: torch.Tensor, stride: Sequence[int], padding: Sequence[int],
+                     dilation: Sequence[int], groups: int, rh_out: int, rw_out: int,
+                     max_elems: int = 0) -> torch.Tensor:
+    """Twin of the Triton ``conv_li_implicit`` (``nns_cuda/_triton_conv.py``): the same
+    result as :func:`conv_li_gather` (:func:`conv_li` with 16-bit weights rounded)."""
+    if max_elems < 0:
+        raise ValueError(f"conv_li_implicit: max_elems must be >= 0 (0: default), got {max_elems}")
     return conv_li_gemm(patches, ay_in, ax_in, in_active, weight, scale, gate, ay_out, ax_out, stride, padding,
                         dilation, groups, rh_out, rw_out)
 
