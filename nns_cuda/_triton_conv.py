@@ -200,12 +200,14 @@ def _conv_li_implicit(patches, ay_in, ax_in, in_active, weight, scale, gate, ay_
     copy_free = identity and not any(oy) and not any(ox) and (Rhi, Rwi) == (rh_out, rw_out)
 
     # pair tables [G, P, CK] (chunk-independent): tap not padding; row of Q (per image); input neuron
-    vy, vx = VY.view(Ho, 1, 1, Kh, 1), VX.view(1, Wo, 1, 1, Kw)
-    iy, ix = IY.view(Ho, 1, 1, Kh, 1), IX.view(1, Wo, 1, 1, Kw)
-    ch = (torch.arange(G).view(G, 1, 1, 1, 1, 1) * Cig + torch.arange(Cig).view(1, 1, 1, Cig, 1, 1))
-    tap_ok = ((vy >= 0) & (vx >= 0)).unsqueeze(0).expand(G, Ho, Wo, Cig, Kh, Kw).reshape(G, P, CK).to(dev)
-    qrow = (ch * (Hq * Wq) + vy.clamp_min(0) * Wq + vx.clamp_min(0)).reshape(G, P, CK).to(dev)
-    nidx = (ch * (Hi * Wi) + iy.clamp_min(0) * Wi + ix.clamp_min(0)).reshape(G, P, CK).to(dev)
+    # (built on the device from the small per-axis tables)
+    vy, vx = VY.to(dev).view(Ho, 1, 1, Kh, 1), VX.to(dev).view(1, Wo, 1, 1, Kw)
+    iy, ix = IY.to(dev).view(Ho, 1, 1, Kh, 1), IX.to(dev).view(1, Wo, 1, 1, Kw)
+    ch = (torch.arange(G, device=dev).view(G, 1, 1, 1, 1, 1) * Cig
+          + torch.arange(Cig, device=dev).view(1, 1, 1, Cig, 1, 1))
+    tap_ok = ((vy >= 0) & (vx >= 0)).unsqueeze(0).expand(G, Ho, Wo, Cig, Kh, Kw).reshape(G, P, CK)
+    qrow = (ch * (Hq * Wq) + vy.clamp_min(0) * Wq + vx.clamp_min(0)).reshape(G, P, CK)
+    nidx = (ch * (Hi * Wi) + iy.clamp_min(0) * Wi + ix.clamp_min(0)).reshape(G, P, CK)
 
     # weights [G, CK, Cog] (a pair's column contiguous), gate * scale [B, Co, P]
     WT = weight.detach().to(torch.float32).reshape(G, Cog, CK).transpose(1, 2).contiguous()
