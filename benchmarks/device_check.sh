@@ -18,9 +18,10 @@
 #   other tensor-core ones; both shrink so that >= 200 s stay for the rest) · sanitizers ~20-60 s
 #   (cap 65 each) · benchmarks: whatever is left minus 25 s (suite --time-limit 45 s below its hard
 #   timeout, so the method running at the limit can finish and the JSON / markdown get written),
-#   with --algorithms auto,direct,gather,implicit,gemm: one cuda row per conv algorithm and precision side
-#   by side (tf32 + direct is not run; an explicit algorithm that auto already ran is recorded as
-#   skipped) · summary (with the precision table appended).
+#   with --algorithms auto,implicit: per workload and precision the default (auto = the cuBLAS
+#   gather on CUDA) and the Triton implicit-gather kernel side by side; the goals are rated on
+#   the default and on the faster of the two (direct / gemm are compared by bench_precision on
+#   VGG-16 @32) · summary (with the precision table appended).
 # Knobs (environment): NNS_CHECK_SECONDS, BENCH_ARGS (extra arguments for benchmarks.run, e.g.
 #   "--workloads vgg16_32,resnet18_32"; they come after the defaults, and argparse keeps the last
 #   value, so e.g. BENCH_ARGS="--algorithms auto" overrides the algorithm list), MAX_JOBS (16), TORCH_CUDA_ARCH_LIST (9.0).
@@ -135,7 +136,7 @@ BENCH_T=$(cap 400 25)
 BENCH_LIMIT=$(( BENCH_T - 45 )); [ "$BENCH_LIMIT" -lt 20 ] && BENCH_LIMIT=20
 # shellcheck disable=SC2086
 timeout "$BENCH_T" "$PY" -m benchmarks.run --device cuda --time-limit "$BENCH_LIMIT" \
-  --algorithms auto,direct,gather,implicit,gemm \
+  --algorithms auto,implicit \
   --json "$OUT_DIR/bench.json" --markdown "$OUT_DIR/bench.md" ${BENCH_ARGS:-} > "$OUT_DIR/bench.log" 2>&1
 BENCH_RC=$?
 echo "== benchmarks.run rc=$BENCH_RC (timeout ${BENCH_T} s, suite limit ${BENCH_LIMIT} s)" >> "$OUT_DIR/bench.log"
