@@ -5,9 +5,10 @@
 #
 #   benchmarks/device_check.sh OUT_DIR        (or with $OUT set: benchmarks/device_check.sh)
 #
-# Writes at most 10 files to OUT_DIR, no subfolders: build.log tests.log tests.xml precision.log
-# precision.json sanitizer.log bench.log bench.json bench.md summary.txt. Every step runs under
-# `timeout`; a failing step does not stop the others. Time budget (H200, total
+# Leaves 6 files in OUT_DIR, no subfolders (the device tool returns at most 8): summary.txt,
+# bench.json, bench.md, precision.json, tune.json, and logs.tar.gz holding build.log tests.log
+# tests.xml precision.log sanitizer.log bench.log (packed after the summary has read them). Every
+# step runs under `timeout`; a failing step does not stop the others. Time budget (H200, total
 # NNS_CHECK_SECONDS, default 450 s of the 8 min):
 #   build ~60-120 s (cap 200) · tests ~30-60 s (cap 110; the CUDA cases of the op tests,
 #   conv_li_gather's included, and of the whole-model backend oracles for every conv algorithm)
@@ -15,14 +16,16 @@
 #   conv_li_gather / precision tests (cap 40) and benchmarks/bench_precision.py on VGG-16 @32,
 #   fp32 / tf32 / bf16 / fp16 x gather / gemm / direct against fp32 and fp64, error and time (cap
 #   60; it writes precision.json after every configuration, tf32 / fp32 gather first, then the
-#   other tensor-core ones; both shrink so that >= 200 s stay for the rest) · sanitizers ~20-60 s
+#   other tensor-core ones; both shrink so that >= 200 s stay for the rest) · the block sizes of
+#   the Triton implicit-gather kernel against the cuBLAS gather on VGG-16 @32's main layer shape,
+#   benchmarks/tune_implicit.py (cap 50, tune.json) · sanitizers ~20-60 s
 #   (cap 65 each) · benchmarks: whatever is left minus 25 s (suite --time-limit 45 s below its hard
 #   timeout, so the method running at the limit can finish and the JSON / markdown get written),
 #   with --algorithms auto,implicit: per workload and precision the default (auto = the cuBLAS
 #   gather on CUDA) and the Triton implicit-gather kernel side by side; the goals are rated on
 #   the default and on the faster of the two (direct / gemm are compared by bench_precision on
 #   VGG-16 @32) · summary (with the precision table appended).
-# Knobs (environment): NNS_CHECK_SECONDS, BENCH_ARGS (extra arguments for benchmarks.run, e.g.
+# Knobs (environment): NNS_CHECK_SECONDS, NNS_SKIP_BUILD=1 (dry runs), BENCH_ARGS (extra arguments for benchmarks.run, e.g.
 #   "--workloads vgg16_32,resnet18_32"; they come after the defaults, and argparse keeps the last
 #   value, so e.g. BENCH_ARGS="--algorithms auto" overrides the algorithm list), MAX_JOBS (16), TORCH_CUDA_ARCH_LIST (9.0).
 set -u
@@ -65,9 +68,14 @@ stamp "build" >&2
   echo "== build"
 } > "$OUT_DIR/build.log" 2>&1
 B0=$(now)
-MAX_JOBS="${MAX_JOBS:-16}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" FORCE_CUDA=1 \
-  timeout "$(cap 200 150)" "$PY" setup.py build_ext --inplace >> "$OUT_DIR/build.log" 2>&1
-BUILD_RC=$?
+if [ "${NNS_SKIP_BUILD:-0}" = 1 ]; then  # dry runs of this script on a machine whose build is current
+  echo "build skipped (NNS_SKIP_BUILD=1)" >> "$OUT_DIR/build.log"
+  BUILD_RC=0
+else
+  MAX_JOBS="${MAX_JOBS:-16}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" FORCE_CUDA=1 \
+    timeout "$(cap 200 150)" "$PY" setup.py build_ext --inplace >> "$OUT_DIR/build.log" 2>&1
+  BUILD_RC=$?
+fi
 BUILD_S=$(( $(now) - B0 ))
 {
   echo "== build rc=$BUILD_RC in ${BUILD_S} s"
@@ -108,6 +116,14 @@ stamp "precision" >&2
     --time-batch 8 --repeats 2 --json "$OUT_DIR/precision.json" 2>&1 | tail -n 40
   echo "== bench_precision rc=${PIPESTATUS[0]}"
 } > "$OUT_DIR/precision.log" 2>&1
+
+# ------------------------------------------------------------------ 2c. implicit-gather block sizes
+stamp "tune" >&2
+{
+  echo "== benchmarks.tune_implicit (8x8 grid, 256 -> 256, 3x32x32 windows, batch 8)"
+  timeout "$(cap 50 190)" "$PY" -m benchmarks.tune_implicit --time-limit 35 --json "$OUT_DIR/tune.json" 2>&1 | tail -n 40
+  echo "== tune_implicit rc=${PIPESTATUS[0]}"
+} >> "$OUT_DIR/precision.log" 2>&1
 
 # ------------------------------------------------------------------ 3. compute-sanitizer
 stamp "sanitizers" >&2
@@ -158,6 +174,12 @@ timeout 60 "$PY" -m benchmarks.bench_summary "$OUT_DIR" --build-seconds "$BUILD_
   else
     echo "no precision.json (see precision.log)"
   fi
+  echo
+  echo "== implicit-gather block sizes: $(grep -E '^== tune_implicit rc=' "$OUT_DIR/precision.log")"
+  sed -n '/^== benchmarks.tune_implicit/,/^== tune_implicit rc=/p' "$OUT_DIR/precision.log" | grep -E '^(fp32|tf32)'
 } >> "$OUT_DIR/summary.txt" 2>&1
+# at most 8 files come back from the device machine: pack the logs
+( cd "$OUT_DIR" && tar -czf logs.tar.gz --ignore-failed-read build.log tests.log tests.xml precision.log \
+    sanitizer.log bench.log 2>/dev/null && rm -f build.log tests.log tests.xml precision.log sanitizer.log bench.log )
 cat "$OUT_DIR/summary.txt"
 exit 0

@@ -47,6 +47,9 @@ OP = "conv_li_implicit"
 #: Triton's CPU interpreter is on (read when this module is imported, as triton.jit does)
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _DEFAULT_MAX_ELEMS = 1 << 26
+#: (BM, BN, BK, num_warps, num_stages) forced for every launch — for ``benchmarks/tune_implicit.py``;
+#: None: the heuristic of :func:`_launch_config`
+CONFIG_OVERRIDE: Optional[Tuple[int, int, int, int, int]] = None
 
 
 def available(device: torch.device) -> Optional[str]:
@@ -143,6 +146,15 @@ def _block(n: int, cap: int) -> int:
     return b
 
 
+def _launch_config(M: int, N: int) -> Tuple[int, int, int, int, int]:
+    """(BM, BN, BK, num_warps, num_stages): the smallest power-of-two tiles (>= 16, tl.dot's
+    minimum) covering the output channels up to 64 and the window elements up to 128, BK 32,
+    4 warps, 3 stages — untuned (``benchmarks/tune_implicit.py`` measures alternatives)."""
+    if CONFIG_OVERRIDE is not None:
+        return CONFIG_OVERRIDE
+    return _block(M, 64), _block(N, 128), 32, 4, 3
+
+
 @torch.library.custom_op("nns_cuda::conv_li_implicit", mutates_args=())
 def conv_li_implicit(patches: torch.Tensor, ay_in: torch.Tensor, ax_in: torch.Tensor,
                      in_active: Optional[torch.Tensor], weight: torch.Tensor,
@@ -223,7 +235,7 @@ def _conv_li_implicit(patches, ay_in, ax_in, in_active, weight, scale, gate, ay_
     if dt == torch.float32 and dev.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
         prec = "tf32"
     lowp = dt in (torch.bfloat16, torch.float16)
-    BM, BN, BK = _block(Cog, 64), _block(pe, 128), 32
+    BM, BN, BK, warps, stages = _launch_config(Cog, pe)
     out_flat = out.view(-1)
 
     # chunks of images: Q of the chunk + the pair lists (~4 int64 per candidate pair, worst case)
@@ -265,5 +277,6 @@ def _conv_li_implicit(patches, ay_in, ax_in, in_active, weight, scale, gate, ay_
         _implicit_kernel[grid](WT, Q, sel, rows, offs, cnt, wbase, obase, mbase,
                                mul if mul is not None else WT, out_flat,
                                Cog, pe, P * pe, P,
-                               HAS_MUL=mul is not None, LOWP=lowp, PREC=prec, BM=BM, BN=BN, BK=BK)
+                               HAS_MUL=mul is not None, LOWP=lowp, PREC=prec, BM=BM, BN=BN, BK=BK,
+                               num_warps=warps, num_stages=stages)
     return out

@@ -3,8 +3,10 @@ smoke run of ``benchmarks.run.main`` on a tiny workload (JSON schema, correctnes
 timing, a wrong method detected)."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -379,3 +381,23 @@ def test_algorithms_rows_render_and_goals():
         assert f"| {label} |" in md
     # JSON of older runs (no algorithm keys) renders as before
     assert common.method_label({"method": "cuda"}) == "cuda"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton not installed")
+def test_tune_implicit_smoke_under_the_triton_interpreter(tmp_path):
+    """benchmarks/tune_implicit.py (run on the GPU by device_check.sh) on a tiny layer under
+    Triton's CPU interpreter: every configuration it tries agrees with the gather and is timed."""
+    out = tmp_path / "tune.json"
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.tune_implicit", "--device", "cpu", "--channels", "16",
+                           "--grid", "4", "--image", "4", "--batch", "1", "--configs", "2", "--json", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    rows = doc["rows"]
+    assert [r["algorithm"] for r in rows] == ["gather", "implicit", "implicit"] * 2
+    for r in rows:
+        assert r.get("s", 0) > 0 and "error" not in r, r
+        if r["algorithm"] == "implicit":
+            assert r["max_rel_diff_vs_fp32_gather"] <= 1e-5, r
+    assert doc["useful_flops"] > 0
