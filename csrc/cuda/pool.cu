@@ -1,6 +1,10 @@
 // Routing ops on CUDA: maxpool_li (arg-max routing) and place_li (re-windowing / residual
-// accumulation). One thread per output element (consecutive threads: consecutive elements of
-// one output patch, so writes and the reads of each source row are coalesced).
+// accumulation). One warp per output neuron (grid-stride over neurons): the neuron's source
+// patch and offsets are found once, then the lanes copy its output window with
+// nns_cuda/window_loops.h's place_window (rows with lanes along the row: coalesced; 32-bit
+// in-window maths, the hosts check D*rho*rwo < 2^31). The earlier one-thread-per-element
+// version did seven int64 divisions / modulos per element, which are emulated (tens of
+// instructions each) and made these copies instruction-bound.
 //
 // maxpool_li's checks depend on the indices (device data): a first kernel validates every
 // neuron and raises a flag, read back once (one small device->host copy) before returning;
@@ -12,12 +16,14 @@
 #include "nns_cuda/cuda_launch.h"
 #include "nns_cuda/geometry.h"
 #include "nns_cuda/validate.h"
+#include "nns_cuda/window_loops.h"
 
 namespace nns_cuda {
 namespace {
 
 constexpr int kErrRange = 1;
 constexpr int kErrFit = 2;
+constexpr int kWarpsPerBlock = kThreads / 32;
 
 __global__ void maxpool_li_validate_kernel(const PoolDims g, const int64_t* __restrict__ I,
                                            const int64_t* __restrict__ ayi,
@@ -41,31 +47,30 @@ __global__ void maxpool_li_validate_kernel(const PoolDims g, const int64_t* __re
 }
 
 template <typename scalar_t>
-__global__ void maxpool_li_cuda_kernel(const PoolDims g, const scalar_t* __restrict__ P,
-                                       const int64_t* __restrict__ I,
-                                       const int64_t* __restrict__ ayi,
-                                       const int64_t* __restrict__ axi,
-                                       const int64_t* __restrict__ ayo,
-                                       const int64_t* __restrict__ axo,
-                                       scalar_t* __restrict__ out) {
+__global__ void __launch_bounds__(kThreads)
+    maxpool_li_cuda_kernel(const PoolDims g, const scalar_t* __restrict__ P,
+                           const int64_t* __restrict__ I, const int64_t* __restrict__ ayi,
+                           const int64_t* __restrict__ axi, const int64_t* __restrict__ ayo,
+                           const int64_t* __restrict__ axo, scalar_t* __restrict__ out) {
+  const int lane = threadIdx.x & 31;
   const int64_t pin = g.D * g.Rhi * g.Rwi;
   const int64_t pout = g.D * g.rho * g.rwo;
   const int64_t HW = g.Hi * g.Wi;
-  const int64_t total = g.B * g.C * g.Ho * g.Wo * pout;
-  for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < total;
-       e += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t n = e / pout, k = e % pout;
-    const int64_t q = k % g.rwo, r = (k / g.rwo) % g.rho, d = k / (g.rwo * g.rho);
+  const int64_t nn = g.B * g.C * g.Ho * g.Wo;
+  for (int64_t n = blockIdx.x * (int64_t)kWarpsPerBlock + (threadIdx.x >> 5); n < nn;
+       n += (int64_t)gridDim.x * kWarpsPerBlock) {  // uniform per warp
     const int64_t idx = I[n];
-    scalar_t v = scalar_t(0);
-    if (idx >= 0 && idx < HW) {  // invalid indices are reported by the validation kernel
+    const scalar_t* src = nullptr;  // invalid indices (reported by the validation kernel): zeros
+    int64_t dy = 0, dx = 0;
+    if (idx >= 0 && idx < HW) {
       const int64_t x = n % g.Wo, y = (n / g.Wo) % g.Ho, bc = n / (g.Wo * g.Ho);
-      const int64_t dy = ayi[idx / g.Wi] - ayo[y];
-      const int64_t dx = axi[idx % g.Wi] - axo[x];
-      const int64_t si = placed_source_index(d, r, q, dy, dx, g.Rhi, g.Rwi);
-      if (si >= 0) v = P[(bc * HW + idx) * pin + si];
+      dy = ayi[idx / g.Wi] - ayo[y];
+      dx = axi[idx % g.Wi] - axo[x];
+      if (window_fits(dy, g.Rhi, g.rho) && window_fits(dx, g.Rwi, g.rwo)) src = P + (bc * HW + idx) * pin;
     }
-    out[e] = v;
+    place_window<scalar_t>(src, static_cast<int>(dy), static_cast<int>(dx), static_cast<int>(g.D),
+                           static_cast<int>(g.Rhi), static_cast<int>(g.Rwi), static_cast<int>(g.rho),
+                           static_cast<int>(g.rwo), nullptr, out + n * pout, lane);
   }
 }
 
@@ -88,10 +93,13 @@ at::Tensor maxpool_li_cuda(const at::Tensor& patches, const at::Tensor& ay_in,
       g, I.data_ptr<int64_t>(), ayi.data_ptr<int64_t>(), axi.data_ptr<int64_t>(),
       ayo.data_ptr<int64_t>(), axo.data_ptr<int64_t>(), err.data_ptr<int>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  TORCH_CHECK_VALUE(g.D * g.rho * g.rwo < (int64_t(1) << 31) && g.D * g.Rhi * g.Rwi < (int64_t(1) << 31),
+                    NNS_MSG("maxpool_li: on CUDA a window must have fewer than 2^31 elements, got ",
+                            g.D * g.rho * g.rwo));
   if (out.numel() > 0) {
     const at::Tensor P = patches.contiguous();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, patches.scalar_type(), "maxpool_li_cuda", [&] {
-      maxpool_li_cuda_kernel<scalar_t><<<blocks_for(out.numel(), kThreads), kThreads, 0, stream>>>(
+      maxpool_li_cuda_kernel<scalar_t><<<blocks_for(nn, kWarpsPerBlock), kThreads, 0, stream>>>(
           g, P.data_ptr<scalar_t>(), I.data_ptr<int64_t>(), ayi.data_ptr<int64_t>(),
           axi.data_ptr<int64_t>(), ayo.data_ptr<int64_t>(), axo.data_ptr<int64_t>(),
           out.data_ptr<scalar_t>());
@@ -105,22 +113,21 @@ at::Tensor maxpool_li_cuda(const at::Tensor& patches, const at::Tensor& ay_in,
 }
 
 template <typename scalar_t>
-__global__ void place_li_cuda_kernel(const PoolDims g, const scalar_t* __restrict__ P,
-                                     const int64_t* __restrict__ rowoff,
-                                     const int64_t* __restrict__ coloff,
-                                     const scalar_t* __restrict__ acc, scalar_t* __restrict__ out) {
+__global__ void __launch_bounds__(kThreads)
+    place_li_cuda_kernel(const PoolDims g, const scalar_t* __restrict__ P,
+                         const int64_t* __restrict__ rowoff, const int64_t* __restrict__ coloff,
+                         const scalar_t* __restrict__ acc, scalar_t* __restrict__ out) {
+  const int lane = threadIdx.x & 31;
   const int64_t pin = g.D * g.Rhi * g.Rwi;
   const int64_t pout = g.D * g.rho * g.rwo;
-  const int64_t total = g.B * g.C * g.Ho * g.Wo * pout;
-  for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < total;
-       e += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t n = e / pout, k = e % pout;
-    const int64_t q = k % g.rwo, r = (k / g.rwo) % g.rho, d = k / (g.rwo * g.rho);
+  const int64_t nn = g.B * g.C * g.Ho * g.Wo;
+  for (int64_t n = blockIdx.x * (int64_t)kWarpsPerBlock + (threadIdx.x >> 5); n < nn;
+       n += (int64_t)gridDim.x * kWarpsPerBlock) {  // uniform per warp
     const int64_t x = n % g.Wo, y = (n / g.Wo) % g.Ho;
-    const int64_t si = placed_source_index(d, r, q, rowoff[y], coloff[x], g.Rhi, g.Rwi);
-    scalar_t v = si >= 0 ? P[n * pin + si] : scalar_t(0);
-    if (acc) v += acc[e];
-    out[e] = v;
+    place_window<scalar_t>(P + n * pin, static_cast<int>(rowoff[y]), static_cast<int>(coloff[x]),
+                           static_cast<int>(g.D), static_cast<int>(g.Rhi), static_cast<int>(g.Rwi),
+                           static_cast<int>(g.rho), static_cast<int>(g.rwo),
+                           acc ? acc + n * pout : nullptr, out + n * pout, lane);
   }
 }
 
@@ -134,12 +141,16 @@ at::Tensor place_li_cuda(const at::Tensor& patches, const at::Tensor& ay_in,
   const at::Tensor tab = place_offset_table(g, ay_in, ax_in, ay_out, ax_out).to(patches.device());
   auto out = at::empty({g.B, g.C, g.Ho, g.Wo, g.D, g.rho, g.rwo}, patches.options());
   if (out.numel() == 0) return out;
+  TORCH_CHECK_VALUE(g.D * g.rho * g.rwo < (int64_t(1) << 31),
+                    NNS_MSG("place_li: on CUDA a window must have fewer than 2^31 elements, got ",
+                            g.D * g.rho * g.rwo));
+  const int64_t nn = g.B * g.C * g.Ho * g.Wo;
   const at::Tensor P = patches.contiguous();
   const at::Tensor A = accumulate.has_value() ? accumulate->contiguous() : at::Tensor();
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t* rowoff = tab.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, patches.scalar_type(), "place_li_cuda", [&] {
-    place_li_cuda_kernel<scalar_t><<<blocks_for(out.numel(), kThreads), kThreads, 0, stream>>>(
+    place_li_cuda_kernel<scalar_t><<<blocks_for(nn, kWarpsPerBlock), kThreads, 0, stream>>>(
         g, P.data_ptr<scalar_t>(), rowoff, rowoff + g.Ho,
         A.defined() ? A.data_ptr<scalar_t>() : nullptr, out.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -1,9 +1,9 @@
 // Reductions of a layer's patches on CUDA.
 //
-// li_stats: one warp per neuron. Lanes stride over the neuron's [D, Rh, Rw] patch (coalesced
-// reads of the patch and of the matching rows of x and fg), accumulate the 11 statistics in
-// registers and reduce them with warp shuffles; the patch is read once and nothing but the
-// 11 numbers is written.
+// li_stats: one warp per neuron. Lanes stride along the rows of the neuron's [D, Rh, Rw] patch
+// (over the flattened patch for windows narrower than 16), with coalesced reads of the patch and
+// of the matching rows of x and fg, accumulate the 11 statistics in registers and reduce them
+// with warp shuffles; the patch is read once and nothing but the 11 numbers is written.
 //
 // filter_fold: gather by output pixel, no atomics: one thread per (b, c, d, Y, X) output
 // element sums act * patch over the neurons whose windows cover (Y, X) (tables of covering
@@ -21,11 +21,11 @@
 #include "nns_cuda/cuda_launch.h"
 #include "nns_cuda/geometry.h"
 #include "nns_cuda/validate.h"
+#include "nns_cuda/window_loops.h"
 
 namespace nns_cuda {
 namespace {
 
-constexpr int kNumStats = 11;  // nns_cuda/reference/stats.py STAT_NAMES order
 constexpr int kWarpsPerBlock = kThreads / 32;
 
 template <typename scalar_t, typename opmath_t = at::opmath_type<scalar_t>>
@@ -43,28 +43,17 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t x = n % g.Wo, y = (n / g.Wo) % g.Ho, b = n / (g.Wo * g.Ho * g.C);
     const int64_t y0 = ay[y], x0 = ax[x];
     const scalar_t* src = P + n * pin;
+    // the window's first row in x and fg: X[((b*D + d)*H + y0 + r)*W + x0 + q] = Xw[d*HW + r*W + q]
+    const opmath_t* Xw = X + (b * g.D * g.H + y0) * g.W + x0;
+    const opmath_t* Fw = F + (b * g.H + y0) * g.W + x0;
     opmath_t s[kNumStats];
 #pragma unroll
     for (int k = 0; k < kNumStats; ++k) s[k] = opmath_t(0);
-    for (int64_t e = lane; e < pin; e += 32) {
-      const int64_t q = e % g.Rw, r = (e / g.Rw) % g.Rh, d = e / (g.Rw * g.Rh);
-      const opmath_t li = static_cast<opmath_t>(src[e]);
-      const opmath_t xv = X[((b * g.D + d) * g.H + y0 + r) * g.W + x0 + q];
-      const opmath_t f = F[(b * g.H + y0 + r) * g.W + x0 + q];
-      const opmath_t nz = li != opmath_t(0) ? opmath_t(1) : opmath_t(0);
-      const opmath_t xnz = xv * nz;
-      s[0] += nz * f;
-      s[1] += nz * (opmath_t(1) - f);
-      s[2] += li < opmath_t(0) ? -li : li;
-      s[3] += li;
-      s[4] += li * li;
-      s[5] += xv * li;
-      s[6] += li * f;
-      s[7] += li * li * f;
-      s[8] += xnz * f;
-      s[9] += xnz * xnz * f;
-      s[10] += xv * li * f;
-    }
+    // nns_cuda/window_loops.h: 32-bit in-window maths (the host checks D*H*W < 2^31), rows with
+    // lanes along the row, no division per element in the row loop
+    stats_window_lane<scalar_t, opmath_t>(s, src, Xw, Fw, static_cast<int>(g.D), static_cast<int>(g.Rh),
+                                          static_cast<int>(g.Rw), static_cast<int>(g.W),
+                                          static_cast<int>(g.H * g.W), lane);
 #pragma unroll
     for (int k = 0; k < kNumStats; ++k) {
 #pragma unroll
@@ -80,6 +69,9 @@ __global__ void __launch_bounds__(kThreads)
 at::Tensor li_stats_cuda(const at::Tensor& patches, const at::Tensor& ay, const at::Tensor& ax,
                          const at::Tensor& x, const at::Tensor& fg) {
   const StatDims g = check_li_stats(patches, ay, ax, x, fg);  // copies the anchors to the host
+  TORCH_CHECK_VALUE(g.D * g.H * g.W < (int64_t(1) << 31),
+                    NNS_MSG("li_stats: on CUDA the image must have fewer than 2^31 elements (D*H*W), got ",
+                            g.D * g.H * g.W));
   const c10::cuda::CUDAGuard guard(patches.device());
   const auto dt = patches.scalar_type();
   const auto ct = at::toOpMathType(dt);
