@@ -231,10 +231,12 @@ def _conv_li_implicit(patches, ay_in, ax_in, in_active, weight, scale, gate, ay_
         mul = g32 if mul is None else mul * g32
     mul = None if mul is None else mul.reshape(B, Co, P).contiguous()
     act = None if in_active is None else in_active.reshape(B, Ci * Hi * Wi)
-    prec = "ieee"
-    if dt == torch.float32 and dev.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
-        prec = "tf32"
     lowp = dt in (torch.bfloat16, torch.float16)
+    # float32 operands: IEEE products (FMA) unless TF32 is allowed; 16-bit operands: the tensor
+    # cores whatever this says (Triton's default, "tf32", which only concerns float32 operands)
+    prec = "ieee"
+    if lowp or (dt == torch.float32 and dev.type == "cuda" and torch.backends.cuda.matmul.allow_tf32):
+        prec = "tf32"
     BM, BN, BK, warps, stages = _launch_config(Cog, pe)
     out_flat = out.view(-1)
 
