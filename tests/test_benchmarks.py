@@ -401,3 +401,34 @@ def test_tune_implicit_smoke_under_the_triton_interpreter(tmp_path):
         if r["algorithm"] == "implicit":
             assert r["max_rel_diff_vs_fp32_gather"] <= 1e-5, r
     assert doc["useful_flops"] > 0
+
+
+def test_record_run_names_files_and_prints_the_section(tmp_path, capsys):
+    """benchmarks/record_run.py on a device_check-like folder: the JSON copied under
+    <date>_<card>_<commit> names, the RESULTS.md section with card, versions, commit, summary,
+    table, goals; a run without a recorded commit says whose commit it names instead."""
+    from benchmarks import record_run
+
+    out = tmp_path / "out"
+    out.mkdir()
+    doc = json.loads(open(os.path.join(ROOT, "benchmarks", "results", "cpu_vgg16_32_2026-11-26.json")).read())
+    doc["env"]["gpu"] = {"name": "NVIDIA H200", "memory_gib": 139.8}
+    doc["env"]["commit"] = "0123456789abcdef"
+    (out / "bench.json").write_text(json.dumps(doc))
+    (out / "summary.txt").write_text("== device_check summary ==\ntests: 10 passed")
+    (out / "tune.json").write_text(json.dumps({"layer": "L", "batch": 8, "useful_flops": 1e12, "rows": [
+        {"precision": "tf32", "algorithm": "gather", "s": 0.01, "gflops": 1e5},
+        {"precision": "tf32", "algorithm": "implicit", "config": [64, 128, 32, 4, 3], "s": 0.005, "gflops": 2e5,
+         "vs_gather": 2.0, "max_rel_diff_vs_fp32_gather": 1e-4}]}))
+    res = tmp_path / "results"
+    assert record_run.main([str(out), "--write", "--results-dir", str(res)]) == 0
+    text = capsys.readouterr().out
+    assert sorted(os.listdir(res)) == ["2026-11-26_h200_0123456.json", "2026-11-26_h200_0123456_tune.json"]
+    assert text.startswith("### 2026-11-26 — NVIDIA H200 (one card), torch ") and "commit `0123456789ab`" in text
+    assert "tests: 10 passed" in text and "| vgg16_32 | cpu | fp32 |" in text and "#### Goals" in text
+    assert "| tf32 | implicit | (64, 128, 32, 4, 3) | 5 | 200 | 2.00 | 1.0e-04 |" in text
+    assert "(no precision.json)" in text
+    doc["env"]["commit"] = "unknown"
+    (out / "bench.json").write_text(json.dumps(doc))
+    assert record_run.main([str(out)]) == 0
+    assert "The device machine recorded no commit" in capsys.readouterr().out
