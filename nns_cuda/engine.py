@@ -535,6 +535,15 @@ class _PatchEngine:
                 reps_per = N // s.numel()
                 sv = s.repeat_interleave(reps_per).view(1, N, 1, 1, 1, 1, 1)
                 return _Rep(self._scale(r.t, sv), r.ay, r.ax, r.active)
+            act = graph.gate_user(g)
+            if act is not None and g.idx not in self.requested:
+                # BN followed by its activation, the BN's own images not requested: one pass with
+                # the product of the BN scale and the activation gate (the activation shares it)
+                gt = fwd.act_gate(act).to(self.pdtype)
+                mult = gt * s.view(1, -1, *([1] * (gt.dim() - 2)))
+                fused[act.idx] = g.idx
+                Bm, C, Ho, Wo = r.t.shape[:4]
+                return _Rep(self._scale(r.t, mult.reshape(Bm, C, Ho, Wo, 1, 1, 1)), r.ay, r.ax, mult != 0)
             return _Rep(self._scale(r.t, s.view(1, -1, 1, 1, 1, 1, 1)), r.ay, r.ax, r.active)
         if k == "identity":
             return r
