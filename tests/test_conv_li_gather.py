@@ -94,3 +94,41 @@ def test_gather_deep_layer_shape(device):
     out = ops.conv_li_gather(**to(case, device))
     assert_rel_close(out, expected, torch.float32)
     assert rel_err(out.cpu(), ops.conv_li(**case)) <= 1e-5
+
+
+def _random_geometries(n: int, seed: int):
+    """Random conv geometries: kernels 1-5, strides 1-3, dilations 1-2, padding, grouped, input
+    windows from several virtual first layers (some clipped, some moving), activity masks on or
+    off, scale / gate on or off."""
+    import random
+
+    rnd = random.Random(seed)
+    out = []
+    while len(out) < n:
+        k = (rnd.choice([1, 2, 3, 5]), rnd.choice([1, 2, 3]))
+        d = (rnd.choice([1, 2]), rnd.choice([1, 2]))
+        G = rnd.choice([1, 1, 2])
+        kw = dict(B=rnd.randint(1, 3), Ci=G * rnd.randint(1, 3), Co=G * rnd.randint(1, 3), groups=G,
+                  H=rnd.randint(4, 13), W=rnd.randint(4, 13), D=rnd.randint(1, 3), k=k,
+                  s=(rnd.choice([1, 2, 3]), rnd.choice([1, 2])), d=d,
+                  p=(rnd.randint(0, k[0] - 1), rnd.randint(0, k[1] - 1)),
+                  pre=rnd.choice([(1, 1, 0), (3, 1, 1), (3, 2, 1), (5, 1, 2), (2, 2, 0), (7, 3, 3)]),
+                  scale=rnd.random() < 0.7, gate=rnd.random() < 0.7, in_active=rnd.random() < 0.8)
+        try:
+            case = make_case(1000 + len(out), **kw)
+        except Exception:  # a geometry with no output position
+            continue
+        if case["ay_out"].numel() and case["ax_out"].numel():
+            out.append(case)
+    return out
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_gather_random_geometries(device):
+    """40 random geometries (float64), each at three chunk bounds, against the reference."""
+    for case in _random_geometries(40, seed=7):
+        want = reference64(case)
+        for max_elems in (0, 1, 5000):
+            got = ops.conv_li_gather(**to(case, device), max_elems=max_elems)
+            assert rel_err(got, want) <= 1e-12 and not got.isnan().any(), (max_elems, {
+                k: v for k, v in case.items() if not isinstance(v, torch.Tensor)})

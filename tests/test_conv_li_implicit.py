@@ -246,3 +246,18 @@ def test_cuda_tf32_switch():
         torch.backends.cuda.matmul.allow_tf32 = old
     assert e_fp32 <= TOL[torch.float32], e_fp32
     assert TOL[torch.float32] < e_tf32 <= 1e-2, e_tf32
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_random_geometries(device):
+    """12 random geometries (strides, dilations, padding, groups, moving / clipped windows), float32,
+    in one chunk and per image, against the float64 reference."""
+    from test_conv_li_gather import _random_geometries
+
+    for case in _random_geometries(12, seed=11):
+        want = reference64(case)
+        c32 = to(case, device, torch.float32)
+        for max_elems in (0, 1):
+            got = run(c32, max_elems)
+            assert rel_err(got, want) <= 1e-5 and not got.isnan().any(), (max_elems, {
+                k: v for k, v in case.items() if not isinstance(v, torch.Tensor)})
