@@ -21,8 +21,8 @@
 // neuron has one offset, Q has the input's shape, and when additionally the input windows
 // already are that window, Q is the input itself (no copy). In general (windows that move with
 // the position, e.g. early layers) an input row can have up to Kh offsets, so Q grows up to
-// Kh*Kw times — the engine uses this op only where every input position has one offset
-// (nns_cuda.engine, conv_algorithm "gather"); for other layers it is correct, not economical.
+// Kh*Kw times — the engine (conv_algorithm "gather") uses this op where that copy of one image
+// fits its chunk bound, the direct kernel elsewhere (nns_cuda.engine._gather_fits).
 //
 // Padded pairs (j >= |J(b, p)|) get a zero weight and a zero row of A, so they add exact zeros
 // whatever the patches hold; inactive input neurons are never read. Gated-off outputs

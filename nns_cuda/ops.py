@@ -206,10 +206,11 @@ def conv_li_gather(patches: torch.Tensor, ay_in: torch.Tensor, ax_in: torch.Tens
     where the input windows already are the output window), so the gather moves whole patches.
     One ATen-only C++ implementation runs on the CPU and, with cuBLAS, on CUDA.
 
-    Economical where every input position sits at one offset in all the output windows that
-    use it (always true when all output windows are the same window, i.e. the receptive field
-    covers the image; the engine's ``conv_algorithm="gather"`` uses it only there). Elsewhere
-    it is exact but the placed copy grows up to ``Kh·Kw`` times.
+    The placed copy has the input's size where every input position sits at one offset in all
+    the output windows that use it (always so when all output windows are the same window,
+    i.e. the receptive field covers the image); where windows move with the position it grows
+    up to ``Kh·Kw`` times (exact, but memory-hungry: the engine's ``conv_algorithm="gather"``
+    runs such a layer direct when that copy of one image exceeds its chunk bound).
 
     Same arguments and result as :func:`conv_li` (any ``groups``), plus ``max_elems``.
     Differences: inactive inputs are never read (they may hold anything); gated-off outputs
