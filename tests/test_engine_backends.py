@@ -108,3 +108,18 @@ def test_gather_falls_back_to_direct_when_its_copy_does_not_fit():
             assert rel_err(res[n].images.double(), want[n].images.double()) <= 1e-5, (mib, n)
     assert seen[28] == {"0": "direct", "3": "gather", "6": "gather"}, seen
     assert seen[400] == {"0": "gather", "3": "gather", "6": "gather"}, seen
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_bn_and_activation_in_one_pass_equal_autograd(backend):
+    """Only the convs of a BN network requested: each BN and the ReLU after it are applied in one
+    pass (the engine's BN -> activation fusion); the conv images still equal autograd's."""
+    _need(backend) if backend != "reference" else None
+    model, x = make("small_resnet")
+    mods = dict(model.named_modules())
+    names = [n for n, _ in _leaf_layers(model) if isinstance(mods.get(n), torch.nn.Conv2d)]
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) and len(names) >= 4
+    res = nns.Scanner(model, names, backend=backend, strategy="forward", keep_images=True, stats=False).scan(x)
+    want = _oracles("small_resnet")
+    for n in names:
+        assert rel_err(res[n].images, want[n]) <= 1e-10, n
