@@ -26,7 +26,7 @@ from typing import Any, Dict, Iterator, List, Optional  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, Subset  # noqa: E402
 
-from .common import env_info, rss_bytes  # noqa: E402
+from .common import env_info, rss_bytes, write_json  # noqa: E402
 
 
 def _rss_gib() -> float:
@@ -92,8 +92,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     summary = {k: v for k, v in out.items() if k not in ("log", "env")}
     print(json.dumps(summary, indent=1))
     if a.json:
-        with open(a.json, "w") as fh:
-            json.dump(out, fh, indent=1)
+        write_json(a.json, out)
     return 0
 
 

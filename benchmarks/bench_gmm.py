@@ -27,7 +27,6 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import platform
 import statistics  # noqa: E402
 import time  # noqa: E402
@@ -35,6 +34,8 @@ from typing import Dict, List  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from .common import write_json  # noqa: E402
 
 
 def make_points(f_n: int, s: int, seed: int = 0) -> torch.Tensor:
@@ -188,8 +189,7 @@ def main(argv=None) -> int:
         "torch": rows,
     }
     if a.json:
-        with open(a.json, "w") as fh:
-            json.dump(result, fh, indent=1)
+        write_json(a.json, result)
     return 0
 
 

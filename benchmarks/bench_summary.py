@@ -75,8 +75,11 @@ def _f(v: Optional[float], kind: str) -> str:
     return f"{v:.2g}"
 
 
-def _method(r: Dict[str, Any]) -> str:
-    """``benchmarks.common.method_label`` (not imported: this module works without torch)."""
+def method_label(r: Dict[str, Any]) -> str:
+    """The method as the tables show it: an engine row that records a requested conv algorithm
+    names it, ``cuda (gather)``, or for ``auto`` what it chose, ``cuda (auto→gemm)``
+    (``cuda (auto)`` when nothing ran); other rows (and JSON of older runs): the method.
+    Defined here, torch-free, and re-exported by ``benchmarks.common``."""
     m = str(r.get("method", "?"))
     req = r.get("requested_algorithm")
     if not req:
@@ -106,11 +109,11 @@ def _bench(path: str) -> List[str]:
     lines.append(hdr)
     for r in rows:
         if r.get("error"):
-            lines.append(f"{r.get('workload', '?'):22s} {_method(r):18s} {r.get('precision', '?'):5s} "
+            lines.append(f"{r.get('workload', '?'):22s} {method_label(r):18s} {r.get('precision', '?'):5s} "
                          f"{str(r['error'])[:70]}")
             continue
         ok = "–" if r.get("verified") is None else ("yes" if r["verified"] else "NO")
-        lines.append(f"{r['workload']:22s} {_method(r):18s} {r['precision']:5s} {_f(r.get('s_per_image'), 's'):>11s} "
+        lines.append(f"{r['workload']:22s} {method_label(r):18s} {r['precision']:5s} {_f(r.get('s_per_image'), 's'):>11s} "
                      f"{_f(r.get('speedup_vs_dense'), 'x'):>9s} {_f(r.get('speedup_vs_captum'), 'x'):>10s} "
                      f"{_f(r.get('time_over_floor'), 'x'):>10s} {_f(r.get('rel_err'), 'e'):>8s} {ok}")
     goals = doc.get("goals") or []

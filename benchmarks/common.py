@@ -28,6 +28,8 @@ import nns_cuda
 from nns_cuda.graph import GNode, ScanGraph, build_graph
 from nns_cuda.reference.stats import NUM_STATS, STAT_INDEX, li_stats_dense
 
+from .bench_summary import method_label  # torch-free, so that the summary works without torch
+
 __all__ = [
     "PRECISIONS", "precision", "env_info", "git_commit", "sync", "PeakMemory", "time_runs",
     "measure_peaks", "Workload", "WORKLOADS", "QUICK_WORKLOADS", "FULL_WORKLOADS",
@@ -786,18 +788,6 @@ _COLUMNS = [
     ("peak MiB", "peak_bytes", "mib"), ("rel. err", "rel_err", "e"), ("ok", "verified", None),
     ("vs dense", "speedup_vs_dense", "x"), ("vs captum", "speedup_vs_captum", "x"), ("notes", "notes", None),
 ]
-
-
-def method_label(row: Dict[str, Any]) -> str:
-    """The method as the tables show it: an engine row that records a requested conv algorithm
-    names it, ``cuda (gather)``, or for ``auto`` what it chose, ``cuda (auto→gemm)``
-    (``cuda (auto)`` when nothing ran); other rows (and JSON of older runs): the method."""
-    m = str(row.get("method", "?"))
-    req = row.get("requested_algorithm")
-    if not req:
-        return m
-    ran = row.get("conv_algorithm")
-    return f"{m} ({req}→{ran})" if ran and ran != req else f"{m} ({req})"
 
 
 def markdown_table(rows: Sequence[Dict[str, Any]]) -> str:

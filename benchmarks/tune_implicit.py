@@ -19,13 +19,14 @@ active (input, tap) pairs only. Stops starting configurations after ``--time-lim
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 from typing import Any, Dict, List
 
 import torch
+
+from .common import write_json
 
 #: configurations tried, the heuristic's default first
 CONFIGS = [(64, 128, 32, 4, 3), (64, 128, 32, 8, 3), (128, 128, 32, 8, 3), (64, 256, 32, 8, 3),
@@ -135,8 +136,7 @@ def main(argv=None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = old_tf32
     doc["wall_s"] = time.time() - t0
     if a.json:
-        with open(a.json, "w") as fh:
-            json.dump(doc, fh, indent=1)
+        write_json(a.json, doc)
     return 0
 
 

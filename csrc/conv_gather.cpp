@@ -168,6 +168,7 @@ at::Tensor conv_li_gather(const at::Tensor& patches, const at::Tensor& ay_in, co
   const at::Tensor src_x = vx.identity ? at::Tensor() : long_tensor(vx.src, dev);
   const at::Tensor off_y = long_tensor(vy.off, dev);
   const at::Tensor off_x = long_tensor(vx.off, dev);
+  const at::Tensor zero_y = at::zeros({Hq}, lopt), zero_x = at::zeros({Wq}, lopt);  // output anchors
 
   // per-axis tables [n_out, K] on the device (-1: padding)
   const at::Tensor VY = long_tensor(vy.vpos, dev).view({g.Ho, 1, 1, g.Kh, 1});
@@ -179,9 +180,7 @@ at::Tensor conv_li_gather(const at::Tensor& patches, const at::Tensor& ay_in, co
   const at::Tensor act = in_active.has_value() ? in_active->reshape({g.B, g.Ci * g.Hi * g.Wi})
                                                : at::Tensor();
   const at::Tensor Wg = weight.to(mt).reshape({g.G, g.Cog, CK});
-  at::Tensor mul;  // [B, Co, Ho, Wo] gate * scale in opmath, or undefined
-  if (scale.has_value()) mul = scale->to(mt).view({1, g.Co, 1, 1}).expand({g.B, g.Co, g.Ho, g.Wo});
-  if (gate.has_value()) mul = mul.defined() ? mul * gate->to(mt) : gate->to(mt);
+  const at::Tensor mul = conv_gate_scale(g, scale, gate, mt);  // [B, Co, Ho, Wo], or undefined
 
   // chunking (elements of the GEMM dtype): Q of an image, and per image and output position
   // the GEMM temporaries of one group — A and W (<= CK rows each), the result — and ~5 int64
@@ -211,7 +210,7 @@ at::Tensor conv_li_gather(const at::Tensor& patches, const at::Tensor& ay_in, co
     if (src_y.defined()) Q = Q.index_select(2, src_y);
     if (src_x.defined()) Q = Q.index_select(3, src_x);
     if (!copy_free && Hq > 0 && Wq > 0) {
-      Q = place(Q.contiguous(), off_y, off_x, at::zeros({Hq}, lopt), at::zeros({Wq}, lopt), g.rho, g.rwo);
+      Q = place(Q.contiguous(), off_y, off_x, zero_y, zero_x, g.rho, g.rwo);
     }
     Q = Q.to(ct).contiguous().view({nb * g.Ci * Hq * Wq, pe});
     const at::Tensor qbase = (at::arange(nb, lopt) * (g.Ci * Hq * Wq)).view({nb, 1, 1});

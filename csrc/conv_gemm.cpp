@@ -114,9 +114,7 @@ at::Tensor conv_li_gemm(const at::Tensor& patches, const at::Tensor& ay_in, cons
         .masked_fill_(in_active->logical_not().view({g.B, g.Ci, g.Hi * g.Wi, 1}), 0);
 
   const at::Tensor Wm = weight.to(ct).reshape({g.G, g.Cog, KA});
-  at::Tensor mul;  // [B, Co, Ho, Wo] gate * scale, or undefined
-  if (scale.has_value()) mul = scale->to(mt).view({1, g.Co, 1, 1}).expand({g.B, g.Co, g.Ho, g.Wo});
-  if (gate.has_value()) mul = mul.defined() ? mul * gate->to(mt) : gate->to(mt);
+  const at::Tensor mul = conv_gate_scale(g, scale, gate, mt);  // [B, Co, Ho, Wo], or undefined
   const at::Tensor off = mul.defined() ? mul.eq(0).unsqueeze(-1) : at::Tensor();
 
   // chunking: bc images x (ny x nx) output positions per GEMM, temporaries <= budget elements

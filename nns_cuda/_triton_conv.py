@@ -27,7 +27,7 @@ checks the kernel (``tests/test_conv_li_implicit.py``); otherwise it raises ``Va
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -100,45 +100,6 @@ if triton is not None:
         tl.store(dst, acc.to(OUT.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def _offsets(a_in: torch.Tensor, a_out: torch.Tensor, n_in: int, K: int, stride: int, pad: int, dil: int,
-             r_in: int, r_out: int) -> Tuple[List[int], List[int], torch.Tensor, torch.Tensor]:
-    """One axis: the virtual positions (input position, offset) that the output positions and
-    taps use, and for every (output position, tap) its virtual and input position (-1: padding).
-    Checks that every input window fits its output window (as ``conv_offset_table``)."""
-    a_in, a_out = a_in.tolist(), a_out.tolist()
-    n_out = len(a_out)
-    offs: Dict[int, List[int]] = {}
-    taps = []
-    for y in range(n_out):
-        for k in range(K):
-            yi = y * stride + k * dil - pad
-            if 0 <= yi < n_in:
-                o = a_in[yi] - a_out[y]
-                if not (0 <= o and o + r_in <= r_out):
-                    raise ValueError(f"{OP}: an input window does not fit inside its output window (offset {o}, "
-                                     f"sizes {r_in} -> {r_out}); anchors must come from the receptive-field "
-                                     "geometry (nns_cuda.graph)")
-                offs.setdefault(yi, [])
-                if o not in offs[yi]:
-                    offs[yi].append(o)
-                taps.append((y, k, yi, o))
-            else:
-                taps.append((y, k, -1, 0))
-    src, off, first = [], [], {}
-    for yi in sorted(offs):
-        first[yi] = len(src)
-        for o in sorted(offs[yi]):
-            src.append(yi)
-            off.append(o)
-    vpos = torch.full((n_out, K), -1, dtype=torch.long)
-    ipos = torch.full((n_out, K), -1, dtype=torch.long)
-    for y, k, yi, o in taps:
-        if yi >= 0:
-            vpos[y, k] = first[yi] + sorted(offs[yi]).index(o)
-            ipos[y, k] = yi
-    return src, off, vpos, ipos
-
-
 def _block(n: int, cap: int) -> int:
     b = 16
     while b < n and b < cap:
@@ -184,6 +145,7 @@ def _conv_li_implicit_fake(patches, ay_in, ax_in, in_active, weight, scale, gate
 def _conv_li_implicit(patches, ay_in, ax_in, in_active, weight, scale, gate, ay_out, ax_out, stride, padding,
                       dilation, groups, rh_out, rw_out, max_elems) -> torch.Tensor:
     from . import ops  # the argument checks shared with the compiled ops' fake kernels
+    from .engine import _virtual_axis as virtual_axis
 
     B, Co, Ho, Wo, D = ops._check_conv_li(patches, ay_in, ax_in, in_active, weight, scale, gate, ay_out, ax_out,
                                           stride, padding, dilation, groups, rh_out, rw_out, op=OP)
@@ -199,8 +161,8 @@ def _conv_li_implicit(patches, ay_in, ax_in, in_active, weight, scale, gate, ay_
     G = int(groups)
     Cog, Cig, Kh, Kw = Co // G, weight.shape[1], weight.shape[2], weight.shape[3]
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
-    sy, oy, VY, IY = _offsets(ay_in.cpu(), ay_out.cpu(), Hi, Kh, sh, ph, dh, Rhi, rh_out)
-    sx, ox, VX, IX = _offsets(ax_in.cpu(), ax_out.cpu(), Wi, Kw, sw, pw, dw, Rwi, rw_out)
+    sy, oy, VY, IY = virtual_axis(ay_in, ay_out, Hi, Kh, sh, ph, dh, (Rhi, rh_out, OP))
+    sx, ox, VX, IX = virtual_axis(ax_in, ax_out, Wi, Kw, sw, pw, dw, (Rwi, rw_out, OP))
     out = torch.empty(B, Co, Ho, Wo, D, rh_out, rw_out, dtype=dt, device=dev)
     if out.numel() == 0:
         return out
@@ -246,15 +208,16 @@ def _conv_li_implicit(patches, ay_in, ax_in, in_active, weight, scale, gate, ay_
     nbc = max(1, min(B, budget // max(1, per_img)))
     src_y = None if identity else torch.tensor(sy, dtype=torch.long, device=dev)
     src_x = None if identity else torch.tensor(sx, dtype=torch.long, device=dev)
+    # place_li's anchors: input windows at the offsets, output windows at 0
+    place_args = (torch.tensor(oy, dtype=torch.long, device=dev), torch.tensor(ox, dtype=torch.long, device=dev),
+                  torch.zeros(Hq, dtype=torch.long, device=dev), torch.zeros(Wq, dtype=torch.long, device=dev))
     for b0 in range(0, B, nbc):
         nb = min(nbc, B - b0)
         Q = patches[b0: b0 + nb]
         if src_y is not None:
             Q = Q.index_select(2, src_y).index_select(3, src_x)
         if not copy_free and Hq and Wq:
-            Q = ops.place_li(Q.contiguous(), torch.tensor(oy, device=dev), torch.tensor(ox, device=dev),
-                             torch.zeros(Hq, dtype=torch.long, device=dev),
-                             torch.zeros(Wq, dtype=torch.long, device=dev), rh_out, rw_out)
+            Q = ops.place_li(Q.contiguous(), *place_args, rh_out, rw_out)
         Q = Q.contiguous()
         # valid pairs of the chunk, listed ragged in (image, group, position, pair) order
         valid = tap_ok.unsqueeze(0).expand(nb, G, P, CK)

@@ -608,17 +608,47 @@ class _PatchEngine:
 
 
 # ----------------------------------------------------------------------------- estimates
-def _placements(a_in: torch.Tensor, a_out: torch.Tensor, n_in: int, K: int, stride: int, pad: int,
-                dil: int) -> int:
-    """Along one axis of a conv: the number of distinct (input position, offset
-    ``a_in[i] - a_out[y]``) pairs over the output positions ``y`` and taps that read an input
-    position — the length of ``conv_li_gather``'s placed copy along that axis (``n_in`` when
-    every input position sits at one offset)."""
-    a_in, a_out = a_in.detach().cpu().long(), a_out.detach().cpu().long()
-    yi = torch.arange(a_out.numel())[:, None] * stride + torch.arange(K)[None, :] * dil - pad
-    ok = (yi >= 0) & (yi < n_in)
-    off = a_in[yi.clamp(0, n_in - 1)] - a_out[:, None]
-    return int(torch.unique(yi[ok] * (2 * int(off.abs().max()) + 1 if off.numel() else 1) + off[ok]).numel())
+def _virtual_axis(a_in: torch.Tensor, a_out: torch.Tensor, n_in: int, K: int, stride: int, pad: int, dil: int,
+                  fit: Optional[Tuple[int, int, str]] = None) -> Tuple[List[int], List[int], torch.Tensor, torch.Tensor]:
+    """Along one axis of a conv: the virtual positions, i.e. the distinct (input position, offset
+    ``a_in[i] - a_out[y]``) pairs that the output positions ``y`` and taps use (sorted; returned
+    as two lists, input positions and offsets), and for every (output position, tap) its virtual
+    and its input position ([n_out, K] tensors, -1 for padding). The placed input copy of
+    ``conv_li_gather`` / ``conv_li_implicit`` has one row per virtual position (the C++ op
+    builds the same axis in ``csrc/conv_gather.cpp``). ``fit = (r_in, r_out, op)``: also check
+    that every input window fits its output window (``ValueError`` naming ``op``)."""
+    a_in, a_out = a_in.detach().cpu().tolist(), a_out.detach().cpu().tolist()
+    n_out = len(a_out)
+    offs: Dict[int, List[int]] = {}
+    taps = []
+    for y in range(n_out):
+        for k in range(K):
+            yi = y * stride + k * dil - pad
+            if 0 <= yi < n_in:
+                o = a_in[yi] - a_out[y]
+                if fit is not None and not (0 <= o and o + fit[0] <= fit[1]):
+                    raise ValueError(f"{fit[2]}: an input window does not fit inside its output window (offset {o}, "
+                                     f"sizes {fit[0]} -> {fit[1]}); anchors must come from the receptive-field "
+                                     "geometry (nns_cuda.graph)")
+                offs.setdefault(yi, [])
+                if o not in offs[yi]:
+                    offs[yi].append(o)
+                taps.append((y, k, yi, o))
+            else:
+                taps.append((y, k, -1, 0))
+    src, off, first = [], [], {}
+    for yi in sorted(offs):
+        first[yi] = len(src)
+        for o in sorted(offs[yi]):
+            src.append(yi)
+            off.append(o)
+    vpos = torch.full((n_out, K), -1, dtype=torch.long)
+    ipos = torch.full((n_out, K), -1, dtype=torch.long)
+    for y, k, yi, o in taps:
+        if yi >= 0:
+            vpos[y, k] = first[yi] + sorted(offs[yi]).index(o)
+            ipos[y, k] = yi
+    return src, off, vpos, ipos
 
 
 def _gather_fits(r: "_Rep", ay: torch.Tensor, ax: torch.Tensor, a: Dict[str, Any], rh: int, rw: int,
@@ -632,8 +662,8 @@ def _gather_fits(r: "_Rep", ay: torch.Tensor, ax: torch.Tensor, a: Dict[str, Any
         return False
     B, Ci, Hi, Wi, D, Rhi, Rwi = r.t.shape
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = a["kernel"], a["stride"], a["padding"], a["dilation"]
-    hq = _placements(r.ay, ay, Hi, kh, sh, ph, dh)
-    wq = _placements(r.ax, ax, Wi, kw, sw, pw, dw)
+    hq = len(_virtual_axis(r.ay, ay, Hi, kh, sh, ph, dh)[0])
+    wq = len(_virtual_axis(r.ax, ax, Wi, kw, sw, pw, dw)[0])
     if hq == Hi and wq == Wi and (Rhi, Rwi) == (rh, rw):
         return True  # every window is its output window (offsets 0): the op reads the input itself
     return Ci * hq * wq * D * rh * rw <= max_elems

@@ -95,6 +95,18 @@ def _ints(v: Sequence[int]) -> list:
     return [int(i) for i in v]
 
 
+def _gemm_like(name: str, tensors: tuple, stride, padding, dilation, groups, rh_out, rw_out, max_elems,
+               fallback: bool = True) -> torch.Tensor:
+    """Call ``torch.ops.nns_cuda.<name>`` for the GEMM formulations of :func:`conv_li` (same
+    arguments: conv_li's, then ``max_elems``); without the compiled ops (and ``fallback``), the
+    reference twin of the same name, with the one warning."""
+    if fallback and not HAS_OPS:
+        _fallback()
+        return getattr(_ref, name)(*tensors, stride, padding, dilation, groups, rh_out, rw_out, max_elems)
+    return getattr(torch.ops.nns_cuda, name)(*tensors, _ints(stride), _ints(padding), _ints(dilation), int(groups),
+                                             int(rh_out), int(rw_out), int(max_elems))
+
+
 # --------------------------------------------------------------------------------- wrappers
 
 def conv_li(patches: torch.Tensor, ay_in: torch.Tensor, ax_in: torch.Tensor,
@@ -177,15 +189,8 @@ def conv_li_gemm(patches: torch.Tensor, ay_in: torch.Tensor, ax_in: torch.Tensor
     -------
     Tensor [B, Co, Ho, Wo, D, rh_out, rw_out], dtype of ``patches``
     """
-    if not HAS_OPS:
-        _fallback()
-        return _ref.conv_li_gemm(patches, ay_in, ax_in, in_active, weight, scale, gate, ay_out,
-                                 ax_out, stride, padding, dilation, groups, rh_out, rw_out,
-                                 max_elems)
-    return torch.ops.nns_cuda.conv_li_gemm(patches, ay_in, ax_in, in_active, weight, scale, gate,
-                                           ay_out, ax_out, _ints(stride), _ints(padding),
-                                           _ints(dilation), int(groups), int(rh_out),
-                                           int(rw_out), int(max_elems))
+    return _gemm_like("conv_li_gemm", (patches, ay_in, ax_in, in_active, weight, scale, gate, ay_out, ax_out),
+                      stride, padding, dilation, groups, rh_out, rw_out, max_elems)
 
 
 def conv_li_gather(patches: torch.Tensor, ay_in: torch.Tensor, ax_in: torch.Tensor,
@@ -233,15 +238,8 @@ def conv_li_gather(patches: torch.Tensor, ay_in: torch.Tensor, ax_in: torch.Tens
     -------
     Tensor [B, Co, Ho, Wo, D, rh_out, rw_out], dtype of ``patches``
     """
-    if not HAS_OPS:
-        _fallback()
-        return _ref.conv_li_gather(patches, ay_in, ax_in, in_active, weight, scale, gate, ay_out,
-                                   ax_out, stride, padding, dilation, groups, rh_out, rw_out,
-                                   max_elems)
-    return torch.ops.nns_cuda.conv_li_gather(patches, ay_in, ax_in, in_active, weight, scale, gate,
-                                             ay_out, ax_out, _ints(stride), _ints(padding),
-                                             _ints(dilation), int(groups), int(rh_out),
-                                             int(rw_out), int(max_elems))
+    return _gemm_like("conv_li_gather", (patches, ay_in, ax_in, in_active, weight, scale, gate, ay_out, ax_out),
+                      stride, padding, dilation, groups, rh_out, rw_out, max_elems)
 
 
 def conv_li_implicit(patches: torch.Tensor, ay_in: torch.Tensor, ax_in: torch.Tensor,
@@ -261,11 +259,10 @@ def conv_li_implicit(patches: torch.Tensor, ay_in: torch.Tensor, ax_in: torch.Te
     inactive inputs never read. Raises ``ValueError`` where it cannot run (no Triton, CPU
     tensors without the interpreter, float64).
     """
-    from . import _triton_conv  # registers torch.ops.nns_cuda.conv_li_implicit (imports Triton)
+    from . import _triton_conv  # noqa: F401  (registers torch.ops.nns_cuda.conv_li_implicit; imports Triton)
 
-    return torch.ops.nns_cuda.conv_li_implicit(patches, ay_in, ax_in, in_active, weight, scale, gate, ay_out,
-                                               ax_out, _ints(stride), _ints(padding), _ints(dilation),
-                                               int(groups), int(rh_out), int(rw_out), int(max_elems))
+    return _gemm_like("conv_li_implicit", (patches, ay_in, ax_in, in_active, weight, scale, gate, ay_out, ax_out),
+                      stride, padding, dilation, groups, rh_out, rw_out, max_elems, fallback=False)
 
 
 def maxpool_li(patches: torch.Tensor, ay_in: torch.Tensor, ax_in: torch.Tensor,

@@ -27,19 +27,18 @@ import pytest
 import torch
 
 import nns_cuda as nns
-from conftest import TOL, assert_rel_close, expect_op_error, nan_filled_outputs, needs_cuda, noncontiguous, rel_err
+from conftest import assert_rel_close, nan_filled_outputs, needs_cuda, noncontiguous, rel_err
 from nns_cuda import _triton_conv as T
 from nns_cuda import ops
 from nns_cuda.reference import ops as ref
-from test_conv_li import BAD as CONV_BAD
 from test_conv_li import CONFIGS, make_case, reference64, to
 from test_conv_li_gather import PLACEMENT
+from test_conv_li_gemm import LOW_TOL
 
 pytestmark = pytest.mark.skipif(T.triton is None, reason=f"Triton not installed ({T.TRITON_ERROR})")
 
 #: devices the kernel runs on here: the CPU only under the interpreter, CUDA when visible
 DEVICES = (["cpu"] if T.INTERPRET else []) + [pytest.param("cuda", marks=needs_cuda)]
-LOW_TOL = {torch.bfloat16: 4 * 2.0**-8, torch.float16: 4 * 2.0**-11}
 
 
 def run(case, max_elems=0):
@@ -214,38 +213,16 @@ def test_cpu_tensors_need_the_interpreter():
     assert torch.equal(got["4"].images, want["4"].images) and got.conv_algorithms == {"0": "implicit", "3": "implicit"}
 
 
-BAD = [(name, change, exc, pattern.replace("conv_li:", "conv_li_implicit:")) for name, change, exc, pattern in CONV_BAD]
-BAD.append(("max_elems_neg", dict(max_elems=-1), ValueError, r"conv_li_implicit: max_elems must be >= 0"))
+@pytest.fixture
+def op_name():
+    """For the tests imported from test_conv_li_gemm.py."""
+    return "conv_li_implicit"
 
 
-@pytest.mark.parametrize("mode", ["cpu", "fake"])
-@pytest.mark.parametrize("bad", BAD, ids=[b[0] for b in BAD])
-def test_bad_arguments(bad, mode):
-    """The argument errors come before any device question: the same named messages as
-    conv_li's, from the op and from its fake kernel."""
-    _, change, exc, pattern = bad
-    args = dict(make_case(11, H=6, W=6, dtype=torch.float32), max_elems=0)
-    args.update(change)
-    op = torch.ops.nns_cuda.conv_li_implicit if mode == "fake" else ops.conv_li_implicit
-    expect_op_error(op, args, exc, pattern, mode)
-
-
-@needs_cuda
-def test_cuda_tf32_switch():
-    """float32 obeys torch.backends.cuda.matmul.allow_tf32, like the cuBLAS algorithms."""
-    case = make_case(14, B=2, Ci=32, Co=16, H=12, W=12, D=3, pre=(5, 1, 2), dtype=torch.float32)
-    expected = reference64(case)
-    cc = to(case, "cuda")
-    old = torch.backends.cuda.matmul.allow_tf32
-    try:
-        torch.backends.cuda.matmul.allow_tf32 = False
-        e_fp32 = rel_err(run(cc), expected)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        e_tf32 = rel_err(run(cc), expected)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
-    assert e_fp32 <= TOL[torch.float32], e_fp32
-    assert TOL[torch.float32] < e_tf32 <= 1e-2, e_tf32
+# The argument errors come before any device question: conv_li's named messages, from the op and
+# from its fake kernel; and float32 obeys torch.backends.cuda.matmul.allow_tf32 like the cuBLAS
+# algorithms.
+from test_conv_li_gemm import test_bad_arguments, test_cuda_tf32_switch  # noqa: E402,F401
 
 
 @pytest.mark.parametrize("device", DEVICES)

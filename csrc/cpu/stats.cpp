@@ -15,12 +15,10 @@
 #include "nns_cuda/checks.h"
 #include "nns_cuda/geometry.h"
 #include "nns_cuda/validate.h"
+#include "nns_cuda/window_loops.h"  // kNumStats, stats_accumulate (shared with the CUDA kernel)
 
 namespace nns_cuda {
 namespace {
-
-// Statistic order of nns_cuda/reference/stats.py (STAT_NAMES).
-constexpr int kNumStats = 11;
 
 template <typename scalar_t, typename opmath_t = at::opmath_type<scalar_t>>
 void li_stats_cpu_kernel(const StatDims& g, const scalar_t* P, const int64_t* ay,
@@ -39,23 +37,9 @@ void li_stats_cpu_kernel(const StatDims& g, const scalar_t* P, const int64_t* ay
           const opmath_t* xrow = X + ((b * g.D + d) * g.H + ay[y] + r) * g.W + ax[x];
           const opmath_t* frow = F + (b * g.H + ay[y] + r) * g.W + ax[x];
           // Row partial sums, then the totals: keeps float32 rounding error O(Rw + D*Rh).
-          std::array<opmath_t, kNumStats> s{};
-          for (int64_t q = 0; q < g.Rw; ++q) {
-            const opmath_t li = lrow[q], xv = xrow[q], f = frow[q];
-            const opmath_t nz = li != opmath_t(0) ? opmath_t(1) : opmath_t(0);
-            const opmath_t xnz = xv * nz;
-            s[0] += nz * f;
-            s[1] += nz * (opmath_t(1) - f);
-            s[2] += std::abs(li);
-            s[3] += li;
-            s[4] += li * li;
-            s[5] += xv * li;
-            s[6] += li * f;
-            s[7] += li * li * f;
-            s[8] += xnz * f;
-            s[9] += xnz * xnz * f;
-            s[10] += xv * li * f;
-          }
+          opmath_t s[kNumStats] = {};
+          for (int64_t q = 0; q < g.Rw; ++q)
+            stats_accumulate(s, static_cast<opmath_t>(lrow[q]), xrow[q], frow[q]);
           for (int k = 0; k < kNumStats; ++k) tot[k] += s[k];
         }
       }

@@ -178,25 +178,31 @@ def conv_li(patches: torch.Tensor, ay_in: torch.Tensor, ax_in: torch.Tensor,
     return out
 
 
+def _gemm_twin(op: str, patches, ay_in, ax_in, in_active, weight, scale, gate, ay_out, ax_out, stride, padding,
+               dilation, groups, rh_out, rw_out, max_elems) -> torch.Tensor:
+    """The twin shared by the GEMM formulations of :func:`conv_li` (``op`` names them in the
+    error): :func:`conv_li` itself — so that each is tested against code it does not share —
+    with the weights rounded to 16-bit patch dtypes first, as the tensor-core GEMMs do.
+    ``max_elems`` (the compiled ops' chunking bound, >= 0) does not change the result."""
+    if max_elems < 0:
+        raise ValueError(f"{op}: max_elems must be >= 0 (0: default), got {max_elems}")
+    if _is_low(patches) and weight.is_floating_point():
+        weight = weight.to(patches.dtype)
+    return conv_li(patches, ay_in, ax_in, in_active, weight, scale, gate, ay_out, ax_out, stride, padding,
+                   dilation, groups, rh_out, rw_out)
+
+
 def conv_li_gemm(patches: torch.Tensor, ay_in: torch.Tensor, ax_in: torch.Tensor,
                  in_active: Optional[torch.Tensor], weight: torch.Tensor,
                  scale: Optional[torch.Tensor], gate: Optional[torch.Tensor], ay_out: torch.Tensor,
                  ax_out: torch.Tensor, stride: Sequence[int], padding: Sequence[int],
                  dilation: Sequence[int], groups: int, rh_out: int, rw_out: int,
                  max_elems: int = 0) -> torch.Tensor:
-    """Twin of the compiled ``conv_li_gemm`` (the dense-GEMM formulation of :func:`conv_li`).
+    """Twin of the compiled ``conv_li_gemm`` (the dense-GEMM formulation of :func:`conv_li`):
+    :func:`conv_li` with 16-bit weights rounded (:func:`_gemm_twin`)."""
+    return _gemm_twin("conv_li_gemm", patches, ay_in, ax_in, in_active, weight, scale, gate, ay_out, ax_out, stride,
+                      padding, dilation, groups, rh_out, rw_out, max_elems)
 
-    The same result as :func:`conv_li` — this twin *is* :func:`conv_li`, so that the GEMM
-    formulation is always tested against code it does not share — except that for bfloat16 /
-    float16 patches the weights are rounded to the patch dtype first, as the tensor-core GEMM
-    does. ``max_elems`` (the compiled op's chunking bound, >= 0) does not change the result.
-    """
-    if max_elems < 0:
-        raise ValueError(f"conv_li_gemm: max_elems must be >= 0 (0: default), got {max_elems}")
-    if _is_low(patches) and weight.is_floating_point():
-        weight = weight.to(patches.dtype)
-    return conv_li(patches, ay_in, ax_in, in_active, weight, scale, gate, ay_out, ax_out, stride, padding,
-                   dilation, groups, rh_out, rw_out)
 
 def conv_li_gather(patches: torch.Tensor, ay_in: torch.Tensor, ax_in: torch.Tensor,
                    in_active: Optional[torch.Tensor], weight: torch.Tensor,
@@ -205,13 +211,9 @@ def conv_li_gather(patches: torch.Tensor, ay_in: torch.Tensor, ax_in: torch.Tens
                    dilation: Sequence[int], groups: int, rh_out: int, rw_out: int,
                    max_elems: int = 0) -> torch.Tensor:
     """Twin of the compiled ``conv_li_gather`` (the active-pair GEMM formulation of
-    :func:`conv_li`): :func:`conv_li_gemm`'s twin under its own name (both are :func:`conv_li`,
-    with the weights rounded to 16-bit patch dtypes), so that the compiled op is tested against
-    code it shares nothing with."""
-    if max_elems < 0:
-        raise ValueError(f"conv_li_gather: max_elems must be >= 0 (0: default), got {max_elems}")
-    return conv_li_gemm(patches, ay_in, ax_in, in_active, weight, scale, gate, ay_out, ax_out, stride, padding,
-                        dilation, groups, rh_out, rw_out)
+    :func:`conv_li`): :func:`conv_li` with 16-bit weights rounded (:func:`_gemm_twin`)."""
+    return _gemm_twin("conv_li_gather", patches, ay_in, ax_in, in_active, weight, scale, gate, ay_out, ax_out, stride,
+                      padding, dilation, groups, rh_out, rw_out, max_elems)
 
 
 def conv_li_implicit(patches: torch.Tensor, ay_in: torch.Tensor, ax_in: torch.Tensor,
@@ -220,12 +222,10 @@ def conv_li_implicit(patches: torch.Tensor, ay_in: torch.Tensor, ax_in: torch.Te
                      ax_out: torch.Tensor, stride: Sequence[int], padding: Sequence[int],
                      dilation: Sequence[int], groups: int, rh_out: int, rw_out: int,
                      max_elems: int = 0) -> torch.Tensor:
-    """Twin of the Triton ``conv_li_implicit`` (``nns_cuda/_triton_conv.py``): the same
-    result as :func:`conv_li_gather` (:func:`conv_li` with 16-bit weights rounded)."""
-    if max_elems < 0:
-        raise ValueError(f"conv_li_implicit: max_elems must be >= 0 (0: default), got {max_elems}")
-    return conv_li_gemm(patches, ay_in, ax_in, in_active, weight, scale, gate, ay_out, ax_out, stride, padding,
-                        dilation, groups, rh_out, rw_out)
+    """Twin of the Triton ``conv_li_implicit`` (``nns_cuda/_triton_conv.py``): :func:`conv_li`
+    with 16-bit weights rounded (:func:`_gemm_twin`)."""
+    return _gemm_twin("conv_li_implicit", patches, ay_in, ax_in, in_active, weight, scale, gate, ay_out, ax_out, stride,
+                      padding, dilation, groups, rh_out, rw_out, max_elems)
 
 
 def maxpool_li(patches: torch.Tensor, ay_in: torch.Tensor, ax_in: torch.Tensor, indices: torch.Tensor,

@@ -111,6 +111,17 @@ inline ConvDims check_conv_li(const at::Tensor& patches, const at::Tensor& ay_in
   return g;
 }
 
+// gate * scale of a conv's output neurons, [B, Co, Ho, Wo] in dtype `mt` (the scale broadcast over
+// the batch and the positions), or an undefined tensor when neither is given (conv_li_gemm and
+// conv_li_gather multiply their GEMM results / weights by it).
+inline at::Tensor conv_gate_scale(const ConvDims& g, const std::optional<at::Tensor>& scale,
+                                  const std::optional<at::Tensor>& gate, at::ScalarType mt) {
+  at::Tensor mul;
+  if (scale.has_value()) mul = scale->to(mt).view({1, g.Co, 1, 1}).expand({g.B, g.Co, g.Ho, g.Wo});
+  if (gate.has_value()) mul = mul.defined() ? mul * gate->to(mt) : gate->to(mt);
+  return mul;
+}
+
 // Offsets of every tap's input window inside its output window, checked to fit:
 // a CPU int64 tensor [Ho*Kh + Wo*Kw]: rows (y*Kh + ky) then columns (x*Kw + kx); kNoTap where
 // the tap falls in the padding.
