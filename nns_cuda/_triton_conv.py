@@ -107,13 +107,19 @@ def _block(n: int, cap: int) -> int:
     return b
 
 
-def _launch_config(M: int, N: int) -> Tuple[int, int, int, int, int]:
+def _launch_config(M: int, N: int, fma: bool = False) -> Tuple[int, int, int, int, int]:
     """(BM, BN, BK, num_warps, num_stages): the smallest power-of-two tiles (>= 16, tl.dot's
     minimum) covering the output channels up to 64 and the window elements up to 128, BK 32,
-    4 warps, 3 stages — untuned (``benchmarks/tune_implicit.py`` measures alternatives)."""
+    3 stages; 4 warps, except 8 for the float32 FMA path (``fma``: IEEE products) on tiles of
+    8,192 elements or more. Measured by ptxas for sm_90 (``python -m benchmarks.triton_aot``,
+    ``benchmarks/NOTES.md``): the 64 × 128 FMA tile on 4 warps needs 255 registers and spills
+    428 B per thread; on 8 warps 177 registers, no spill. The tensor-core variants do not spill on
+    4 warps (at most 240 registers). Times not yet measured (``benchmarks/tune_implicit.py``)."""
     if CONFIG_OVERRIDE is not None:
         return CONFIG_OVERRIDE
-    return _block(M, 64), _block(N, 128), 32, 4, 3
+    BM, BN = _block(M, 64), _block(N, 128)
+    warps = 8 if fma and BM * BN >= 8192 else 4
+    return BM, BN, 32, warps, 3
 
 
 @torch.library.custom_op("nns_cuda::conv_li_implicit", mutates_args=())
@@ -199,7 +205,7 @@ def _conv_li_implicit(patches, ay_in, ax_in, in_active, weight, scale, gate, ay_
     prec = "ieee"
     if lowp or (dt == torch.float32 and dev.type == "cuda" and torch.backends.cuda.matmul.allow_tf32):
         prec = "tf32"
-    BM, BN, BK, warps, stages = _launch_config(Cog, pe)
+    BM, BN, BK, warps, stages = _launch_config(Cog, pe, fma=prec == "ieee")
     out_flat = out.view(-1)
 
     # chunks of images: Q of the chunk + the pair lists (~4 int64 per candidate pair, worst case)
