@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .graph import GNode, ScanGraph, build_graph
+from .graph import ACTIVATIONS, GNode, ScanGraph, build_graph, call_out_of_place
 from .reference import ops as ref_ops
 from .reference.stats import NUM_STATS, STAT_NAMES, li_stats_dense
 
@@ -329,10 +329,12 @@ class _Forward:
             return (z > 0).to(z.dtype)
         if g.kind == "leaky_relu":
             return torch.where(z > 0, torch.ones_like(z), torch.full_like(z, g.attrs["slope"]))
+        if g.kind == "hardtanh":  # ReLU6 / Hardtanh: slope 1 strictly inside (lo, hi), as autograd
+            return ((z > g.attrs["lo"]) & (z < g.attrs["hi"])).to(z.dtype)
         if g.kind == "act_grad":
             with torch.enable_grad():
                 zz = z.detach().requires_grad_(True)
-                y = g.module(zz)
+                y = call_out_of_place(g.module, zz)
                 (d,) = torch.autograd.grad(y.sum(), zz)
             return d.detach()
         raise AssertionError(g.kind)
@@ -342,7 +344,7 @@ class _Forward:
         u = self.graph.gate_user(g)
         if u is not None:
             return self.act_gate(u)
-        if self.gate_outputs and g.idx == self.graph.output_idx and g.kind not in ("relu", "leaky_relu", "act_grad"):
+        if self.gate_outputs and g.idx == self.graph.output_idx and g.kind not in ACTIVATIONS:
             z = self.values[g.idx]
             return (z > 0).to(z.dtype)
         return None
@@ -450,6 +452,8 @@ class _PatchEngine:
     def pool_avg(self, g: GNode, r: _Rep, kernel, stride, padding, ceil_mode, count_include_pad, divisor) -> _Rep:
         C, Ho, Wo = g.shape
         Hi, Wi = r.t.shape[2], r.t.shape[3]
+        if (Hi, Wi) != tuple(self.graph.nodes[g.inputs[0]].shape[1:3]):
+            raise AssertionError("pool input must be spatial")
         ones = torch.ones(1, 1, Hi, Wi, dtype=self.pdtype, device=self.dev)
         avg = F.avg_pool2d(ones, kernel, stride, padding, ceil_mode, count_include_pad, divisor)
         cnt = F.avg_pool2d(ones, kernel, stride, padding, ceil_mode, True, 1)
@@ -524,7 +528,7 @@ class _PatchEngine:
             if nxt is not None:
                 self.gated_by_fusion.add(g.idx)
             return rep
-        if k in ("relu", "leaky_relu", "act_grad"):
+        if k in ACTIVATIONS:
             return self._apply_gate(r, fwd.act_gate(g))
         if k == "bn":
             s = _bn_scale(g.module, self.pdtype)
@@ -562,7 +566,33 @@ class _PatchEngine:
             if g.attrs.get("regular"):
                 kk = g.attrs["kernel"]
                 return self.pool_avg(g, r, kk, kk, (0, 0), False, True, None)
-            return self._adaptive_dense(g, r)
+            _, Ho, Wo = g.shape
+            return self._adaptive_dense(g, r, Ho, Wo)
+        if k == "global_mean":
+            if g.spatial:  # keepdim: an average pool over the whole map
+                kk = g.attrs["kernel"]
+                return self.pool_avg(g, r, kk, kk, (0, 0), False, True, None)
+            return self._adaptive_dense(g, r, 1, 1)
+        if k == "cat":
+            ins = [reps[i] for i in g.inputs]
+            if g.spatial:
+                # every input placed in the union window (no copy where it already is), channels joined
+                C, Ho, Wo = g.shape
+                rh, rw, ay, ax = self._window(g, Ho, Wo)
+                parts = []
+                for i, ri in zip(g.inputs, ins):
+                    nd = graph.nodes[i]
+                    if nd.gy == g.gy and nd.gx == g.gx and tuple(ri.t.shape[5:]) == (rh, rw):
+                        parts.append(ri.t)
+                    else:
+                        parts.append(self.O.place_li(ri.t, ri.ay, ri.ax, ay, ax, rh, rw, None))
+                act = None
+                if any(ri.active is not None for ri in ins):
+                    act = torch.cat([ri.active if ri.active is not None else
+                                     torch.ones(ri.t.shape[:4], dtype=torch.bool, device=self.dev) for ri in ins], 1)
+                return _Rep(torch.cat(parts, 1), ay, ax, act)
+            ds = [self._dense(ri) for ri in ins]
+            return _Rep(torch.cat([d.t for d in ds], 1), ds[0].ay, ds[0].ax, None)
         if k == "reshape":
             return self._dense(r)
         if k == "linear":
@@ -587,10 +617,10 @@ class _PatchEngine:
             return _Rep(da.t + db.t, da.ay, da.ax, None)
         raise AssertionError(f"unhandled node kind {k}")
 
-    def _adaptive_dense(self, g: GNode, r: _Rep) -> _Rep:
+    def _adaptive_dense(self, g: GNode, r: _Rep, Ho: int, Wo: int) -> _Rep:
+        """Adaptive average pooling to ``Ho × Wo`` as a dense linear map of the pooled map."""
         d_in = self.graph.nodes[g.inputs[0]]
         C, Hi, Wi = d_in.shape
-        _, Ho, Wo = g.shape
 
         def mat(n_in, n_out):
             A = torch.zeros(n_out, n_in, dtype=self.pdtype, device=self.dev)

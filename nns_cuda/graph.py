@@ -9,8 +9,8 @@ Addressing (SPEC §0): a node is addressed by its module's qualified name
 (``model.named_modules()``). A module called more than once per forward pass gets ``name:0``,
 ``name:1``… (the bare name then raises, listing the call names). A container's name (a
 residual block ``layer1.0``, a ``Sequential`` ``features``) addresses its output. Functional
-operations (``torch.flatten``, ``+``) are addressed by their ``torch.fx`` node names
-(``flatten``, ``add_1``), listed by :meth:`ScanGraph.layer_names`.
+operations (``torch.flatten``, ``+``, ``torch.cat``) are addressed by their ``torch.fx`` node
+names (``flatten``, ``add_1``, ``cat``), listed by :meth:`ScanGraph.layer_names`.
 """
 from __future__ import annotations
 
@@ -34,9 +34,10 @@ __all__ = [
 ]
 
 SUPPORTED_MODULES = (
-    "Conv2d (stride, padding, dilation; groups 1 or depthwise), Linear, ReLU, LeakyReLU, "
-    "MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, BatchNorm1d/2d (eval), Dropout, Flatten / "
-    "torch.flatten / view / reshape, Identity, residual +"
+    "Conv2d (stride, padding, dilation, groups), Linear, ReLU, LeakyReLU, ReLU6 / Hardtanh, "
+    "MaxPool2d, AvgPool2d, AdaptiveAvgPool2d (and their F. / torch. functions), global mean over H, W, "
+    "BatchNorm1d/2d (eval), Dropout, Flatten / torch.flatten / view / reshape, Identity, "
+    "residual +, torch.cat / concat along channels (dim 1)"
 )
 
 _GRADIENT_ACTIVATIONS = {
@@ -46,10 +47,17 @@ _GRADIENT_ACTIVATIONS = {
     nn.SiLU: F.silu,
     nn.ELU: F.elu,
     nn.Softplus: F.softplus,
-    nn.Hardtanh: F.hardtanh,
-    nn.ReLU6: F.relu6,
     nn.Mish: F.mish,
 }
+
+
+#: node kinds that are activations: their gate is their local slope (SPEC §1)
+ACTIVATIONS = ("relu", "leaky_relu", "hardtanh", "act_grad")
+
+
+def call_out_of_place(mod: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """``mod(z)`` without modifying ``z`` (modules built with ``inplace=True`` get a copy)."""
+    return mod(z.clone()) if getattr(mod, "inplace", False) else mod(z)
 
 
 class UnsupportedModuleError(TypeError):
@@ -75,7 +83,7 @@ class Geometry:
 class GNode:
     idx: int
     name: str                 # address (SPEC §0)
-    kind: str                 # input, conv, linear, relu, leaky_relu, act_grad, maxpool, avgpool,
+    kind: str                 # input, conv, linear, relu, leaky_relu, hardtanh, act_grad, maxpool, avgpool,
     #                           adaptive_avgpool, bn, identity, reshape, add, aux
     inputs: List[int]         # indices of the tensor inputs that carry learned images
     fx_node: fx.Node
@@ -141,6 +149,7 @@ class ScanGraph:
             if n.op == "call_module":
                 calls[n.target] = calls.get(n.target, 0) + 1
         seen: Dict[str, int] = {}
+        self._fx2idx = fx2idx
         for n in self.gm.graph.nodes:
             idx = len(self.nodes)
             stack = n.meta.get("nn_module_stack") or {}
@@ -219,6 +228,9 @@ class ScanGraph:
         if isinstance(mod, nn.Flatten):
             one_input()
             return GNode(idx, addr, "reshape", tin, n, mod)
+        if isinstance(mod, nn.Hardtanh):  # ReLU6 too: piecewise linear, slope 1 inside (min, max), 0 outside
+            one_input()
+            return GNode(idx, addr, "hardtanh", tin, n, mod, dict(lo=float(mod.min_val), hi=float(mod.max_val)))
         for cls in _GRADIENT_ACTIVATIONS:
             if isinstance(mod, cls):
                 if self.linearize != "gradient":
@@ -246,13 +258,45 @@ class ScanGraph:
                 return GNode(idx, name, "aux", [], n)
             if t in ("add", "add_", "__add__", "__iadd__"):
                 return self._add_node(idx, n, tin)
+            if t == "mean":
+                return self._mean_node(idx, n, tin)
             raise UnsupportedModuleError(
                 f"operation '.{t}()' at fx node {name!r} is not supported. Supported: {SUPPORTED_MODULES}.")
         # call_function
+        if t in _CAT_FUNCTIONS:
+            return self._cat_node(idx, n)
+        if t is F.max_pool2d_with_indices:
+            raise UnsupportedModuleError(f"max_pool2d at fx node {name!r} with return_indices=True is not supported; "
+                                         "use return_indices=False (the scanner records the arg-max itself)")
+        if t in (F.max_pool2d, torch.max_pool2d):
+            kw = self._normalized(n)
+            if kw.get("return_indices"):
+                raise UnsupportedModuleError(f"max_pool2d at fx node {name!r} with return_indices=True is not supported")
+            k = _pair(kw["kernel_size"])
+            st = kw.get("stride")
+            return GNode(idx, name, "maxpool", tin[:1], n, attrs=dict(
+                kernel=k, stride=_pair(st) if st not in (None, [], ()) else k, padding=_pair(kw.get("padding", 0)),
+                dilation=_pair(kw.get("dilation", 1)), ceil_mode=bool(kw.get("ceil_mode", False))))
+        if t is F.avg_pool2d:
+            kw = self._normalized(n)
+            k = _pair(kw["kernel_size"])
+            st = kw.get("stride")
+            return GNode(idx, name, "avgpool", tin[:1], n, attrs=dict(
+                kernel=k, stride=_pair(st) if st not in (None, [], ()) else k, padding=_pair(kw.get("padding", 0)),
+                ceil_mode=bool(kw.get("ceil_mode", False)), count_include_pad=bool(kw.get("count_include_pad", True)),
+                divisor_override=kw.get("divisor_override")))
+        if t is torch.mean:
+            return self._mean_node(idx, n, tin)
         if t in (torch.flatten, torch.reshape):
             return GNode(idx, name, "reshape", tin[:1], n)
         if t in (F.relu, torch.relu, torch.relu_, getattr(F, "relu_", None)):
             return GNode(idx, name, "relu", tin[:1], n)
+        if t is F.relu6:
+            return GNode(idx, name, "hardtanh", tin[:1], n, attrs=dict(lo=0.0, hi=6.0))
+        if t is F.hardtanh:
+            kw = self._normalized(n)
+            return GNode(idx, name, "hardtanh", tin[:1], n,
+                         attrs=dict(lo=float(kw.get("min_val", -1.0)), hi=float(kw.get("max_val", 1.0))))
         if t is F.leaky_relu:
             slope = n.kwargs.get("negative_slope", n.args[1] if len(n.args) > 1 else 0.01)
             return GNode(idx, name, "leaky_relu", tin[:1], n, attrs=dict(slope=float(slope)))
@@ -268,12 +312,52 @@ class ScanGraph:
         raise UnsupportedModuleError(
             f"function {getattr(t, '__name__', t)!r} at fx node {name!r} is not supported. Supported: {SUPPORTED_MODULES}.")
 
+    def _tensor_operands(self, args) -> List[int]:
+        """Node indices of the tensor operands among ``args``, in order, repeats kept (``x + x``,
+        ``torch.cat([x, x])``: ``fx.Node.all_input_nodes`` lists ``x`` once)."""
+        return [self._fx2idx[a] for a in args if isinstance(a, fx.Node) and a in self._fx2idx
+                and self.nodes[self._fx2idx[a]].kind != "aux"]
+
+    def _normalized(self, n: fx.Node) -> Dict[str, Any]:
+        pair = n.normalized_arguments(self.gm, normalize_to_only_use_kwargs=True)
+        if pair is None:  # pragma: no cover - every supported function has a signature
+            raise UnsupportedModuleError(f"cannot read the arguments of {n.target} at fx node {n.name!r}")
+        return dict(pair.kwargs)
+
     def _add_node(self, idx, n, tin) -> GNode:
-        if len(tin) == 2:
-            return GNode(idx, n.name, "add", tin, n)
-        if len(tin) == 1:  # tensor + constant: an additive bias, dropped in the frozen network
-            return GNode(idx, n.name, "identity", tin, n, attrs=dict(bias_add=True))
+        alpha = n.kwargs.get("alpha", 1)
+        if alpha != 1:
+            raise UnsupportedModuleError(f"addition at {n.name!r} with alpha={alpha!r} is not supported; "
+                                         "write a + alpha * b with a module (e.g. a 1x1 conv) or alpha=1")
+        ops = self._tensor_operands(n.args[:2])
+        if len(ops) == 2:
+            return GNode(idx, n.name, "add", ops, n)
+        if len(ops) == 1:  # tensor + constant: an additive bias, dropped in the frozen network
+            return GNode(idx, n.name, "identity", ops, n, attrs=dict(bias_add=True))
         raise UnsupportedModuleError(f"addition at {n.name!r} has no tensor operand")
+
+    def _cat_node(self, idx, n) -> GNode:
+        kw = self._normalized(n)
+        seq = kw.get("tensors")
+        dim = kw.get("dim", kw.get("axis", 0))
+        if not isinstance(seq, (list, tuple)) or not seq:
+            raise UnsupportedModuleError(f"torch.cat at fx node {n.name!r}: expected a list of tensors")
+        ops = self._tensor_operands(seq)
+        if len(ops) != len(seq):
+            raise UnsupportedModuleError(
+                f"torch.cat at fx node {n.name!r} concatenates something other than the model's tensors "
+                "(a constant or parameter); only tensors computed from the input can be concatenated")
+        return GNode(idx, n.name, "cat", ops, n, attrs=dict(dim=int(dim)))
+
+    def _mean_node(self, idx, n, tin) -> GNode:
+        """``x.mean((2, 3))`` / ``torch.mean(x, dim=(-2, -1), keepdim=...)``: global average pooling."""
+        args = list(n.args[1:])
+        dim = n.kwargs.get("dim", args[0] if args else None)
+        keepdim = bool(n.kwargs.get("keepdim", args[1] if len(args) > 1 else False))
+        if n.kwargs.get("dtype") is not None:
+            raise UnsupportedModuleError(f"mean at fx node {n.name!r} with dtype= is not supported")
+        dims = (dim,) if isinstance(dim, int) else tuple(dim) if dim is not None else None
+        return GNode(idx, n.name, "global_mean", tin[:1], n, attrs=dict(dims=dims, keepdim=keepdim))
 
     # ------------------------------------------------------------------ shapes
     def _shapes(self, example: torch.Tensor) -> None:
@@ -287,6 +371,21 @@ class ScanGraph:
                 continue
             if not isinstance(v, torch.Tensor):
                 raise UnsupportedModuleError(f"node {g.name!r} does not produce a tensor")
+            if g.kind == "cat":
+                rank = v.dim()
+                d = g.attrs["dim"] + rank if g.attrs["dim"] < 0 else g.attrs["dim"]
+                if d != 1 or rank not in (2, 4):
+                    raise UnsupportedModuleError(
+                        f"torch.cat at fx node {g.name!r} joins {rank}-d tensors along dim {g.attrs['dim']}: only "
+                        "channels of [B, C, H, W] maps or features of [B, N] vectors (dim 1) can be concatenated")
+            if g.kind == "global_mean":
+                src = values[g.inputs[0]]
+                dims = g.attrs["dims"]
+                dd = None if dims is None else sorted(d + src.dim() if d < 0 else d for d in dims)
+                if src.dim() != 4 or dd != [2, 3]:
+                    raise UnsupportedModuleError(
+                        f"mean at fx node {g.name!r} over dims {dims} of a {src.dim()}-d tensor: only the global "
+                        "average over H, W of a [B, C, H, W] map (dims (2, 3)) is supported")
             if v.dim() == 0 or v.shape[0] != example.shape[0]:
                 raise UnsupportedModuleError(
                     f"node {g.name!r} changes the batch dimension (shape {list(v.shape)}); reshapes must keep dim 0")
@@ -309,6 +408,10 @@ class ScanGraph:
                 v = F.relu(args[0])
             elif g.kind == "leaky_relu":
                 v = F.leaky_relu(args[0], g.attrs["slope"])
+            elif g.kind == "hardtanh":
+                v = F.hardtanh(args[0], g.attrs["lo"], g.attrs["hi"])
+            elif g.kind == "act_grad":  # never in place: the input value is kept for the gate
+                v = call_out_of_place(g.module, args[0])
             elif g.kind == "maxpool":
                 a = g.attrs
                 v, ind = F.max_pool2d(args[0], a["kernel"], a["stride"], a["padding"], a["dilation"],
@@ -356,7 +459,7 @@ class ScanGraph:
                                 src.gy.R + (a["kernel"][0] - 1) * dil[0] * src.gy.J)
                 g.gx = Geometry(src.gx.J * a["stride"][1], src.gx.P + a["padding"][1] * src.gx.J,
                                 src.gx.R + (a["kernel"][1] - 1) * dil[1] * src.gx.J)
-            elif g.kind in ("relu", "leaky_relu", "act_grad", "bn", "identity"):
+            elif g.kind in ACTIVATIONS + ("bn", "identity"):
                 g.gy, g.gx = src.gy, src.gx
             elif g.kind == "adaptive_avgpool":
                 hi, wi = src.shape[1], src.shape[2]
@@ -374,6 +477,24 @@ class ScanGraph:
                 if a.spatial and b.spatial and a.gy.J == b.gy.J and a.gx.J == b.gx.J and a.shape == b.shape:
                     g.gy = _union(a.gy, b.gy)
                     g.gx = _union(a.gx, b.gx)
+                else:
+                    g.gy = g.gx = None
+            elif g.kind == "cat":
+                # channels side by side: every input placed in the union of their windows
+                if all(i.spatial and i.gy.J == src.gy.J and i.gx.J == src.gx.J and i.shape[1:] == g.shape[1:]
+                       for i in ins):
+                    gy, gx = src.gy, src.gx
+                    for i in ins[1:]:
+                        gy, gx = _union(gy, i.gy), _union(gx, i.gx)
+                    g.gy, g.gx = gy, gx
+                else:
+                    g.gy = g.gx = None
+            elif g.kind == "global_mean":
+                if g.attrs["keepdim"]:  # a regular average pool over the whole map
+                    hi, wi = src.shape[1], src.shape[2]
+                    g.attrs["kernel"] = (hi, wi)
+                    g.gy = Geometry(src.gy.J * hi, src.gy.P, src.gy.R + (hi - 1) * src.gy.J)
+                    g.gx = Geometry(src.gx.J * wi, src.gx.P, src.gx.R + (wi - 1) * src.gx.J)
                 else:
                     g.gy = g.gx = None
             else:  # reshape, linear: dense
@@ -431,13 +552,17 @@ class ScanGraph:
         """The activation that follows ``g`` directly (its only user), if any (SPEC §1 ``g_n``)."""
         if len(g.users) == 1:
             u = self.nodes[g.users[0]]
-            if u.kind in ("relu", "leaky_relu", "act_grad"):
+            if u.kind in ACTIVATIONS:
                 return u
         return None
 
     @property
     def output(self) -> GNode:
         return self.nodes[self.output_idx]
+
+
+_CAT_FUNCTIONS = tuple(f for f in (torch.cat, getattr(torch, "concat", None), getattr(torch, "concatenate", None))
+                       if f is not None)
 
 
 def _union(a: Geometry, b: Geometry) -> Geometry:

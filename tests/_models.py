@@ -80,6 +80,76 @@ class SmallResNet(nn.Module):
         return self.fc(x)
 
 
+class Mixed(nn.Module):
+    """Inception-style block: branches with different receptive fields (1x1, 1x1 -> 3x3, 5x5,
+    3x3/1 max-pool -> 1x1) joined along the channels by ``torch.cat``."""
+
+    def __init__(self, cin):
+        super().__init__()
+        self.b1 = nn.Conv2d(cin, 3, 1)
+        self.b2a = nn.Conv2d(cin, 3, 1)
+        self.b2r = nn.ReLU()
+        self.b2b = nn.Conv2d(3, 4, 3, padding=1)
+        self.b3 = nn.Conv2d(cin, 2, 5, padding=2)
+        self.b4p = nn.MaxPool2d(3, 1, 1)
+        self.b4 = nn.Conv2d(cin, 2, 1)
+        self.r1, self.r2, self.r3, self.r4 = nn.ReLU(), nn.ReLU(), nn.ReLU(), nn.ReLU()
+        self.out = nn.Identity()  # a module on the cat's output, so that the oracle can hook it
+
+    def forward(self, x):
+        return self.out(torch.cat([self.r1(self.b1(x)), self.r2(self.b2b(self.b2r(self.b2a(x)))),
+                                   self.r3(self.b3(x)), self.r4(self.b4(self.b4p(x)))], 1))
+
+
+class DenseLayer(nn.Module):
+    """DenseNet-style layer: the input joined with new features (BN -> ReLU -> 3x3 conv)."""
+
+    def __init__(self, cin, k):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(cin)
+        self.relu = nn.ReLU()
+        self.conv = nn.Conv2d(cin, k, 3, padding=1, bias=False)
+        self.out = nn.Identity()
+
+    def forward(self, x):
+        return self.out(torch.cat([x, self.conv(self.relu(self.bn(x)))], 1))
+
+
+class ConcatNet(nn.Module):
+    """Channel concatenation (Inception / DenseNet), ceil-mode max-pool, global means (``.mean``
+    with and without keepdim) and a concatenation of feature vectors."""
+
+    def __init__(self, c=3):
+        super().__init__()
+        self.stem = nn.Conv2d(c, 6, 3, stride=2, padding=1)
+        self.stem_relu = nn.ReLU()
+        self.mixed = Mixed(6)                    # 11 channels
+        self.pool = nn.MaxPool2d(2, ceil_mode=True)
+        self.dense = DenseLayer(11, 4)           # 15 channels
+        self.head = nn.Conv2d(15, 8, 1)
+        self.head_relu = nn.ReLU()
+        self.fc_a = nn.Linear(8, 6)
+        self.fc_b = nn.Linear(15, 6)
+        self.join = nn.Identity()
+        self.fc = nn.Linear(12, 5)
+
+    def forward(self, x):
+        x = self.mixed(self.stem_relu(self.stem(x)))
+        x = self.dense(self.pool(x))
+        h = self.head_relu(self.head(x)).mean((2, 3))
+        s = x.mean(dim=(-2, -1), keepdim=True).flatten(1)
+        return self.fc(self.join(torch.cat([self.fc_a(h), self.fc_b(s)], 1)))
+
+
+#: (leaf module, the activation that directly follows it) of ConcatNet, from its forward()
+CONCAT_LEAVES = [("stem", "relu"), ("stem_relu", None), ("mixed.b1", "relu"), ("mixed.r1", None),
+                 ("mixed.b2a", "relu"), ("mixed.b2r", None), ("mixed.b2b", "relu"), ("mixed.r2", None),
+                 ("mixed.b3", "relu"), ("mixed.r3", None), ("mixed.b4p", None), ("mixed.b4", "relu"),
+                 ("mixed.r4", None), ("mixed.out", None), ("pool", None), ("dense.bn", "relu"),
+                 ("dense.relu", None), ("dense.conv", None), ("dense.out", None), ("head", "relu"),
+                 ("head_relu", None), ("fc_a", None), ("fc_b", None), ("join", None), ("fc", None)]
+
+
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     g = torch.Generator().manual_seed(seed)
     for m in model.modules():
@@ -108,6 +178,8 @@ def make(name: str, dtype=torch.float64):
         m, x = alexnet_like(), torch.rand(2, 3, 51, 51)
     elif name == "small_resnet":
         m, x = randomize_bn(SmallResNet()), torch.rand(2, 3, 12, 12)
+    elif name == "concat_net":
+        m, x = randomize_bn(ConcatNet()), torch.rand(2, 3, 13, 13)
     else:
         raise KeyError(name)
     return m.to(dtype).eval(), (x - 0.3).to(dtype)

@@ -13,10 +13,10 @@ from torch import nn
 import nns_cuda as nns
 from nns_cuda.reference.stats import li_stats_dense
 
-from _models import make, randomize_bn
+from _models import CONCAT_LEAVES, ConcatNet, make, randomize_bn
 from _oracle import FrozenRecorder, autograd_li, no_inplace, rel_err
 
-MODELS = ["fcn", "simple_cnn", "lenet5", "small_vgg", "alexnet_like", "small_resnet"]
+MODELS = ["fcn", "simple_cnn", "lenet5", "small_vgg", "alexnet_like", "small_resnet", "concat_net"]
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 WORST = {}
 
@@ -33,6 +33,8 @@ def _leaf_layers(model):
                 post = F.relu
             out.append((n, post))
         return out
+    if isinstance(model, ConcatNet):
+        return [(n, F.relu if p == "relu" else None) for n, p in CONCAT_LEAVES]
     # SmallResNet, written out by hand from its forward()
     lr = lambda o: F.leaky_relu(o, 0.1)  # noqa: E731
     return [("conv1", None), ("bn1", F.relu), ("layer1.conv1", None), ("layer1.bn1", F.relu),
