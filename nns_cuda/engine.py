@@ -233,7 +233,13 @@ class _Rep:
     t: torch.Tensor
     ay: torch.Tensor
     ax: torch.Tensor
-    active: Optional[torch.Tensor] = None  # bool [B, C, Ho, Wo]: False -> known all-zero
+    active: Optional[torch.Tensor] = None  # bool [B, C, Ho, Wo]: False -> all-zero (see pending)
+    #: a per-channel multiplier [C] (pdtype) not yet applied to ``t``: the images are then
+    #: ``where(active, t · pending[c], 0)`` (``active`` is then the gate of a 0/1 activation and
+    #: ``t`` is not zero where it is False). Only convs (weights scaled per input channel, inactive
+    #: inputs never read) and max-pools (routing) take such a rep; :meth:`_PatchEngine._settle`
+    #: applies it for everything else. None: ``t`` holds the images.
+    pending: Optional[torch.Tensor] = None
 
 
 # ----------------------------------------------------------------------------- results
@@ -392,6 +398,14 @@ class _PatchEngine:
             return t * s.to(self.dtype)
         return torch.mul(t, s.to(self.pdtype), out=torch.empty_like(t))
 
+    def _settle(self, r: _Rep) -> _Rep:
+        """``r`` with its pending multiplier applied (one pass over the patches), or ``r``."""
+        if r.pending is None:
+            return r
+        B, C, Ho, Wo = r.t.shape[:4]
+        mult = r.pending.view(1, C, 1, 1) * r.active.to(self.pdtype)
+        return _Rep(self._scale(r.t, mult.view(B, C, Ho, Wo, 1, 1, 1)), r.ay, r.ax, r.active)
+
     # --- representation helpers
     def _dense(self, r: _Rep) -> _Rep:
         if r.t.shape[2] == 1 and r.t.shape[3] == 1 and r.t.shape[5] == self.H and r.t.shape[6] == self.W:
@@ -433,6 +447,13 @@ class _PatchEngine:
         rh, rw, ay, ax = self._window(g, Ho, Wo)
         a = g.attrs
         w = g.module.weight.detach().to(self.pdtype)
+        if r.pending is not None:
+            # the input's BN scale folded into the weights (per input channel); its activation gate
+            # is r.active, and every conv op treats inactive inputs as zero without reading them
+            G = int(a["groups"])
+            Co, Cig = w.shape[:2]
+            s_in = r.pending.view(G, 1, Cig).expand(G, Co // G, Cig).reshape(Co, Cig, 1, 1)
+            w = w * s_in
         args = (r.t, r.ay, r.ax, r.active, w, scale, gate, ay, ax, list(a["stride"]), list(a["padding"]),
                 list(a["dilation"]), int(a["groups"]), rh, rw)
         if self.conv_algorithm == "gemm" and int(a["groups"]) == 1:
@@ -488,6 +509,7 @@ class _PatchEngine:
             if g.idx in self.requested:
                 # a conv fused with the activation that follows it already carries g_n
                 ng = None if g.idx in self.gated_by_fusion else fwd.neuron_gate(g)
+                r = self._settle(r)
                 out[g.idx] = r if ng is None else self._apply_gate(r, ng)
             for i in g.inputs:
                 remaining[i] -= 1
@@ -503,6 +525,10 @@ class _PatchEngine:
     def _propagate(self, g: GNode, reps: Dict[int, _Rep], fused: Dict[int, int]) -> _Rep:
         graph, fwd = self.graph, self.fwd
         k = g.kind
+        if k not in ("conv", "maxpool"):  # only these take a rep with a pending multiplier
+            for i in g.inputs:
+                if reps[i].pending is not None:
+                    reps[i] = self._settle(reps[i])
         r = reps[g.inputs[0]] if g.inputs else None
         if k == "conv":
             if not r.t.shape[2:4] == graph.nodes[g.inputs[0]].shape[1:3] or graph.nodes[g.inputs[0]].gy is None:
@@ -540,6 +566,16 @@ class _PatchEngine:
                 sv = s.repeat_interleave(reps_per).view(1, N, 1, 1, 1, 1, 1)
                 return _Rep(self._scale(r.t, sv), r.ay, r.ax, r.active)
             act = graph.gate_user(g)
+            if act is not None and g.idx not in self.requested and act.idx not in self.requested \
+                    and act.kind in ("relu", "hardtanh") and act.users \
+                    and all(graph.nodes[u].kind in ("conv", "maxpool") for u in act.users):
+                # BN -> 0/1 activation read only by convs / max-pools, neither requested: no pass
+                # at all. The scale stays pending (folded into the next conv's weights), the gate
+                # becomes the inactive-input mask (the activation shares this rep).
+                fused[act.idx] = g.idx
+                gt = fwd.act_gate(act) != 0
+                act_in = gt if r.active is None else gt & r.active
+                return _Rep(r.t, r.ay, r.ax, act_in, s)
             if act is not None and g.idx not in self.requested:
                 # BN followed by its activation, the BN's own images not requested: one pass with
                 # the product of the BN scale and the activation gate (the activation shares it)
@@ -557,7 +593,7 @@ class _PatchEngine:
             ind = fwd.values[("indices", g.idx)]
             t = self.O.maxpool_li(r.t, r.ay, r.ax, ind, ay, ax, rh, rw)
             act = None if r.active is None else torch.gather(r.active.flatten(2), 2, ind.flatten(2)).view_as(ind)
-            return _Rep(t, ay, ax, act)
+            return _Rep(t, ay, ax, act, r.pending)  # routing keeps channels: the multiplier stays pending
         if k == "avgpool":
             a = g.attrs
             return self.pool_avg(g, r, a["kernel"], a["stride"], a["padding"], a["ceil_mode"], a["count_include_pad"],

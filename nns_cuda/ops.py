@@ -125,7 +125,8 @@ def conv_li(patches: torch.Tensor, ay_in: torch.Tensor, ax_in: torch.Tensor,
     ----------
     patches : Tensor [B, Ci, Hi, Wi, D, Rhi, Rwi], float32, float64, bfloat16 or float16
     ay_in, ax_in : int64 Tensor [Hi], [Wi]
-    in_active : bool Tensor [B, Ci, Hi, Wi] or None (False: that input patch is zero)
+    in_active : bool Tensor [B, Ci, Hi, Wi] or None (False: that input neuron counts as zero; its
+        patch is never read, whatever it holds)
     weight : Tensor [Co, Ci / groups, Kh, Kw]
     scale : Tensor [Co] or None
     gate : Tensor [B, Co, Ho, Wo] or None

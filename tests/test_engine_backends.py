@@ -123,3 +123,49 @@ def test_bn_and_activation_in_one_pass_equal_autograd(backend):
     want = _oracles("small_resnet")
     for n in names:
         assert rel_err(res[n].images, want[n]) <= 1e-10, n
+
+
+def _bn_vgg():
+    torch.manual_seed(1)
+    nn = torch.nn
+    m = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),              # 0 1 2
+        nn.Conv2d(6, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.MaxPool2d(2),  # 3 4 5 6
+        nn.Conv2d(6, 8, 3, padding=1, groups=2), nn.BatchNorm2d(8), nn.ReLU(),    # 7 8 9
+        nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8), nn.ReLU6(),   # 10 11 12
+        nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4), nn.ReLU(),                         # 13 14 15
+        nn.Flatten(), nn.Linear(4 * 5 * 5, 3))
+    from _models import randomize_bn
+    return randomize_bn(m).double().eval(), torch.rand(2, 3, 10, 10, dtype=torch.float64) - 0.3
+
+
+@pytest.mark.parametrize("algo", ["direct", "gemm", "gather"])
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("extra", [[], ["6"]])
+def test_bn_scale_and_gate_folded_into_the_next_conv(backend, algo, extra, monkeypatch):
+    """Only convs (and a max-pool) requested on a BN network: a BN -> ReLU / ReLU6 read only by
+    convs and max-pools is never applied to the patches; its scale goes into the next conv's
+    weights (per input channel, groups 1, 2 and depthwise) and its gate becomes the inactive-input
+    mask, carried through the max-pool. The images still equal autograd's, and the fold ran
+    (convs 3, 7, 10, 13 received a pending input; 0, whose input is the image, did not)."""
+    _need(backend) if backend != "reference" else None
+    from nns_cuda import engine as E
+    from _oracle import autograd_li, no_inplace
+
+    model, x = _bn_vgg()
+    seen = {}
+    orig = E._PatchEngine.conv
+
+    def spy(self, g, r, scale, gate):
+        seen[g.name] = r.pending is not None
+        return orig(self, g, r, scale, gate)
+
+    monkeypatch.setattr(E._PatchEngine, "conv", spy)
+    names = ["0", "3", "7", "10", "13"] + extra
+    res = nns.Scanner(model, names, backend=backend, strategy="forward", keep_images=True, stats=False,
+                      conv_algorithm=algo).scan(x)
+    assert seen == {"0": False, "3": True, "7": True, "10": True, "13": True}, seen
+    m = no_inplace(model)
+    for n in names:
+        err = rel_err(res[n].images, autograd_li(m, x, n))
+        assert err <= 1e-10, f"{n} [{backend}, {algo}]: relative error {err:.3e}"

@@ -130,8 +130,9 @@ def conv_li(patches: torch.Tensor, ay_in: torch.Tensor, ax_in: torch.Tensor,
     ----------
     patches : [B, Ci, Hi, Wi, D, Rhi, Rwi]
     ay_in, ax_in : int64 [Hi], [Wi] anchors of the input windows
-    in_active : bool [B, Ci, Hi, Wi] or None. Where False the input patch is known to be zero
-        (an inactive ReLU output) and kernels may skip it; the result must not depend on it.
+    in_active : bool [B, Ci, Hi, Wi] or None. Where False the input neuron counts as zero: its
+        patch is never read (kernels skip it), whatever it holds. The engine passes an inactive
+        ReLU's gate here instead of zeroing the patches first.
     weight : [Co, Ci / groups, Kh, Kw]
     scale : [Co] or None
     gate : [B, Co, Ho, Wo] or None
@@ -163,6 +164,10 @@ def conv_li(patches: torch.Tensor, ay_in: torch.Tensor, ax_in: torch.Tensor,
     xs = torch.arange(Wo, device=dev)
     G = groups
     w = weight.to(patches.dtype).reshape(G, Co // G, Cig, Kh, Kw)
+    if in_active is not None:
+        if in_active.shape != (B, Ci, Hi, Wi):
+            raise ValueError(f"{op}: in_active must be [B, Ci, Hi, Wi] = {[B, Ci, Hi, Wi]}, got {list(in_active.shape)}")
+        patches = patches.masked_fill(~in_active.bool().view(B, Ci, Hi, Wi, 1, 1, 1), 0)
     q = _pad_permute(patches)
     for ky in range(Kh):
         yi = ys * s[0] + ky * dl[0] - pd[0]
