@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import nns_cuda
-from nns_cuda.graph import GNode, ScanGraph, build_graph
+from nns_cuda.graph import ACTIVATIONS, GNode, ScanGraph, build_graph
 from nns_cuda.reference.stats import NUM_STATS, STAT_INDEX, li_stats_dense
 
 from .bench_summary import method_label  # torch-free, so that the summary works without torch
@@ -410,10 +410,11 @@ def conv_layer_names(model: nn.Module, x: torch.Tensor, first: Optional[int] = N
     out: List[str] = []
     for g in convs:
         u = g
-        while u.kind not in ("relu", "leaky_relu") and len(u.users) == 1 \
-                and graph.nodes[u.users[0]].kind in ("bn", "add", "identity", "relu", "leaky_relu"):
+        piecewise = ("relu", "leaky_relu", "hardtanh")
+        while u.kind not in piecewise and len(u.users) == 1 \
+                and graph.nodes[u.users[0]].kind in ("bn", "add", "identity") + piecewise:
             u = graph.nodes[u.users[0]]
-        name = u.name if u.kind in ("relu", "leaky_relu") else g.name
+        name = u.name if u.kind in piecewise else g.name
         if name not in out:
             out.append(name)
     return out
@@ -469,6 +470,8 @@ def _act_gate_nonzero(u: GNode, z: torch.Tensor, _node: GNode) -> torch.Tensor:
         return z > 0
     if u.kind == "leaky_relu":
         return torch.ones_like(z, dtype=torch.bool) if u.attrs["slope"] != 0 else z > 0
+    if u.kind == "hardtanh":
+        return (z > u.attrs["lo"]) & (z < u.attrs["hi"])
     # act_grad (opt-in gradient linearisation): local derivative, assumed non-zero
     return torch.ones_like(z, dtype=torch.bool)
 
@@ -574,7 +577,7 @@ def count_floor(model: nn.Module, x: torch.Tensor, layers: Sequence[str], elem_b
             win[g.idx] = _window_elems(g, D, H, W)
             flops = 2 * win[src] * int((pairs * active).sum())
             record(g, flops, window_sum(src), window_sum(g.idx))
-        elif k in ("relu", "leaky_relu", "act_grad"):
+        elif k in ACTIVATIONS:
             act[g.idx] = act[src] & _act_gate_nonzero(g, values[src], g)
             win[g.idx] = win[src]
         elif k == "bn":
@@ -668,6 +671,8 @@ def neuron_gates(graph: ScanGraph, names: Sequence[str], values: Dict[Any, Any])
             out[n] = (z > 0).to(z.dtype)
         elif u.kind == "leaky_relu":
             out[n] = torch.where(z > 0, torch.ones_like(z), torch.full_like(z, u.attrs["slope"]))
+        elif u.kind == "hardtanh":
+            out[n] = _act_gate_nonzero(u, z, u).to(z.dtype)
         else:
             raise NotImplementedError(f"gate of {u.kind}")
     return out

@@ -432,3 +432,22 @@ def test_record_run_names_files_and_prints_the_section(tmp_path, capsys):
     (out / "bench.json").write_text(json.dumps(doc))
     assert record_run.main([str(out)]) == 0
     assert "The device machine recorded no commit" in capsys.readouterr().out
+
+
+def test_gates_and_act_layers_of_relu6():
+    """ReLU6 (a 0/1 gate strictly inside (0, 6)) in the benchmark helpers: the conv's g_n, the
+    "act" neuron set, and the floor's activity."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU6(),
+                                torch.nn.Conv2d(4, 2, 3, padding=1)).eval()
+    with torch.no_grad():
+        model[0].weight.mul_(30.0)
+    x = torch.rand(1, 3, 8, 8)
+    z = model[0](x)
+    assert bool((z > 6).any()) and bool((z < 0).any())
+    graph = common.build_graph(model, x)
+    g = common.neuron_gates(graph, ["0"], graph.run(x))["0"]
+    assert torch.equal(g, ((z > 0) & (z < 6)).float())
+    assert common.conv_layer_names(model, x, neurons="act") == ["1", "2"]
+    fc = common.count_floor(model, x, ["1"])
+    assert fc.active == int(((z > 0) & (z < 6)).sum())
