@@ -617,8 +617,7 @@ class _PatchEngine:
                 rh, rw, ay, ax = self._window(g, Ho, Wo)
                 parts = []
                 for i, ri in zip(g.inputs, ins):
-                    nd = graph.nodes[i]
-                    if nd.gy == g.gy and nd.gx == g.gx and tuple(ri.t.shape[5:]) == (rh, rw):
+                    if self._in_window(i, ri, g, rh, rw):
                         parts.append(ri.t)
                     else:
                         parts.append(self.O.place_li(ri.t, ri.ay, ri.ax, ay, ax, rh, rw, None))
@@ -644,7 +643,13 @@ class _PatchEngine:
             if g.spatial:
                 C, Ho, Wo = g.shape
                 rh, rw, ay, ax = self._window(g, Ho, Wo)
-                ta = self.O.place_li(a.t, a.ay, a.ax, ay, ax, rh, rw, None)
+                ia, ib = g.inputs
+                if self._in_window(ib, b, g, rh, rw) and not self._in_window(ia, a, g, rh, rw):
+                    a, b, ia, ib = b, a, ib, ia
+                if self._in_window(ia, a, g, rh, rw):
+                    ta = a.t  # already laid out in the output window: read as it is (place_li does not write it)
+                else:
+                    ta = self.O.place_li(a.t, a.ay, a.ax, ay, ax, rh, rw, None)
                 t = self.O.place_li(b.t, b.ay, b.ax, ay, ax, rh, rw, ta)
                 return _Rep(t, ay, ax, None)
             da, db = self._dense(a), self._dense(b)
@@ -652,6 +657,12 @@ class _PatchEngine:
                 raise ValueError(f"residual add {g.name!r}: operands have different shapes")
             return _Rep(da.t + db.t, da.ay, da.ax, None)
         raise AssertionError(f"unhandled node kind {k}")
+
+    def _in_window(self, i: int, r: _Rep, g: GNode, rh: int, rw: int) -> bool:
+        """Whether the patches of input ``i`` (rep ``r``) already lie in ``g``'s windows (same
+        receptive-field geometry, same window size): then no placement copy is needed."""
+        nd = self.graph.nodes[i]
+        return nd.gy == g.gy and nd.gx == g.gx and tuple(r.t.shape[5:]) == (rh, rw)
 
     def _adaptive_dense(self, g: GNode, r: _Rep, Ho: int, Wo: int) -> _Rep:
         """Adaptive average pooling to ``Ho × Wo`` as a dense linear map of the pooled map."""

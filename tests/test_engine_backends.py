@@ -113,16 +113,33 @@ def test_gather_falls_back_to_direct_when_its_copy_does_not_fit():
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_bn_and_activation_in_one_pass_equal_autograd(backend):
     """Only the convs of a BN network requested: each BN and the ReLU after it are applied in one
-    pass (the engine's BN -> activation fusion); the conv images still equal autograd's."""
+    pass (the engine's BN -> activation fusion), and each residual ``+`` reads the operand that
+    already lies in its window without placing a copy; the conv images still equal autograd's."""
     _need(backend) if backend != "reference" else None
     model, x = make("small_resnet")
     mods = dict(model.named_modules())
     names = [n for n, _ in _leaf_layers(model) if isinstance(mods.get(n), torch.nn.Conv2d)]
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) and len(names) >= 4
-    res = nns.Scanner(model, names, backend=backend, strategy="forward", keep_images=True, stats=False).scan(x)
+    from nns_cuda import engine as E
+    direct = []
+    orig = E._PatchEngine._in_window
+
+    def spy(self, i, r, g, rh, rw):
+        ok = orig(self, i, r, g, rh, rw)
+        if g.kind == "add" and ok:
+            direct.append((g.name, self.graph.nodes[i].name))
+        return ok
+
+    E._PatchEngine._in_window = spy
+    try:
+        res = nns.Scanner(model, names, backend=backend, strategy="forward", keep_images=True, stats=False).scan(x)
+    finally:
+        E._PatchEngine._in_window = orig
     want = _oracles("small_resnet")
     for n in names:
         assert rel_err(res[n].images, want[n]) <= 1e-10, n
+    # each residual + reads its main branch (bn2, already in the union window) without a copy
+    assert set(direct) == {("add", "layer1.bn2"), ("add_1", "layer2.bn2")}, direct
 
 
 def _bn_vgg():
