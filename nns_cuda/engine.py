@@ -609,6 +609,15 @@ class _PatchEngine:
                 kk = g.attrs["kernel"]
                 return self.pool_avg(g, r, kk, kk, (0, 0), False, True, None)
             return self._adaptive_dense(g, r, 1, 1)
+        if k == "slice":  # a channel range: a view of the input's patches
+            a0, a1 = g.attrs["start"], g.attrs["stop"]
+            src = graph.nodes[g.inputs[0]]
+            if src.spatial or len(src.shape) == 1:
+                return _Rep(r.t[:, a0:a1], r.ay, r.ax, None if r.active is None else r.active[:, a0:a1])
+            d = self._dense(r)  # [B, C·rest, 1, 1, ...]: channel-major
+            B, C = d.t.shape[0], src.shape[0]
+            t = d.t.reshape(B, C, -1, *d.t.shape[2:])[:, a0:a1].reshape(B, -1, *d.t.shape[2:])
+            return _Rep(t, d.ay, d.ax, None)
         if k == "cat":
             ins = [reps[i] for i in g.inputs]
             if g.spatial:

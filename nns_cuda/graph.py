@@ -37,7 +37,7 @@ SUPPORTED_MODULES = (
     "Conv2d (stride, padding, dilation, groups), Linear, ReLU, LeakyReLU, ReLU6 / Hardtanh, "
     "MaxPool2d, AvgPool2d, AdaptiveAvgPool2d (and their F. / torch. functions), global mean over H, W, "
     "BatchNorm1d/2d (eval), Dropout, Flatten / torch.flatten / view / reshape, Identity, "
-    "residual +, torch.cat / concat along channels (dim 1)"
+    "residual +, torch.cat / concat along channels (dim 1), channel ranges x[:, a:b] / torch.split / chunk"
 )
 
 _GRADIENT_ACTIVATIONS = {
@@ -260,6 +260,8 @@ class ScanGraph:
                 return self._add_node(idx, n, tin)
             if t == "mean":
                 return self._mean_node(idx, n, tin)
+            if t in ("chunk", "split"):
+                return self._split_node(idx, n, tin, t)
             raise UnsupportedModuleError(
                 f"operation '.{t}()' at fx node {name!r} is not supported. Supported: {SUPPORTED_MODULES}.")
         # call_function
@@ -307,6 +309,15 @@ class ScanGraph:
         if t is F.adaptive_avg_pool2d:
             return GNode(idx, name, "adaptive_avgpool", tin[:1], n,
                          attrs=dict(output_size=n.args[1] if len(n.args) > 1 else n.kwargs["output_size"]))
+        if t in (torch.chunk, torch.split):
+            return self._split_node(idx, n, tin, "chunk" if t is torch.chunk else "split")
+        if t is operator.getitem:
+            src = n.args[0]
+            sg = self.nodes[self._fx2idx[src]] if isinstance(src, fx.Node) and src in self._fx2idx else None
+            if sg is not None and sg.attrs.get("split"):  # one piece of torch.split / chunk
+                return GNode(idx, name, "slice", [sg.attrs["src"]], n, attrs=dict(split=sg.idx, item=n.args[1]))
+            if tin:  # x[:, a:b]
+                return GNode(idx, name, "slice", tin[:1], n, attrs=dict(index=n.args[1]))
         if t in (getattr, operator.getitem) and not tin:
             return GNode(idx, name, "aux", [], n)
         raise UnsupportedModuleError(
@@ -349,6 +360,48 @@ class ScanGraph:
                 "(a constant or parameter); only tensors computed from the input can be concatenated")
         return GNode(idx, n.name, "cat", ops, n, attrs=dict(dim=int(dim)))
 
+    def _split_node(self, idx, n, tin, how: str) -> GNode:
+        """``torch.split`` / ``torch.chunk`` (function or method): a tuple, not a tensor, so an
+        ``aux`` node; each ``[i]`` of it becomes a ``slice`` node of the split tensor."""
+        if len(tin) != 1:
+            raise UnsupportedModuleError(f"{how} at fx node {n.name!r} must split exactly one tensor")
+        args = list(n.args[1:])
+        dim = n.kwargs.get("dim", args[1] if len(args) > 1 else 0)
+        return GNode(idx, n.name, "aux", [], n, attrs=dict(split=True, src=tin[0], dim=int(dim), how=how))
+
+    def _slice_bounds(self, g: GNode, values: Dict[Any, Any]) -> None:
+        """``start`` / ``stop`` along dim 1 of a ``slice`` node (from the forward values)."""
+        src = values[g.inputs[0]]
+        C = src.shape[1] if src.dim() >= 2 else 0
+        if "split" in g.attrs:
+            sp = self.nodes[g.attrs["split"]]
+            d = sp.attrs["dim"] + src.dim() if sp.attrs["dim"] < 0 else sp.attrs["dim"]
+            if d != 1 or src.dim() not in (2, 4):
+                raise UnsupportedModuleError(
+                    f"{sp.attrs['how']} at fx node {sp.name!r} splits a {src.dim()}-d tensor along dim "
+                    f"{sp.attrs['dim']}: only channels of [B, C, H, W] maps or features of [B, N] vectors (dim 1) "
+                    "can be split")
+            item = g.attrs["item"]
+            pieces = values[sp.idx]
+            if not isinstance(item, int):
+                raise UnsupportedModuleError(f"fx node {g.name!r}: index the pieces of {sp.name!r} with an integer")
+            sizes = [int(p.shape[1]) for p in pieces]
+            i = item + len(sizes) if item < 0 else item
+            start = sum(sizes[:i])
+            g.attrs.update(start=start, stop=start + sizes[i])
+            return
+        idx = g.attrs["index"]
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        rest_ok = all(e is Ellipsis or (isinstance(e, slice) and e == slice(None)) for e in idx[2:])
+        if (src.dim() not in (2, 4) or len(idx) < 2 or idx[0] != slice(None) or not isinstance(idx[1], slice)
+                or idx[1].step not in (None, 1) or not rest_ok):
+            raise UnsupportedModuleError(
+                f"indexing at fx node {g.name!r} ({idx!r} of a {src.dim()}-d tensor) is not supported: only a "
+                "channel range x[:, a:b] (step 1) of [B, C, H, W] maps or [B, N] vectors keeps every neuron's "
+                "learned image defined")
+        start, stop, _ = idx[1].indices(C)
+        g.attrs.update(start=start, stop=max(start, stop))
+
     def _mean_node(self, idx, n, tin) -> GNode:
         """``x.mean((2, 3))`` / ``torch.mean(x, dim=(-2, -1), keepdim=...)``: global average pooling."""
         args = list(n.args[1:])
@@ -378,6 +431,8 @@ class ScanGraph:
                     raise UnsupportedModuleError(
                         f"torch.cat at fx node {g.name!r} joins {rank}-d tensors along dim {g.attrs['dim']}: only "
                         "channels of [B, C, H, W] maps or features of [B, N] vectors (dim 1) can be concatenated")
+            if g.kind == "slice":
+                self._slice_bounds(g, values)
             if g.kind == "global_mean":
                 src = values[g.inputs[0]]
                 dims = g.attrs["dims"]
@@ -459,7 +514,7 @@ class ScanGraph:
                                 src.gy.R + (a["kernel"][0] - 1) * dil[0] * src.gy.J)
                 g.gx = Geometry(src.gx.J * a["stride"][1], src.gx.P + a["padding"][1] * src.gx.J,
                                 src.gx.R + (a["kernel"][1] - 1) * dil[1] * src.gx.J)
-            elif g.kind in ACTIVATIONS + ("bn", "identity"):
+            elif g.kind in ACTIVATIONS + ("bn", "identity", "slice"):
                 g.gy, g.gx = src.gy, src.gx
             elif g.kind == "adaptive_avgpool":
                 hi, wi = src.shape[1], src.shape[2]

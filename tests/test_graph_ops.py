@@ -251,3 +251,89 @@ def test_torchvision_zoo_forward_equals_reverse(name, ctor, hw):
         rev = nns.learned_images(model, x, nd.name, neurons=pick, strategy="reverse", backend="reference")
         err = rel_err(fwd, rev) if rev.abs().sum() > 0 else float(fwd.abs().max())
         assert err <= 1e-10, f"{name}/{nd.name}: relative error {err:.3e}"
+
+
+class SliceNet(nn.Module):
+    """Channel ranges: ``chunk`` / ``split`` (method and function), ``x[:, a:b]`` of maps and of
+    feature vectors, pieces recombined with ``torch.cat`` (Res2Net / CSP style)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.r1 = nn.ReLU()
+        self.c2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.c3 = nn.Conv2d(8, 4, 1)
+        self.c4 = nn.Conv2d(3, 2, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.fc = nn.Linear(6, 3)
+        for name in ("p_id", "w_id", "s_id", "join", "f_id"):
+            setattr(self, name, nn.Identity())
+
+    def forward(self, x):
+        a = self.r1(self.bn1(self.c1(x)))
+        p, q = a.chunk(2, dim=1)
+        u, v, w = torch.split(a, [3, 2, 3], 1)
+        h = self.c2(self.p_id(p))
+        k = self.c3(torch.cat([q, h], 1))
+        s = self.s_id(a[:, 1:6])
+        y = self.join(torch.cat([self.c4(u), self.w_id(w), s[:, 2:], k], 1))   # 2 + 3 + 3 + 4 = 12
+        f = torch.flatten(self.pool(y), 1)                                      # 48 features
+        return self.fc(self.f_id(f[:, 3:9]))
+
+
+def test_channel_slices_equal_autograd():
+    torch.manual_seed(0)
+    from _models import randomize_bn
+    model = randomize_bn(SliceNet()).double().eval()
+    x = torch.rand(2, 3, 9, 9, dtype=torch.float64) - 0.3
+    g = build_graph(model, x)
+    kinds = [n.kind for n in g.nodes]
+    assert kinds.count("slice") >= 7, kinds
+    assert (g.resolve("s_id").shape, g.resolve("f_id").shape) == ((5, 9, 9), (6,))
+    names = ["p_id", "w_id", "s_id", "c2", "c3", "c4", "join", "f_id", "fc"]
+    posts = {}
+    for backend in ("reference", "cpu"):
+        res = nns.Scanner(model, names, backend=backend, keep_images=True, stats=False).scan(x)
+        for n in names:
+            err = rel_err(res[n].images, autograd_li(model, x, n, post=posts.get(n)))
+            assert err <= 1e-10, f"{n} [{backend}]: relative error {err:.3e}"
+    # only the convs requested: BN -> ReLU is then read by slices (not foldable) and still exact
+    res = nns.Scanner(model, ["c2", "c3", "c4"], backend="cpu", keep_images=True, stats=False).scan(x)
+    for n in ("c2", "c3", "c4"):
+        assert rel_err(res[n].images, autograd_li(model, x, n)) <= 1e-10, n
+
+
+class _BadSlice(nn.Module):
+    def __init__(self, op):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.op = op
+
+    def forward(self, x):
+        a = self.conv(x)
+        if self.op == "spatial":
+            return a[:, :, 1:]
+        if self.op == "step":
+            return a[:, ::2]
+        if self.op == "int":
+            return a[:, 1]
+        if self.op == "split_h":
+            return torch.split(a, 4, dim=2)[0]
+        if self.op == "chunk_w":
+            return a.chunk(2, -1)[1]
+        raise AssertionError(self.op)
+
+
+@pytest.mark.parametrize("op,words", [
+    ("spatial", ["indexing", "x[:, a:b]"]),
+    ("step", ["indexing", "step 1"]),
+    ("int", ["indexing", "x[:, a:b]"]),
+    ("split_h", ["split", "dim 2", "dim 1"]),
+    ("chunk_w", ["chunk", "dim -1", "dim 1"]),
+])
+def test_unsupported_slicing_raises_naming_it(op, words):
+    with pytest.raises(UnsupportedModuleError) as e:
+        build_graph(_BadSlice(op).eval(), torch.rand(1, 3, 8, 8))
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
