@@ -598,17 +598,12 @@ class _PatchEngine:
             a = g.attrs
             return self.pool_avg(g, r, a["kernel"], a["stride"], a["padding"], a["ceil_mode"], a["count_include_pad"],
                                  a["divisor_override"])
-        if k == "adaptive_avgpool":
-            if g.attrs.get("regular"):
+        if k in ("adaptive_avgpool", "global_mean"):
+            if g.attrs.get("regular"):  # a mean with keepdim is the regular pool over the whole map
                 kk = g.attrs["kernel"]
                 return self.pool_avg(g, r, kk, kk, (0, 0), False, True, None)
-            _, Ho, Wo = g.shape
+            Ho, Wo = g.shape[1:] if len(g.shape) == 3 else (1, 1)  # a mean without keepdim: [C]
             return self._adaptive_dense(g, r, Ho, Wo)
-        if k == "global_mean":
-            if g.spatial:  # keepdim: an average pool over the whole map
-                kk = g.attrs["kernel"]
-                return self.pool_avg(g, r, kk, kk, (0, 0), False, True, None)
-            return self._adaptive_dense(g, r, 1, 1)
         if k == "slice":  # a channel range: a view of the input's patches
             a0, a1 = g.attrs["start"], g.attrs["stop"]
             src = graph.nodes[g.inputs[0]]

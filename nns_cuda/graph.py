@@ -207,15 +207,12 @@ class ScanGraph:
             return GNode(idx, addr, "leaky_relu", tin, n, mod, dict(slope=float(mod.negative_slope)))
         if isinstance(mod, nn.MaxPool2d):
             one_input()
-            return GNode(idx, addr, "maxpool", tin, n, mod, dict(
-                kernel=_pair(mod.kernel_size), stride=_pair(mod.stride if mod.stride is not None else mod.kernel_size),
-                padding=_pair(mod.padding), dilation=_pair(mod.dilation), ceil_mode=bool(mod.ceil_mode)))
+            return GNode(idx, addr, "maxpool", tin, n, mod, _maxpool_attrs(
+                mod.kernel_size, mod.stride, mod.padding, mod.dilation, mod.ceil_mode))
         if isinstance(mod, nn.AvgPool2d):
             one_input()
-            return GNode(idx, addr, "avgpool", tin, n, mod, dict(
-                kernel=_pair(mod.kernel_size), stride=_pair(mod.stride if mod.stride is not None else mod.kernel_size),
-                padding=_pair(mod.padding), ceil_mode=bool(mod.ceil_mode),
-                count_include_pad=bool(mod.count_include_pad), divisor_override=mod.divisor_override))
+            return GNode(idx, addr, "avgpool", tin, n, mod, _avgpool_attrs(
+                mod.kernel_size, mod.stride, mod.padding, mod.ceil_mode, mod.count_include_pad, mod.divisor_override))
         if isinstance(mod, nn.AdaptiveAvgPool2d):
             one_input()
             return GNode(idx, addr, "adaptive_avgpool", tin, n, mod, dict(output_size=mod.output_size))
@@ -274,19 +271,14 @@ class ScanGraph:
             kw = self._normalized(n)
             if kw.get("return_indices"):
                 raise UnsupportedModuleError(f"max_pool2d at fx node {name!r} with return_indices=True is not supported")
-            k = _pair(kw["kernel_size"])
-            st = kw.get("stride")
-            return GNode(idx, name, "maxpool", tin[:1], n, attrs=dict(
-                kernel=k, stride=_pair(st) if st not in (None, [], ()) else k, padding=_pair(kw.get("padding", 0)),
-                dilation=_pair(kw.get("dilation", 1)), ceil_mode=bool(kw.get("ceil_mode", False))))
+            return GNode(idx, name, "maxpool", tin[:1], n, attrs=_maxpool_attrs(
+                kw["kernel_size"], kw.get("stride"), kw.get("padding", 0), kw.get("dilation", 1),
+                kw.get("ceil_mode", False)))
         if t is F.avg_pool2d:
             kw = self._normalized(n)
-            k = _pair(kw["kernel_size"])
-            st = kw.get("stride")
-            return GNode(idx, name, "avgpool", tin[:1], n, attrs=dict(
-                kernel=k, stride=_pair(st) if st not in (None, [], ()) else k, padding=_pair(kw.get("padding", 0)),
-                ceil_mode=bool(kw.get("ceil_mode", False)), count_include_pad=bool(kw.get("count_include_pad", True)),
-                divisor_override=kw.get("divisor_override")))
+            return GNode(idx, name, "avgpool", tin[:1], n, attrs=_avgpool_attrs(
+                kw["kernel_size"], kw.get("stride"), kw.get("padding", 0), kw.get("ceil_mode", False),
+                kw.get("count_include_pad", True), kw.get("divisor_override")))
         if t is torch.mean:
             return self._mean_node(idx, n, tin)
         if t in (torch.flatten, torch.reshape):
@@ -375,8 +367,7 @@ class ScanGraph:
         C = src.shape[1] if src.dim() >= 2 else 0
         if "split" in g.attrs:
             sp = self.nodes[g.attrs["split"]]
-            d = sp.attrs["dim"] + src.dim() if sp.attrs["dim"] < 0 else sp.attrs["dim"]
-            if d != 1 or src.dim() not in (2, 4):
+            if not _is_channel_dim(sp.attrs["dim"], src.dim()):
                 raise UnsupportedModuleError(
                     f"{sp.attrs['how']} at fx node {sp.name!r} splits a {src.dim()}-d tensor along dim "
                     f"{sp.attrs['dim']}: only channels of [B, C, H, W] maps or features of [B, N] vectors (dim 1) "
@@ -425,11 +416,9 @@ class ScanGraph:
             if not isinstance(v, torch.Tensor):
                 raise UnsupportedModuleError(f"node {g.name!r} does not produce a tensor")
             if g.kind == "cat":
-                rank = v.dim()
-                d = g.attrs["dim"] + rank if g.attrs["dim"] < 0 else g.attrs["dim"]
-                if d != 1 or rank not in (2, 4):
+                if not _is_channel_dim(g.attrs["dim"], v.dim()):
                     raise UnsupportedModuleError(
-                        f"torch.cat at fx node {g.name!r} joins {rank}-d tensors along dim {g.attrs['dim']}: only "
+                        f"torch.cat at fx node {g.name!r} joins {v.dim()}-d tensors along dim {g.attrs['dim']}: only "
                         "channels of [B, C, H, W] maps or features of [B, N] vectors (dim 1) can be concatenated")
             if g.kind == "slice":
                 self._slice_bounds(g, values)
@@ -516,7 +505,7 @@ class ScanGraph:
                                 src.gx.R + (a["kernel"][1] - 1) * dil[1] * src.gx.J)
             elif g.kind in ACTIVATIONS + ("bn", "identity", "slice"):
                 g.gy, g.gx = src.gy, src.gx
-            elif g.kind == "adaptive_avgpool":
+            elif g.kind in ("adaptive_avgpool", "global_mean"):  # the latter here only with keepdim: 1 x 1
                 hi, wi = src.shape[1], src.shape[2]
                 ho, wo = g.shape[1], g.shape[2]
                 if hi % ho == 0 and wi % wo == 0:  # a regular average pool
@@ -542,14 +531,6 @@ class ScanGraph:
                     for i in ins[1:]:
                         gy, gx = _union(gy, i.gy), _union(gx, i.gx)
                     g.gy, g.gx = gy, gx
-                else:
-                    g.gy = g.gx = None
-            elif g.kind == "global_mean":
-                if g.attrs["keepdim"]:  # a regular average pool over the whole map
-                    hi, wi = src.shape[1], src.shape[2]
-                    g.attrs["kernel"] = (hi, wi)
-                    g.gy = Geometry(src.gy.J * hi, src.gy.P, src.gy.R + (hi - 1) * src.gy.J)
-                    g.gx = Geometry(src.gx.J * wi, src.gx.P, src.gx.R + (wi - 1) * src.gx.J)
                 else:
                     g.gy = g.gx = None
             else:  # reshape, linear: dense
@@ -614,6 +595,29 @@ class ScanGraph:
     @property
     def output(self) -> GNode:
         return self.nodes[self.output_idx]
+
+
+def _pool_stride(kernel: Tuple[int, int], stride) -> Tuple[int, int]:
+    """A pool's stride; None (modules) or empty (``torch.max_pool2d``'s ``[]``) means the kernel."""
+    return kernel if stride is None or (isinstance(stride, (list, tuple)) and not stride) else _pair(stride)
+
+
+def _maxpool_attrs(kernel_size, stride, padding, dilation, ceil_mode) -> Dict[str, Any]:
+    k = _pair(kernel_size)
+    return dict(kernel=k, stride=_pool_stride(k, stride), padding=_pair(padding), dilation=_pair(dilation),
+                ceil_mode=bool(ceil_mode))
+
+
+def _avgpool_attrs(kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override) -> Dict[str, Any]:
+    k = _pair(kernel_size)
+    return dict(kernel=k, stride=_pool_stride(k, stride), padding=_pair(padding), ceil_mode=bool(ceil_mode),
+                count_include_pad=bool(count_include_pad), divisor_override=divisor_override)
+
+
+def _is_channel_dim(dim: int, rank: int) -> bool:
+    """Whether ``dim`` of a rank-``rank`` tensor is the channels of ``[B, C, H, W]`` or the
+    features of ``[B, N]`` (the only axis that cat / split / channel ranges may act on)."""
+    return rank in (2, 4) and (dim + rank if dim < 0 else dim) == 1
 
 
 _CAT_FUNCTIONS = tuple(f for f in (torch.cat, getattr(torch, "concat", None), getattr(torch, "concatenate", None))
