@@ -26,7 +26,7 @@ from typing import Any, Dict, List
 
 import torch
 
-from .common import write_json
+from .common import time_runs, write_json
 
 #: configurations tried: the heuristic's picks for this layer first (TF32 / 16-bit: 64, 128, 32, 4 warps;
 #: fp32 IEEE: the same on 8 warps, see `_launch_config`), then alternatives
@@ -58,24 +58,8 @@ def useful_flops(args: Dict[str, Any]) -> int:
 
 
 def _time(fn, device: str, repeats: int = 3) -> float:
-    fn()
-    if device != "cuda":
-        ts = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t)
-        return statistics.median(ts)
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(repeats):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        torch.cuda.synchronize()
-        ts.append(s.elapsed_time(e) / 1e3)
-    return statistics.median(ts)
+    """Median seconds of ``repeats`` runs after one warm-up (:func:`benchmarks.common.time_runs`)."""
+    return statistics.median(time_runs(fn, device, repeats)[0])
 
 
 def main(argv=None) -> int:
