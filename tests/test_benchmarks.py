@@ -246,7 +246,7 @@ def test_stats_errors_separates_support_flips_from_value_errors():
     the non-zero entries), not as a relative error of the discontinuous count columns; a wrong
     value or a wrong fg_xnz column on neurons whose counts agree is still caught."""
     from benchmarks.common import stats_errors, stats_rel_err
-    from nns_cuda.reference.stats import STAT_INDEX
+    from nns_cuda.ops.reference.stats import STAT_INDEX
 
     gen = torch.Generator().manual_seed(0)
     want = torch.rand(1, 40, 11, generator=gen, dtype=torch.float64)

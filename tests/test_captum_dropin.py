@@ -16,7 +16,7 @@ from torch import nn
 captum_attr = pytest.importorskip("captum.attr", reason="captum is a test dependency (pip install captum)")
 NeuronGradient = captum_attr.NeuronGradient
 
-from nns_cuda.captum import LayerLearnedImages, NeuronLearnedImage  # noqa: E402
+from nns_cuda.analysis.captum import LayerLearnedImages, NeuronLearnedImage  # noqa: E402
 
 TOL = 1e-10
 pytestmark = pytest.mark.filterwarnings("ignore:Input Tensor 0 did not already require gradients")

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from nns_cuda import chapter3 as c3
-from nns_cuda._fq_oracle import autograd_filter_images, autograd_learned_images, autograd_scan
+from nns_cuda.analysis import chapter3 as c3
+from nns_cuda.engine.oracle import autograd_filter_images, autograd_learned_images, autograd_scan
 
 
 # --------------------------------------------------------------------------------------------
@@ -145,7 +145,7 @@ def test_input_distances_match_numpy(n_reference, sizes):
 
 
 def test_distance_from_stats_is_the_norm():
-    from nns_cuda.reference.stats import li_stats_dense
+    from nns_cuda.ops.reference.stats import li_stats_dense
 
     g = torch.Generator().manual_seed(0)
     x = torch.rand(2, 3, 5, 5, generator=g, dtype=torch.float64)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from nns_cuda import cli
+from nns_cuda.app import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMANDS = ["demo", "scan", "fq", "tip", "gmm", "train", "bench"]

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from conftest import (expect_op_error, TOL, assert_rel_close, conv_geometry, cpu_and_cuda, nan_filled_outputs,
                       needs_cuda, noncontiguous, rel_err, rf_anchors)
 from nns_cuda import ops
-from nns_cuda.reference import ops as ref
+from nns_cuda.ops.reference import ops as ref
 
 pytestmark = pytest.mark.skipif(not ops.HAS_OPS, reason="nns_cuda._C not built")
 

@@ -29,7 +29,7 @@ import torch
 from conftest import (TOL, assert_rel_close, cpu_and_cuda, expect_op_error, nan_filled_outputs, needs_cuda,
                       rel_err)
 from nns_cuda import ops
-from nns_cuda.reference import ops as ref
+from nns_cuda.ops.reference import ops as ref
 from test_conv_li import BAD as CONV_BAD
 from test_conv_li import CONFIGS, make_case, noncontiguous_case, reference64, to
 

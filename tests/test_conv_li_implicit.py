@@ -28,9 +28,9 @@ import torch
 
 import nns_cuda as nns
 from conftest import assert_rel_close, nan_filled_outputs, needs_cuda, noncontiguous, rel_err
-from nns_cuda import _triton_conv as T
+from nns_cuda.ops import _triton_conv as T
 from nns_cuda import ops
-from nns_cuda.reference import ops as ref
+from nns_cuda.ops.reference import ops as ref
 from test_conv_li import CONFIGS, make_case, reference64, to
 from test_conv_li_gather import PLACEMENT
 from test_conv_li_gemm import LOW_TOL

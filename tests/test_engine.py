@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import nns_cuda as nns
-from nns_cuda.reference.stats import li_stats_dense
+from nns_cuda.ops.reference.stats import li_stats_dense
 
 from _models import CONCAT_LEAVES, ConcatNet, make, randomize_bn
 from _oracle import FrozenRecorder, autograd_li, no_inplace, rel_err

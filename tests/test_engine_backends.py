@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import nns_cuda as nns
-from nns_cuda.reference.stats import li_stats_dense
+from nns_cuda.ops.reference.stats import li_stats_dense
 
 from _models import make
 from _oracle import rel_err
@@ -120,7 +120,7 @@ def test_bn_and_activation_in_one_pass_equal_autograd(backend):
     mods = dict(model.named_modules())
     names = [n for n, _ in _leaf_layers(model) if isinstance(mods.get(n), torch.nn.Conv2d)]
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) and len(names) >= 4
-    from nns_cuda import engine as E
+    from nns_cuda.engine import scanner as E
     direct = []
     orig = E._PatchEngine._in_window
 
@@ -166,7 +166,7 @@ def test_bn_scale_and_gate_folded_into_the_next_conv(backend, algo, extra, monke
     mask, carried through the max-pool. The images still equal autograd's, and the fold ran
     (convs 3, 7, 10, 13 received a pending input; 0, whose input is the image, did not)."""
     _need(backend) if backend != "reference" else None
-    from nns_cuda import engine as E
+    from nns_cuda.engine import scanner as E
     from _oracle import autograd_li, no_inplace
 
     model, x = _bn_vgg()

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as TF
 from torch import nn
 
-from nns_cuda import fq
-from nns_cuda._fq_oracle import autograd_filter_images, autograd_learned_images, autograd_scan
-from nns_cuda.reference.stats import li_stats_dense
+from nns_cuda.analysis import fq
+from nns_cuda.engine.oracle import autograd_filter_images, autograd_learned_images, autograd_scan
+from nns_cuda.ops.reference.stats import li_stats_dense
 
 K, C1, C2, C3 = 1e4, 1e-4, 3e-4, 1.5e-4
 

@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nns_cuda import gmm
-from nns_cuda import _gmm_em
+from nns_cuda.analysis import gmm
+from nns_cuda.analysis import _gmm_em
+from nns_cuda.app import _gmm_cli as gmm_cli
 
 from conftest import cpu_and_cuda
 
@@ -530,22 +531,22 @@ def test_counts_over_checkpoints_findings_and_cli(tmp_path):
     blob = {"filter_images": autograd_filter_images(wt, x, "relu2").float(),
             "mean_activation": torch.rand(6)}
     torch.save(blob, tmp_path / "imgs.pt")
-    parser = gmm.add_gmm_arguments(argparse.ArgumentParser())
+    parser = gmm_cli.add_gmm_arguments(argparse.ArgumentParser())
     args = parser.parse_args(["--images", str(tmp_path / "imgs.pt"), "--out", str(tmp_path), "--k-max", "3"])
-    assert gmm.run_gmm(args) == 0
+    assert gmm_cli.run_gmm(args) == 0
     d = json.loads((tmp_path / "gmm.json").read_text())
     assert d["n_filters"] == 6 and len(d["k"]) == 6
     args = parser.parse_args(["--out", str(tmp_path)])
-    assert gmm.run_gmm(args) == 2  # no input: an error message, not a traceback
+    assert gmm_cli.run_gmm(args) == 2  # no input: an error message, not a traceback
     # options the main CLI already defines are reused, not re-added (no argparse conflict)
     main = argparse.ArgumentParser()
     main.add_argument("--out")
     main.add_argument("--seed", type=int, default=3)
     main.add_argument("--layer")
-    gmm.add_gmm_arguments(main)
+    gmm_cli.add_gmm_arguments(main)
     a = main.parse_args(["--images", str(tmp_path / "imgs.pt"), "--out", str(tmp_path / "o2"), "--k-max", "3",
                          "--plot", "--lam", "40"])
-    assert gmm.run_gmm(a) == 0
+    assert gmm_cli.run_gmm(a) == 0
     d = json.loads((tmp_path / "o2" / "gmm.json").read_text())
     assert d["params"]["seed"] == 3 and d["params"]["lam"] == 40
     assert all((tmp_path / "o2" / f"gmm_filter_{f}.png").exists() for f in d["anomaly_filters"])

@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from conftest import expect_op_error
-from nns_cuda import _gmm_em as E
-from nns_cuda import gmm, ops
+from nns_cuda.analysis import _gmm_em as E
+from nns_cuda.analysis import gmm
+from nns_cuda import ops
 
 pytestmark = pytest.mark.skipif(not (ops.HAS_OPS and hasattr(torch.ops.nns_cuda, "gmm_estep")),
                                 reason="nns_cuda._C (with gmm_estep) not built")

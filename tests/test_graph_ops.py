@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import nns_cuda as nns
-from nns_cuda.graph import UnsupportedModuleError, build_graph
+from nns_cuda.engine.graph import UnsupportedModuleError, build_graph
 
 from _oracle import autograd_li, rel_err
 

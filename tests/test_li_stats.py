@@ -15,8 +15,8 @@ import torch
 
 from conftest import expect_op_error, assert_rel_close, cpu_and_cuda, nan_filled_outputs, noncontiguous, needs_cuda, rel_err, rf_anchors
 from nns_cuda import ops
-from nns_cuda.reference import ops as ref
-from nns_cuda.reference.stats import NUM_STATS, li_stats_dense
+from nns_cuda.ops.reference import ops as ref
+from nns_cuda.ops.reference.stats import NUM_STATS, li_stats_dense
 
 pytestmark = pytest.mark.skipif(not ops.HAS_OPS, reason="nns_cuda._C not built")
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from conftest import expect_op_error, assert_rel_close, conv_geometry, cpu_and_cuda, nan_filled_outputs, noncontiguous, needs_cuda, rf_anchors
 from nns_cuda import ops
-from nns_cuda.reference import ops as ref
+from nns_cuda.ops.reference import ops as ref
 
 pytestmark = pytest.mark.skipif(not ops.HAS_OPS, reason="nns_cuda._C not built")
 

@@ -14,7 +14,7 @@ import torch
 
 from conftest import expect_op_error, assert_rel_close, cpu_and_cuda, nan_filled_outputs, noncontiguous, needs_cuda, rel_err, rf_anchors
 from nns_cuda import ops
-from nns_cuda.reference import ops as ref
+from nns_cuda.ops.reference import ops as ref
 
 pytestmark = pytest.mark.skipif(not ops.HAS_OPS, reason="nns_cuda._C not built")
 

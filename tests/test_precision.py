@@ -22,8 +22,8 @@ import torch
 
 import nns_cuda as nns
 from nns_cuda import ops
-from nns_cuda.reference import ops as ref
-from nns_cuda.reference.stats import STAT_NAMES
+from nns_cuda.ops.reference import ops as ref
+from nns_cuda.ops.reference.stats import STAT_NAMES
 
 import test_filter_fold as T_fold
 import test_li_stats as T_stats
@@ -280,7 +280,7 @@ def test_records_precision_and_algorithm():
     assert res.precision == "fp64"
     res = nns.Scanner(model.float(), ["4"], strategy="reverse").scan(x)
     assert (res.precision, res.conv_algorithm, res.backend) == ("fp32", "autograd", "autograd")
-    from nns_cuda.engine import forward_bytes_per_sample
+    from nns_cuda.engine.scanner import forward_bytes_per_sample
 
     g = nns.build_graph(model, x[:1])
     per = forward_bytes_per_sample(g, g.resolve("4").idx, torch.bfloat16)

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from nns_cuda import report as R
+from nns_cuda.app import report as R
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -159,7 +159,7 @@ def _browser_check(out: Path, name: str) -> None:
 @pytest.fixture(scope="module")
 def quick_demo(tmp_path_factory):
     """``nns demo --quick`` through the command line (the same code path as ``make demo``)."""
-    from nns_cuda.cli import main
+    from nns_cuda.app.cli import main
 
     out = tmp_path_factory.mktemp("demo_quick")
     rc = main(["demo", "--quick", "--out", str(out), "--no-progress"])

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from nns_cuda import tip
-from nns_cuda.masking import mask_filters
+from nns_cuda.analysis import tip
+from nns_cuda.analysis.masking import mask_filters
 
 BUILTINS = ["mean", "variance", "covariance", "correlation"]
 
@@ -622,7 +622,7 @@ def test_per_sample_linear_weight_grads_vs_autograd():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3)).double().eval()
     x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
-    from nns_cuda.tip import _ce, _per_sample_weight_grads
+    from nns_cuda.analysis.tip import _ce, _per_sample_weight_grads
     got = _per_sample_weight_grads(model, model[0], x, y, _ce)
     for i in range(6):
         (g,) = torch.autograd.grad(F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]), model[0].weight)

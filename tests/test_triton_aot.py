@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from nns_cuda import _triton_conv as T
+from nns_cuda.ops import _triton_conv as T
 
 pytestmark = [
     pytest.mark.skipif(T.triton is None, reason=f"Triton not installed ({T.TRITON_ERROR})"),

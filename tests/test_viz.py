@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from nns_cuda import viz
+from nns_cuda.app import viz
 
 
 def _pixels(fig) -> np.ndarray:

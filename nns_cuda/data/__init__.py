@@ -7,8 +7,8 @@ index, ``fg_mask`` bool ``[H, W]`` (the union of the object boxes, SPEC §3).
 >>> ds = data.cluttered_digits(split="train", seed=0)     # doctest: +SKIP
 >>> x, y, fg_mask = ds[0]                                  # doctest: +SKIP
 """
-from ._io import default_cache_dir
-from .cluttered import (
+from nns_cuda.data._io import default_cache_dir
+from nns_cuda.data.cluttered import (
     DEFAULT_STYLE,
     SMALL_TRAIN_SIZE,
     ClutteredDigits,
@@ -18,7 +18,7 @@ from .cluttered import (
     generate_cluttered_digits,
     source_split_indices,
 )
-from .loaders import (
+from nns_cuda.data.loaders import (
     BoxOutOfImageError,
     CifarFolder,
     CocoBoxes,
@@ -28,7 +28,7 @@ from .loaders import (
     make_loaders,
     read_voc_xml,
 )
-from .transforms import PairTransform, boxes_to_mask
+from nns_cuda.data.transforms import PairTransform, boxes_to_mask
 
 __all__ = [
     "ClutteredDigits",

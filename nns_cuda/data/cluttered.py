@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from ._io import PathLike, atomic_save, default_cache_dir
-from .transforms import PairTransform
+from nns_cuda.data._io import PathLike, atomic_save, default_cache_dir
+from nns_cuda.data.transforms import PairTransform
 
 __all__ = [
     "ClutteredDigits",

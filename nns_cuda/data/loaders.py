@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ._io import PathLike
-from .transforms import PairTransform
+from nns_cuda.data._io import PathLike
+from nns_cuda.data.transforms import PairTransform
 
 __all__ = [
     "DataFormatError",

@@ -4,7 +4,7 @@
 >>> m = models.build("simple_cnn", num_classes=10)                     # doctest: +SKIP
 >>> m = models.load_model("simple_cnn", weights="ckpt.pt")             # doctest: +SKIP
 """
-from .nets import (
+from nns_cuda.models.nets import (
     FCN,
     AlexNetCifar,
     BasicBlock,
@@ -15,7 +15,7 @@ from .nets import (
     SmallCNN,
     VGGCifar,
 )
-from .zoo import (
+from nns_cuda.models.zoo import (
     SUPPORTED_LEAF_TYPES,
     TORCHVISION_MODELS,
     UnknownModelError,

@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
-from .nets import FCN, AlexNetCifar, FCNRes, LeNet5, ResNetCifar, SmallCNN, VGGCifar
+from nns_cuda.models.nets import FCN, AlexNetCifar, FCNRes, LeNet5, ResNetCifar, SmallCNN, VGGCifar
 
 __all__ = [
     "available", "build", "load_model", "input_shape", "describe", "check_supported",

@@ -40,8 +40,9 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
-from .reference import ops as _ref
-from .reference.stats import NUM_STATS
+from nns_cuda import _extension
+from nns_cuda.ops.reference import ops as _ref
+from nns_cuda.ops.reference.stats import NUM_STATS
 
 __all__ = [
     "conv_li",
@@ -57,27 +58,15 @@ __all__ = [
     "kernel_devices",
 ]
 
-_EXT_ERROR: Optional[str] = None
-try:  # registers torch.ops.nns_cuda.* (no-op when nns_cuda/__init__ already loaded it)
-    importlib.import_module("nns_cuda._C")
-except Exception as _e:  # ImportError, or OSError for a library built against another torch
-    _EXT_ERROR = f"{type(_e).__name__}: {_e}"
-
 #: Whether the compiled ops are registered (otherwise the wrappers use the reference).
-HAS_OPS: bool = hasattr(torch.ops.nns_cuda, "conv_li")
+HAS_OPS: bool = _extension.has_ops()
 
-_OPS = ("conv_li", "conv_li_gemm", "conv_li_gather", "maxpool_li", "place_li", "linear_li", "li_stats", "filter_fold")
 _warned = False
 
 
 def kernel_devices() -> Dict[str, bool]:
     """Which device types have compiled kernels, e.g. ``{"cpu": True, "cuda": False}``."""
-    out = {"cpu": False, "cuda": False}
-    if HAS_OPS:
-        for dev, key in (("cpu", "CPU"), ("cuda", "CUDA")):
-            out[dev] = all(torch._C._dispatch_has_kernel_for_dispatch_key(f"nns_cuda::{op}", key)
-                           for op in _OPS)
-    return out
+    return {"cpu": _extension.has_kernel("cpu"), "cuda": _extension.has_kernel("cuda")}
 
 
 def _fallback() -> None:
@@ -86,8 +75,8 @@ def _fallback() -> None:
         _warned = True
         warnings.warn(
             "nns_cuda: the compiled extension nns_cuda._C is not available "
-            f"({_EXT_ERROR or 'ops not registered'}); nns_cuda.ops falls back to the pure-PyTorch "
-            "reference (nns_cuda.reference.ops). Build it with `pip install --no-build-isolation -e .`.",
+            f"({_extension.load_error() or 'ops not registered'}); nns_cuda.ops falls back to the pure-PyTorch "
+            "reference (nns_cuda.ops.reference.ops). Build it with `pip install --no-build-isolation -e .`.",
             RuntimeWarning, stacklevel=3)
 
 
@@ -260,7 +249,7 @@ def conv_li_implicit(patches: torch.Tensor, ay_in: torch.Tensor, ax_in: torch.Te
     inactive inputs never read. Raises ``ValueError`` where it cannot run (no Triton, CPU
     tensors without the interpreter, float64).
     """
-    from . import _triton_conv  # noqa: F401  (registers torch.ops.nns_cuda.conv_li_implicit; imports Triton)
+    from nns_cuda.ops import _triton_conv  # noqa: F401  (registers torch.ops.nns_cuda.conv_li_implicit; imports Triton)
 
     return _gemm_like("conv_li_implicit", (patches, ay_in, ax_in, in_active, weight, scale, gate, ay_out, ax_out),
                       stride, padding, dilation, groups, rh_out, rw_out, max_elems, fallback=False)

@@ -93,7 +93,7 @@ def plot_clusters(points: torch.Tensor, labels: torch.Tensor, filters: Sequence[
 
 def run_gmm(args: argparse.Namespace, *, model: Any = None, data: Any = None) -> int:
     """Run ``nns gmm``; returns the process exit status (0 = success, 2 = bad input)."""
-    from . import gmm
+    from nns_cuda.analysis import gmm
 
     out_dir = getattr(args, "out", None) or "nns_output/gmm"
     try:

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as TF
 from torch import Tensor, nn
 
-from ._fq_common import (
+from nns_cuda.analysis._toolkit import (
     FQWarning,
     ZeroInputWarning,
     check_eval,
@@ -57,7 +57,7 @@ from ._fq_common import (
     trace_calls,
     warn_once,
 )
-from .reference.stats import NUM_STATS, STAT_INDEX
+from nns_cuda.ops.reference.stats import NUM_STATS, STAT_INDEX
 
 __all__ = [
     "FQWarning",

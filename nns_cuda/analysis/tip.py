@@ -58,8 +58,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import _tip_eval as _ev
-from .masking import resolve_module
+from nns_cuda.analysis import _tip_eval as _ev
+from nns_cuda.analysis.masking import resolve_module
 
 __all__ = [
     "PropertyFn",
@@ -350,7 +350,7 @@ _REGIONS = ("all", "foreground", "background")
 
 def _default_filter_images(model: nn.Module, x: torch.Tensor, layer: str) -> torch.Tensor:
     try:
-        from .engine import filter_images  # lazy: the engine imports heavier machinery
+        from nns_cuda.engine.scanner import filter_images  # lazy: the engine imports heavier machinery
     except ImportError as e:  # pragma: no cover - depends on the checkout
         raise ImportError(f"tip: nns_cuda.engine.filter_images is not available ({e}); pass filter_images_fn="
                           "fn(model, x, layer) -> [B, C, D, H, W].") from e

@@ -140,7 +140,7 @@ def conv_li_implicit(patches: torch.Tensor, ay_in: torch.Tensor, ax_in: torch.Te
 @conv_li_implicit.register_fake
 def _conv_li_implicit_fake(patches, ay_in, ax_in, in_active, weight, scale, gate, ay_out, ax_out, stride, padding,
                            dilation, groups, rh_out, rw_out, max_elems=0):
-    from . import ops
+    from nns_cuda import ops
 
     B, Co, Ho, Wo, D = ops._check_conv_li(patches, ay_in, ax_in, in_active, weight, scale, gate, ay_out, ax_out,
                                           stride, padding, dilation, groups, rh_out, rw_out, op=OP)
@@ -150,8 +150,8 @@ def _conv_li_implicit_fake(patches, ay_in, ax_in, in_active, weight, scale, gate
 
 def _conv_li_implicit(patches, ay_in, ax_in, in_active, weight, scale, gate, ay_out, ax_out, stride, padding,
                       dilation, groups, rh_out, rw_out, max_elems) -> torch.Tensor:
-    from . import ops  # the argument checks shared with the compiled ops' fake kernels
-    from .engine import _virtual_axis as virtual_axis
+    from nns_cuda import ops  # the argument checks shared with the compiled ops' fake kernels
+    from nns_cuda.engine.scanner import _virtual_axis as virtual_axis
 
     B, Co, Ho, Wo, D = ops._check_conv_li(patches, ay_in, ax_in, in_active, weight, scale, gate, ay_out, ax_out,
                                           stride, padding, dilation, groups, rh_out, rw_out, op=OP)

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .data._io import atomic_save, atomic_write_bytes, default_cache_dir
+from nns_cuda.data._io import atomic_save, atomic_write_bytes, default_cache_dir
 
 __all__ = [
     "TrainingHistory", "fit", "evaluate", "load_checkpoint", "default_demo_model",
@@ -633,7 +633,7 @@ class DemoModel(NamedTuple):
 
 
 def _demo_dir(cache_dir: Optional[PathLike]) -> Path:
-    from .data.cluttered import GENERATOR_VERSION
+    from nns_cuda.data.cluttered import GENERATOR_VERSION
 
     key_src = json.dumps({"config": DEMO_CONFIG, "data": GENERATOR_VERSION,
                           "format": CHECKPOINT_FORMAT}, sort_keys=True)
@@ -668,8 +668,8 @@ def default_demo_model(cache_dir: Optional[PathLike] = None, *, force: bool = Fa
         weights; ``models.load_model(name, weights=history.best_checkpoint)`` gives the
         well-trained one.
     """
-    from . import models
-    from .data import cluttered_digits
+    from nns_cuda import models
+    from nns_cuda.data import cluttered_digits
 
     cfg = DEMO_CONFIG
     ckdir = _demo_dir(cache_dir)
@@ -754,7 +754,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 
 
 def _datasets_from_args(args: argparse.Namespace) -> Tuple[Dataset, Dataset, int]:
-    from . import data as D
+    from nns_cuda import data as D
 
     tf = None
     if args.resize or args.center_crop or args.upscale_to:
@@ -792,7 +792,7 @@ def run_train(args: argparse.Namespace) -> int:
     Prints the per-epoch table and where the checkpoints and curves are; returns 0 on
     success, 2 on bad input (the message goes to stderr).
     """
-    from . import models
+    from nns_cuda import models
 
     try:
         if args.demo:

@@ -41,7 +41,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import viz
+from nns_cuda.app import viz
 
 __all__ = ["write_report", "write_metrics", "compute_findings", "jsonable", "FINDINGS", "HIGH_SPEARMAN",
            "SECTIONS"]

@@ -37,9 +37,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .graph import ACTIVATIONS, GNode, ScanGraph, build_graph, call_out_of_place
-from .reference import ops as ref_ops
-from .reference.stats import NUM_STATS, STAT_NAMES, li_stats_dense
+from nns_cuda.engine.graph import ACTIVATIONS, GNode, ScanGraph, build_graph, call_out_of_place
+from nns_cuda import _extension
+from nns_cuda.ops.reference import ops as ref_ops
+from nns_cuda.ops.reference.stats import NUM_STATS, STAT_NAMES, li_stats_dense
 
 __all__ = [
     "learned_images",
@@ -87,37 +88,23 @@ def _check_input(x: torch.Tensor) -> None:
         raise ValueError(f"x contains {bad} NaN/Inf entries; learned images need finite inputs (clean or drop those samples)")
 
 
-def _ext_has(device_type: str) -> bool:
-    from . import _HAS_EXT
-
-    if not _HAS_EXT:
-        return False
-    key = "CUDA" if device_type == "cuda" else "CPU"
-    try:
-        return bool(torch._C._dispatch_has_kernel_for_dispatch_key("nns_cuda::conv_li", key))
-    except Exception:  # pragma: no cover
-        return False
-
-
 def resolve_backend(backend: str, device: torch.device) -> str:
     """Map ``"auto"`` to the fastest available backend for ``device``; validate explicit ones."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        if device.type == "cuda" and _ext_has("cuda"):
+        if device.type == "cuda" and _extension.has_kernel("cuda"):
             return "cuda"
-        if device.type == "cpu" and _ext_has("cpu"):
+        if device.type == "cpu" and _extension.has_kernel("cpu"):
             return "cpu"
         return "reference"
     if backend in ("cpu", "cuda"):
         if device.type != backend:
             raise ValueError(f"backend={backend!r} needs inputs on {backend}, got {device}; move x with .to('{backend}') "
                              "or use backend='auto'")
-        if not _ext_has(backend):
-            from . import _EXT_ERROR
-
+        if not _extension.has_kernel(backend):
             raise RuntimeError(f"backend={backend!r} needs the compiled extension nns_cuda._C with {backend.upper()} "
-                               f"kernels, which is not available ({_EXT_ERROR or 'built without them'}). Rebuild with "
+                               f"kernels, which is not available ({_extension.load_error() or 'built without them'}). Rebuild with "
                                "`pip install --no-build-isolation -e .` (FORCE_CUDA=1 for CUDA) or use backend='reference'.")
     return backend
 
@@ -160,7 +147,7 @@ def resolve_conv_algorithm(conv_algorithm: str, device: torch.device, precision:
     if conv_algorithm == "auto":
         return "gather" if device.type == "cuda" else "direct"
     if conv_algorithm == "implicit" and backend != "reference":  # the reference runs its twin
-        from . import _triton_conv
+        from nns_cuda.ops import _triton_conv
 
         why = _triton_conv.available(device)
         if why:
@@ -205,7 +192,7 @@ def _gemm_max_elems(budget: int, dtype: torch.dtype) -> int:
 def _ops(backend: str):
     if backend == "reference":
         return ref_ops
-    from . import ops as ext_ops
+    from nns_cuda import ops as ext_ops
 
     return ext_ops
 

@@ -1,13 +1,16 @@
-"""Shared plumbing for the neuron-level analyses (``fq.py``, ``chapter3.py``).
+"""The toolkit every analysis shares (private; one copy of each helper).
 
-Private module. It holds
+It holds
 
 * the named warnings of the analyses,
-* input validation with messages that name the problem and the fix (SPEC §6),
+* input validation with messages that name the problem and the fix (docs/spec.md §6),
 * iteration over a data set of ``(x, y, fg_mask)`` batches,
-* thin adapters to the public engine API (imported lazily, so the analyses import even when the
-  engine is absent; every adapter can be replaced by an injected function),
-* a forward-hook trace of the model's leaf-module calls, used to pick default layers.
+* thin adapters to the engine's public API, each replaceable by an injected function,
+* a forward-hook trace of the model's leaf-module calls, used to pick default layers,
+* conversion of results to JSON-safe values.
+
+Module addressing (``name:k`` calls, devices, eval mode, output capture) lives one layer
+lower, in :mod:`nns_cuda._modules`, and is re-exported here for the analyses.
 """
 from __future__ import annotations
 
@@ -18,7 +21,16 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optio
 import torch
 from torch import Tensor, nn
 
-from .masking import resolve_module
+from nns_cuda._modules import (  # noqa: F401  (re-exported for the analyses)
+    check_eval,
+    check_layers,
+    eval_mode,
+    layer_hook,
+    layer_outputs,
+    model_device,
+    resolve_module,
+    split_call,
+)
 
 __all__ = [
     "FQWarning",
@@ -40,6 +52,11 @@ __all__ = [
     "conv_act_layers",
     "output_layer_name",
     "layer_outputs",
+    "eval_mode",
+    "layer_hook",
+    "resolve_module",
+    "split_call",
+    "to_jsonable",
 ]
 
 
@@ -128,53 +145,6 @@ def check_mask(mask: Optional[Tensor], x: Tensor, where: str, *, batched: bool, 
             f"(one [H, W] mask per sample, broadcast over the D channels), got {list(mask.shape)}."
         )
     return mask.to(x.device)
-
-
-def check_eval(model: nn.Module, where: str) -> None:
-    if model.training:
-        raise ValueError(
-            f"{where}: the model is in training mode; call model.eval() first (dropout and "
-            "batch-norm must be frozen for learned images and losses to be well defined)."
-        )
-
-
-def _split_call(name: str) -> Tuple[str, Optional[int]]:
-    if ":" in name:
-        base, _, idx = name.rpartition(":")
-        if idx.isdigit():
-            return base, int(idx)
-    return name, None
-
-
-def check_layers(model: nn.Module, layers: Sequence[str] | str, where: str) -> List[str]:
-    """Return ``layers`` as a list after checking that every name exists in the model.
-
-    A name may carry a call index (``"layer1.0.relu:1"``, SPEC §0); the base name is checked.
-    Raises ``KeyError`` (with close names) for an unknown layer.
-    """
-    if isinstance(layers, str):
-        layers = [layers]
-    layers = list(layers)
-    if not layers:
-        raise ValueError(f"{where}: no layers given; pass qualified module names such as ['features.1'].")
-    for name in layers:
-        if not isinstance(name, str):
-            raise TypeError(f"{where}: layer names must be strings, got {name!r}.")
-        try:
-            resolve_module(model, _split_call(name)[0])
-        except KeyError as e:
-            raise KeyError(f"{where}: {e.args[0]}") from None
-    if len(set(layers)) != len(layers):
-        raise ValueError(f"{where}: duplicate layer names in {layers}.")
-    return layers
-
-
-def model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    for b in model.buffers():
-        return b.device
-    return torch.device("cpu")
 
 
 # --------------------------------------------------------------------------------------------
@@ -300,14 +270,8 @@ FilterFn = Callable[[nn.Module, Tensor, str], Tensor]
 
 
 def _engine():
-    try:
-        from . import engine  # noqa: WPS433 (lazy on purpose)
-    except ImportError as e:  # pragma: no cover - depends on the engine issue
-        raise ImportError(
-            "nns_cuda.engine is not available (" + str(e) + "); the neuron-level analyses need it "
-            "to compute learned images. Install/build nns_cuda, or pass scan_fn= / li_fn= / filter_fn= "
-            "to inject your own."
-        ) from e
+    from nns_cuda import engine
+
     return engine
 
 
@@ -318,30 +282,6 @@ def _unpack_layer_result(r: Any, layer: str) -> Tuple[Tensor, Optional[Tensor]]:
     if act is None:
         raise TypeError(f"scan result for layer {layer!r} has no activations (got {type(r).__name__}).")
     return act, getattr(r, "stats", None)
-
-
-def layer_outputs(model: nn.Module, x: Tensor, layers: Sequence[str]) -> Tuple[Tensor, Dict[str, Tensor]]:
-    """Run ``model(x)`` and capture the outputs of ``layers`` (call-indexed names allowed; hooks removed)."""
-    captured: Dict[str, Tensor] = {}
-    handles = []
-    counters: Dict[str, int] = {}
-    try:
-        for name in layers:
-            base, call = _split_call(name)
-            mod = resolve_module(model, base)
-
-            def hook(m, i, o, _name=name, _base=base, _call=call):
-                k = counters.get(_name, 0)
-                counters[_name] = k + 1
-                if _call is None or k == _call:
-                    # clone: a later in-place op (ResNet's `out += identity`) must not change it
-                    captured[_name] = o.clone() if isinstance(o, Tensor) else o
-            handles.append(mod.register_forward_hook(hook))
-        out = model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return out, captured
 
 
 def make_scan(model: nn.Module, layers: Sequence[str], scan_fn: Optional[ScanFn], *, stats: bool = True):
@@ -456,3 +396,43 @@ def warn_once(category, message: str, count: int, total: int, first: Sequence[in
     if count:
         idx = ", ".join(str(i) for i in list(first)[:5])
         warnings.warn(f"{message} ({count} of {total} samples; first indices: {idx}).", category, stacklevel=3)
+
+
+# --------------------------------------------------------------------------------------------
+# JSON
+# --------------------------------------------------------------------------------------------
+def to_jsonable(obj: Any, max_array: Optional[int] = None) -> Any:
+    """Convert a result to JSON-safe values.
+
+    Tensors and numpy arrays become (nested) lists, numpy scalars Python numbers, NaN / Inf
+    ``None``, tuples lists, mapping keys strings, dataclasses dicts; any other object its
+    ``str``. With ``max_array``, an array of more entries is replaced by
+    ``{"array_shape": [...], "note": ...}``.
+    """
+    import dataclasses
+    import math
+
+    import numpy as np
+
+    if isinstance(obj, Tensor):
+        obj = obj.detach().cpu().numpy()
+    if isinstance(obj, np.ndarray):
+        if max_array is not None and obj.size > max_array:
+            return {"array_shape": list(obj.shape), "note": "omitted (large array; see the report's figures)"}
+        return to_jsonable(obj.tolist(), max_array)
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if obj is None or isinstance(obj, str):
+        return obj
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        f = float(obj)
+        return f if math.isfinite(f) else None
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return to_jsonable(dataclasses.asdict(obj), max_array)
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v, max_array) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v, max_array) for v in obj]
+    return str(obj)

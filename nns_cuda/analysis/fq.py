@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as TF
 from torch import Tensor, nn
 
-from ._fq_common import (
+from nns_cuda.analysis._toolkit import (
     EmptyForegroundWarning,
     FQWarning,
     NoBackgroundWarning,
@@ -70,8 +70,8 @@ from ._fq_common import (
     trace_calls,
     warn_once,
 )
-from .masking import mask_filters, resolve_module
-from .reference.stats import NUM_STATS, STAT_INDEX
+from nns_cuda.analysis.masking import mask_filters, resolve_module
+from nns_cuda.ops.reference.stats import NUM_STATS, STAT_INDEX
 
 __all__ = [
     "ABLATIONS",
@@ -1103,7 +1103,7 @@ def findings(model: nn.Module, data: Any, *, eval_data: Any = None, fq_layers: O
     ``table_4_3``, ``ablation`` (if ``ablation``) and ``table_4_5`` (if ``localisation``); each holds our numbers, the thesis's, and
     whether the thesis's qualitative claim (trend / sign / order) holds here.
     """
-    from .chapter3 import FeatureMapCorrelation
+    from nns_cuda.analysis.chapter3 import FeatureMapCorrelation
 
     where = "fq.findings"
     check_eval(model, where)
@@ -1132,7 +1132,7 @@ def findings(model: nn.Module, data: Any, *, eval_data: Any = None, fq_layers: O
 
     # Table 3-4: top-2 neuron IoU by depth
     if top2:
-        from .chapter3 import Top2IoU
+        from nns_cuda.analysis.chapter3 import Top2IoU
 
         t2 = Top2IoU(li_fn=li_fn, batch_size=batch_size, max_samples=max_samples).fit(model, data, depth_layers)
         tv = [t2[l].value for l in depth_layers]
@@ -1238,10 +1238,10 @@ def run_fq(args: argparse.Namespace) -> int:
 
     from torch.utils.data import DataLoader
 
-    from . import data as nns_data
-    from . import models as nns_models
+    from nns_cuda import data as nns_data
+    from nns_cuda import models as nns_models
 
-    from . import train as nns_train
+    from nns_cuda import train as nns_train
 
     name = args.model or nns_train.DEMO_CONFIG["model"]
     source = "weights file"

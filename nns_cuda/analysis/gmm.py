@@ -50,8 +50,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from . import _gmm_em
-from ._gmm_model import (
+from nns_cuda.analysis import _gmm_em
+from nns_cuda.analysis._gmm_model import (
     HessianEigen,
     accuracy,
     gradient_magnitudes,
@@ -63,7 +63,7 @@ from ._gmm_model import (
     random_filter_baseline,
     single_filter_masking,
 )
-from .masking import _split_call, resolve_module
+from nns_cuda._modules import resolve_module, split_call as _split_call
 
 __all__ = [
     "PRESETS",
@@ -604,7 +604,7 @@ def select_k(
                               max_iter=max_iter, device=device, strategy=strategy)
         fits = {k: v.cpu() for k, v in fits.items()}
     else:
-        from . import _gmm_sklearn
+        from nns_cuda.analysis import _gmm_sklearn
 
         fits = _gmm_sklearn.fit_all(points, k_max, seed=seed, reg_covar=reg_covar, tol=tol,
                                     max_iter=max_iter)
@@ -964,7 +964,7 @@ class _ActivationMean:
 
 
 def _default_images(model: nn.Module, x: Tensor, layer: str) -> Tensor:
-    from nns_cuda.engine import filter_images  # lazy: the engine imports heavier modules
+    from nns_cuda.engine.scanner import filter_images  # lazy: the engine imports heavier modules
 
     return filter_images(model, x, layer)
 
@@ -1031,7 +1031,7 @@ class GMMAnalysis:
         """Flattened filter images ``[F, S, P]`` (float32, CPU), mean activations ``[F]`` and
         targets ``[S]`` (or None), streaming over the batches of ``data``."""
         image_fn = self.image_fn or _default_images
-        from ._gmm_model import _device_of, _eval_mode
+        from nns_cuda.analysis._gmm_model import _device_of, _eval_mode
 
         dev = _device_of(model)
         feats: List[Tensor] = []
@@ -1093,7 +1093,7 @@ class GMMAnalysis:
         -------
         GMMAnalysisResult
         """
-        from ._gmm_model import _device_of
+        from nns_cuda.analysis._gmm_model import _device_of
 
         t0 = time.perf_counter()
         feats, mean_act, targets = self.filter_features(model, data, layer)
@@ -1264,6 +1264,3 @@ def _jsonable(o: Any) -> Any:
     if isinstance(o, bool) or o is None or isinstance(o, (int, str)):
         return o
     return str(o)
-
-
-from ._gmm_cli import add_gmm_arguments, run_gmm  # noqa: E402  (CLI; imports this module lazily)

@@ -40,6 +40,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from nns_cuda import _extension
+
 _EPS64 = float(np.finfo(np.float64).eps)
 _LOG_2PI = math.log(2.0 * math.pi)
 
@@ -320,11 +322,7 @@ ESTEP = "auto"
 
 
 def _has_fused() -> bool:
-    try:
-        from . import ops as _ops  # loads nns_cuda._C when it is built
-    except Exception:  # pragma: no cover - import errors are reported by nns_cuda.ext_info()
-        return False
-    return bool(getattr(_ops, "HAS_OPS", False)) and hasattr(torch.ops.nns_cuda, "gmm_estep")
+    return _extension.has_op("gmm_estep")
 
 
 def use_fused(z: Tensor) -> bool:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .masking import mask_filters, resolve_module
+from nns_cuda.analysis.masking import mask_filters, resolve_module
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 Data = Union[Tuple[Tensor, ...], Iterable]
@@ -260,7 +260,7 @@ def accuracy(model: nn.Module, data: Data, *, max_samples: Optional[int] = None)
 
 def n_channels(model: nn.Module, layer: str, data: Data) -> int:
     """Number of output channels of ``layer`` (dim 1 of its output on one batch of ``data``)."""
-    from .masking import _split_call
+    from nns_cuda._modules import split_call as _split_call
 
     base, _ = _split_call(layer)
     mod = resolve_module(model, base)

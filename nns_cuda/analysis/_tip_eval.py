@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 import torch
 from torch import nn
 
-from .masking import mask_filters, resolve_module
+from nns_cuda.analysis.masking import mask_filters, resolve_module
 
 __all__: List[str] = []
 

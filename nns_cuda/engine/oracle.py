@@ -13,8 +13,8 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from ._fq_common import layer_outputs
-from .reference.stats import li_stats_dense
+from nns_cuda._modules import layer_outputs
+from nns_cuda.ops.reference.stats import li_stats_dense
 
 __all__ = ["autograd_learned_images", "autograd_filter_images", "autograd_scan"]
 

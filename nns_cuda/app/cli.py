@@ -234,7 +234,7 @@ def _bench_parser(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``nns`` argument parser (sub-commands demo, scan, fq, tip, gmm, train, bench)."""
-    from . import __version__
+    from nns_cuda._version import __version__
 
     p = argparse.ArgumentParser(
         prog=PROG, formatter_class=_Fmt,
@@ -261,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
         Cluster each filter's learned images over samples (top-2 PCA, Gaussian mixtures, k by
         Calinski-Harabasz) and flag anomaly filters (Table 6-1 criteria). Input: --images FILE, or
         a model (default: the demo model's over-fitted checkpoint) and the embedded data.
-        Writes <out>/gmm.json (and scatter plots with --plot)."""), "_gmm_cli", "add_gmm_arguments", "run_gmm",
+        Writes <out>/gmm.json (and scatter plots with --plot)."""), "app._gmm_cli", "add_gmm_arguments", "run_gmm",
                      extra=_gmm_extra, runner=_cmd_gmm)
     _delegate_parser(sub, "train", "train a zoo model with per-epoch checkpoints", textwrap.dedent("""\
         Train a model of the zoo on the embedded digits or your data (ImageFolder + VOC boxes, COCO
@@ -288,10 +288,10 @@ def load_model(spec: Optional[str], weights: Optional[str] = None, *, num_classe
     import torch
     from torch import nn
 
-    from . import models
+    from nns_cuda import models
 
     if spec is None:
-        from . import train as nns_train
+        from nns_cuda import train as nns_train
 
         demo = nns_train.default_demo_model(progress=sys.stderr.isatty())
         ck = demo.history.best_checkpoint if which == "best" else demo.history.last_checkpoint
@@ -348,7 +348,7 @@ def load_data(spec: str, *, split: str = "test", samples: int = 16, in_channels:
     if samples < 1:
         raise CLIError(f"--samples must be at least 1, got {samples}")
     if spec == "digits":
-        from . import data as nns_data
+        from nns_cuda import data as nns_data
 
         ds = nns_data.cluttered_digits(split, seed=0)
         n = min(samples, len(ds))
@@ -359,7 +359,7 @@ def load_data(spec: str, *, split: str = "test", samples: int = 16, in_channels:
         return x, y, m, f"cluttered digits, split {split!r}, first {n} samples"
     if not os.path.isdir(spec):
         raise CLIError(f"--data {spec!r}: neither 'digits' nor an existing folder of images")
-    from .data import load_image
+    from nns_cuda.data import load_image
 
     files = sorted(os.path.join(r, f) for r, _, fs in os.walk(spec) for f in fs if f.lower().endswith(_IMG_EXT))
     if not files:
@@ -379,7 +379,7 @@ def load_data(spec: str, *, split: str = "test", samples: int = 16, in_channels:
 # commands
 # ============================================================================================
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from nns_cuda.app.demo import run_demo
 
     t0 = time.perf_counter()
     out = run_demo(args.out, quick=args.quick, device=args.device, backend=args.backend, batch_size=args.batch_size,
@@ -409,14 +409,14 @@ def _cmd_delegate(args: argparse.Namespace) -> int:
 def _cmd_tip(args: argparse.Namespace) -> int:
     if args._unavailable:
         raise NotImplementedError(f"nns tip is not available: {args._unavailable}")
-    from . import tip
+    from nns_cuda.analysis import tip
 
     spec = getattr(args, "model", None)
     if spec is None or (isinstance(spec, str) and _is_zoo(spec)):
         model, _ = load_model(spec, getattr(args, "weights", None), which="best")
         args.model = model
         if spec is None and getattr(args, "checkpoints", None) is None:
-            from . import train as nns_train
+            from nns_cuda import train as nns_train
 
             hist = nns_train.default_demo_model(progress=False).history
             args.checkpoints = list(hist.phase_checkpoints().values())
@@ -425,7 +425,7 @@ def _cmd_tip(args: argparse.Namespace) -> int:
         bs = args.batch_size
         args.data = [(x[i:i + bs], y[i:i + bs], m[i:i + bs]) for i in range(0, x.shape[0], bs)]
     if not getattr(args, "layer", None) and not isinstance(args.model, str):
-        from .demo import last_conv_activation
+        from nns_cuda.app.demo import last_conv_activation
 
         first = args.data[0][0] if isinstance(args.data, list) else None
         if first is not None:
@@ -435,7 +435,7 @@ def _cmd_tip(args: argparse.Namespace) -> int:
 
 
 def _is_zoo(spec: str) -> bool:
-    from . import models
+    from nns_cuda import models
 
     return spec in models.available()
 
@@ -443,14 +443,14 @@ def _is_zoo(spec: str) -> bool:
 def _cmd_gmm(args: argparse.Namespace) -> int:
     if args._unavailable:
         raise NotImplementedError(f"nns gmm is not available: {args._unavailable}")
-    from . import _gmm_cli
+    from nns_cuda.app import _gmm_cli
 
     if getattr(args, "images", None):
         return int(_gmm_cli.run_gmm(args) or 0)
     model, desc = load_model(getattr(args, "model", None), getattr(args, "weights", None), which="last")
     if getattr(args, "model", None) is None and getattr(args, "split", "train") == "train":
-        from . import data as nns_data
-        from . import train as nns_train
+        from nns_cuda import data as nns_data
+        from nns_cuda import train as nns_train
 
         cfg = getattr(nns_train, "DEMO_CONFIG", {})
         ds = nns_data.cluttered_digits("train", seed=0, n_train=cfg.get("n_train"))
@@ -466,7 +466,7 @@ def _cmd_gmm(args: argparse.Namespace) -> int:
     bs = args.batch_size
     data = [(x[i:i + bs], y[i:i + bs], m[i:i + bs]) for i in range(0, x.shape[0], bs)]
     if not getattr(args, "layer", None):
-        from .demo import last_conv_activation
+        from nns_cuda.app.demo import last_conv_activation
 
         args.layer = last_conv_activation(model, x[:1])
         print(f"nns gmm: --layer not given, using {args.layer}", file=sys.stderr)
@@ -496,10 +496,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _cmd_scan(args: argparse.Namespace) -> int:
     import torch
 
-    from . import models
-    from .demo import parse_bytes, scan_layers
-    from .engine import Scanner
-    from .reference.stats import STAT_INDEX
+    from nns_cuda import models
+    from nns_cuda.app.demo import parse_bytes, scan_layers
+    from nns_cuda.engine.scanner import Scanner
+    from nns_cuda.ops.reference.stats import STAT_INDEX
 
     if args.list_models:
         for n in models.available():
@@ -610,8 +610,8 @@ def _cmd_scan(args: argparse.Namespace) -> int:
 def _scan_figures(model, x, layers, args, dev) -> List[str]:
     import torch
 
-    from . import viz
-    from .engine import Scanner
+    from nns_cuda.app import viz
+    from nns_cuda.engine.scanner import Scanner
 
     k = min(args.images, x.shape[0])
     xb = x[:k].to(dev)

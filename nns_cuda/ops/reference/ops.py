@@ -30,7 +30,7 @@ from typing import List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .stats import NUM_STATS
+from nns_cuda.ops.reference.stats import NUM_STATS
 
 __all__ = [
     "conv_li",

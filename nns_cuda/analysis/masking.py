@@ -1,4 +1,4 @@
-"""Filter masking (SPEC §6): zero chosen output channels of a layer through removable hooks.
+"""Filter masking (docs/spec.md §6): zero chosen output channels of a layer through removable hooks.
 
 Masking filter ``k`` of a layer means zeroing channel ``k`` of that layer's output at every
 position. It is done with a forward hook inside a context manager, so the model's parameters
@@ -10,43 +10,16 @@ are never touched and the hook is always removed, also when the body raises.
 from __future__ import annotations
 
 import contextlib
-import difflib
 from typing import Dict, Iterable, Iterator, Mapping, Sequence, Union
 
 import torch
 from torch import nn
 
+from nns_cuda._modules import resolve_module, split_call
+
 __all__ = ["mask_filters", "resolve_module", "MaskSpec"]
 
 MaskSpec = Mapping[str, Union[Sequence[int], torch.Tensor]]
-
-
-def resolve_module(model: nn.Module, name: str) -> nn.Module:
-    """Return the sub-module called ``name`` (``model.named_modules()`` naming).
-
-    Raises
-    ------
-    KeyError
-        If no module has that name; the message suggests close names.
-    """
-    modules = dict(model.named_modules())
-    if name in modules and name != "":
-        return modules[name]
-    close = difflib.get_close_matches(name, [n for n in modules if n], n=5)
-    hint = f" Did you mean one of {close}?" if close else ""
-    raise KeyError(
-        f"unknown layer name {name!r}: it is not in model.named_modules().{hint} "
-        "Use a qualified module name such as 'features.3' or 'layer1.0.conv1'."
-    )
-
-
-def _split_call(name: str):
-    """'relu:1' -> ('relu', 1); 'relu' -> ('relu', None)."""
-    if ":" in name:
-        base, _, idx = name.rpartition(":")
-        if idx.isdigit():
-            return base, int(idx)
-    return name, None
 
 
 @contextlib.contextmanager
@@ -68,7 +41,7 @@ def mask_filters(model: nn.Module, masks: MaskSpec) -> Iterator[nn.Module]:
     counters: Dict[str, int] = {}
     try:
         for name, channels in masks.items():
-            base, call = _split_call(name)
+            base, call = split_call(name)
             module = resolve_module(model, base)
             idx = _channel_index(name, channels)
 

@@ -107,7 +107,7 @@ def parse_bytes(s: Union[None, int, str]) -> Optional[int]:
 def _leaf_calls(model: nn.Module, x: torch.Tensor) -> List[Tuple[str, nn.Module, Tuple[int, ...]]]:
     """(name, module, output shape without batch) of every leaf-module call, in order, with
     ``name:k`` for modules called more than once (SPEC §0); hooks removed."""
-    from ._fq_common import trace_calls
+    from nns_cuda.analysis._toolkit import trace_calls
 
     return [(c.name, c.module, c.out_shape) for c in trace_calls(model, x)]
 
@@ -152,14 +152,14 @@ class _Engine:
             self.used.setdefault("strategy", s)
 
     def scan_fn(self, model, x, fg_mask, layers):
-        from .engine import Scanner
+        from nns_cuda.engine.scanner import Scanner
 
         res = Scanner(model, list(layers), backend=self.backend, max_memory=self.max_memory, stats=True).scan(x, fg_mask)
         self._note(res)
         return res
 
     def filter_fn(self, model, x, layer):
-        from .engine import Scanner
+        from nns_cuda.engine.scanner import Scanner
 
         res = Scanner(model, [layer], backend=self.backend, max_memory=self.max_memory, stats=False,
                       filter_images=True).scan(x)
@@ -167,7 +167,7 @@ class _Engine:
         return res[layer].filter_images
 
     def li_fn(self, model, x, layer, neurons=None):
-        from .engine import learned_images
+        from nns_cuda.engine.scanner import learned_images
 
         return learned_images(model, x, layer, neurons=neurons, backend=self.backend, max_memory=self.max_memory)
 
@@ -242,7 +242,8 @@ def _batches(ds, indices: Sequence[int], batch_size: int, device) -> List[Tuple[
 def _versions() -> Dict[str, str]:
     v = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()}
     try:
-        from . import __version__, ext_info
+        from nns_cuda._version import __version__
+        from nns_cuda._extension import ext_info
 
         v["nns_cuda"] = __version__
         v["extension"] = json.dumps(ext_info())
@@ -280,7 +281,7 @@ def run_demo(out_dir: Union[str, "os.PathLike[str]"] = "nns_output/demo", quick:
     ``results`` (the dict given to :func:`nns_cuda.report.write_report`), ``findings``,
     ``timings`` and ``errors`` (stage -> reason, empty when everything ran).
     """
-    from . import report as nns_report
+    from nns_cuda.app import report as nns_report
 
     t_start = time.perf_counter()
     cfg = DemoConfig.make(quick, samples, gmm_samples, batch_size)
@@ -288,7 +289,7 @@ def run_demo(out_dir: Union[str, "os.PathLike[str]"] = "nns_output/demo", quick:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
     eng = _Engine(backend=backend, max_memory=parse_bytes(max_memory))
-    from .engine import resolve_backend
+    from nns_cuda.engine.scanner import resolve_backend
 
     resolve_backend(backend, dev)  # fail early on an impossible backend
     out_dir = os.fspath(out_dir)
@@ -315,7 +316,7 @@ def run_demo(out_dir: Union[str, "os.PathLike[str]"] = "nns_output/demo", quick:
     try:
         # 1. data ------------------------------------------------------------------------
         with st.stage("data", "data", "learned_images", "knowledge", "fq", "tip", "gmm"):
-            from . import data as nns_data
+            from nns_cuda import data as nns_data
 
             test = nns_data.cluttered_digits("test", seed=0, cache_dir=cache_dir)
             ctx["test"] = test
@@ -356,7 +357,7 @@ def run_demo(out_dir: Union[str, "os.PathLike[str]"] = "nns_output/demo", quick:
         with st.stage("chapter3", "knowledge"):
             if not have_model:
                 raise RuntimeError("no model (see the model stage)")
-            from . import chapter3
+            from nns_cuda.analysis import chapter3
 
             kq = _need(chapter3, "KnowledgeQuantity")(batch_size=cfg.batch_size, scan_fn=eng.scan_fn,
                                                        max_samples=cfg.samples)
@@ -366,7 +367,7 @@ def run_demo(out_dir: Union[str, "os.PathLike[str]"] = "nns_output/demo", quick:
         with st.stage("fq", "fq"):
             if not have_model:
                 raise RuntimeError("no model (see the model stage)")
-            from . import fq
+            from nns_cuda.analysis import fq
 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -406,11 +407,11 @@ def run_demo(out_dir: Union[str, "os.PathLike[str]"] = "nns_output/demo", quick:
 
 # ----------------------------------------------------------------------------- stages
 def _model_stage(cfg: DemoConfig, dev, cache_dir, retrain: bool, progress: bool, tmp) -> Dict[str, Any]:
-    from . import models
-    from . import train as nns_train
+    from nns_cuda import models
+    from nns_cuda import train as nns_train
 
     if cfg.quick:
-        from . import data as nns_data
+        from nns_cuda import data as nns_data
 
         ckdir = os.path.join(tmp.name, "model")
         tr = nns_data.cluttered_digits("train", seed=0, n_train=cfg.quick_n_train, cache_dir=cache_dir)
@@ -427,7 +428,7 @@ def _model_stage(cfg: DemoConfig, dev, cache_dir, retrain: bool, progress: bool,
         last = hist.last_checkpoint
         trained_now = bool(last) and os.path.isfile(last) and os.path.getmtime(last) >= t0 - 1
         cfgd = getattr(nns_train, "DEMO_CONFIG", {})
-        from . import data as nns_data
+        from nns_cuda import data as nns_data
 
         train_ds = nns_data.cluttered_digits("train", seed=cfgd.get("data_seed", 0), n_train=cfgd.get("n_train"),
                                              cache_dir=cache_dir)
@@ -438,7 +439,7 @@ def _model_stage(cfg: DemoConfig, dev, cache_dir, retrain: bool, progress: bool,
 
 
 def _scan_stage(cfg: DemoConfig, ctx: Dict[str, Any], eng: _Engine) -> Dict[str, Any]:
-    from .engine import Scanner
+    from nns_cuda.engine.scanner import Scanner
 
     test, model, layers = ctx["test"], ctx["wt"], ctx["layers"]
     # one sample per class first, so the figure shows different digits
@@ -477,7 +478,7 @@ def _scan_stage(cfg: DemoConfig, ctx: Dict[str, Any], eng: _Engine) -> Dict[str,
     # the winner neuron's learned image (predicted class) — SPEC §2 "winner neuron"
     out_layer = layers[-1]
     try:
-        from .engine import learned_images
+        from nns_cuda.engine.scanner import learned_images
 
         for b, s in enumerate(samples):
             li = learned_images(model, x[b: b + 1], out_layer, neurons=[(s["pred"],)], backend=eng.backend,
@@ -491,7 +492,7 @@ def _scan_stage(cfg: DemoConfig, ctx: Dict[str, Any], eng: _Engine) -> Dict[str,
 
 
 def _tip_stage(cfg: DemoConfig, ctx: Dict[str, Any], eng: _Engine) -> Dict[str, Any]:
-    from . import tip
+    from nns_cuda.analysis import tip
 
     layer = ctx["layer"]
     hist = ctx["history"]
@@ -529,7 +530,8 @@ class _Memo:
 
 
 def _gmm_stage(cfg: DemoConfig, ctx: Dict[str, Any], eng: _Engine, cache_dir) -> Dict[str, Any]:
-    from . import gmm, models
+    from nns_cuda.analysis import gmm
+    from nns_cuda import models
 
     layer, hist = ctx["layer"], ctx["history"]
     wt, of = ctx["wt"], ctx["of"]

@@ -244,8 +244,8 @@ class NeuronLearnedImage:
             module, call = _layer_module(self.model, self.layer if self.layer_name is None else self.layer_name)
             return _wrap(_autograd_li(self.forward_func, module, call, x, neuron_selector, additional_forward_args,
                                       attribute_to_neuron_input, where), was_tuple)
-        from .engine import learned_images
-        from .graph import build_graph
+        from nns_cuda.engine.scanner import learned_images
+        from nns_cuda.engine.graph import build_graph
 
         model = self.model
         graph = build_graph(model, x[:1], self.linearize)
@@ -296,7 +296,7 @@ class LayerLearnedImages:
     def _target(self, x: torch.Tensor, to_input: bool) -> str:
         if not to_input:
             return self.layer_name
-        from .graph import build_graph
+        from nns_cuda.engine.graph import build_graph
 
         graph = build_graph(self.model, x[:1], self.linearize)
         g = graph.resolve(self.layer_name)
@@ -312,7 +312,7 @@ class LayerLearnedImages:
         -------
         Tensor [B, *layer_shape, *inputs.shape[1:]] (a 1-tuple if ``inputs`` was one).
         """
-        from .engine import learned_images
+        from nns_cuda.engine.scanner import learned_images
 
         x, was_tuple = _as_input(inputs)
         name = self._target(x, attribute_to_layer_input)
@@ -322,7 +322,7 @@ class LayerLearnedImages:
 
     def filter_images(self, inputs: Union[torch.Tensor, Tuple[torch.Tensor]]):
         """Filter learned images ``L^k = Σ_{i,j} LI_{k,i,j} · a^k_{i,j}`` of the layer: Tensor [B, C, *input]."""
-        from .engine import filter_images
+        from nns_cuda.engine.scanner import filter_images
 
         x, was_tuple = _as_input(inputs)
         return _wrap(filter_images(self.model, x, self.layer_name, backend=self.backend, strategy=self.strategy,

@@ -1,0 +1,2 @@
+"""The package version (a leaf: imported by the facade and the application layer)."""
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""The application: the ``nns`` command line, the demo, the HTML report and its figures."""
