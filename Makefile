@@ -10,7 +10,8 @@ TORCH_PAIR := torch==2.9.1 torchvision==0.24.1
 else
 TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
 endif
-# Compile the CUDA sources too when nvcc exists and torch is a CUDA build (DESIGN.md §5):
+# Compile the CUDA sources too when nvcc exists and torch is a CUDA build (README, "Backends
+# and building for CUDA"):
 # on a CPU-only machine this only proves the .cu files compile; the CPU kernels run.
 NVCC := $(shell command -v nvcc 2>/dev/null)
 BUILD_ENV := MAX_JOBS=$${MAX_JOBS:-2}
@@ -37,7 +38,7 @@ $(VENV)/.built: $(VENV)/.deps setup.py $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc
 	else \
 	  $(BUILD_ENV) $(PIP) install -q --no-build-isolation --no-deps -e . ; \
 	fi
-	$(PY) -c 'import nns_cuda; assert nns_cuda._HAS_EXT, nns_cuda._EXT_ERROR; print("nns_cuda._C loaded:", nns_cuda.ext_info())'
+	$(PY) -c 'import nns_cuda; i = nns_cuda.ext_info(); assert i["loaded"], i["error"]; print("nns_cuda._C loaded:", i)'
 	touch $@
 
 build: $(VENV)/.built

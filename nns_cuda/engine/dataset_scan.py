@@ -1,0 +1,494 @@
+"""Data-set scans: per-neuron statistics of whole data sets, resumable and distributed.
+
+:class:`DatasetScan` runs :class:`~nns_cuda.engine.scanner.Scanner` over every sample of a
+map-style data set and reduces the results to per-neuron accumulators
+(:mod:`nns_cuda.engine._scan_state`). The data set is cut into fixed blocks of
+``block_size`` consecutive indices; each block's state is written to its own file as soon as
+it is done, and the result is the merge of the blocks in block order. Hence
+
+* the result is bitwise the same for any number of processes and any interruption (given the
+  same per-sample computation: device type, backend and thread count),
+* every sample is counted exactly once (no padding; the last block may be short),
+* a rerun with ``resume=True`` skips the finished blocks (a block file whose checksum does not
+  match is recomputed).
+
+Under ``torchrun`` (``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` set), :meth:`DatasetScan.run`
+joins the process group (NCCL on GPUs, one GPU per local rank; gloo on CPUs), takes the blocks
+``b`` with ``b % world_size == rank`` and sends the block states to rank 0 through collectives,
+so no shared file system is needed; rank 0 writes the result. ``shard=(i, n)`` runs a share of
+the blocks without a process group (job arrays); :func:`merge_scan` merges afterwards.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import tempfile
+import warnings
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from nns_cuda._modules import model_device
+from nns_cuda.engine import _scan_state as S
+from nns_cuda.engine import _scan_store as F
+from nns_cuda.engine._scan_store import ScanDirError
+from nns_cuda.engine.dataset_result import DatasetScanResult, load_scan
+
+__all__ = ["DatasetScan", "DatasetScanResult", "load_scan", "merge_scan", "ScanDirError"]
+
+#: ``measure(layer, layer_result, x, fg_mask) -> Tensor [B, *M] or None`` (None: not for this layer).
+Measure = Callable[[str, Any, Tensor, Optional[Tensor]], Optional[Tensor]]
+
+
+def _versions() -> Dict[str, str]:
+    from nns_cuda._version import __version__
+
+    return {"nns_cuda": __version__, "torch": torch.__version__}
+
+
+# ----------------------------------------------------------------------------- data
+class _Indexed(torch.utils.data.Dataset):
+    """``ds[i] -> (i, item)``, so that a batch knows its samples' global indices."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        return i, self.ds[i]
+
+
+def _split_item(i: int, item: Any) -> Tuple[Tensor, Any, Optional[Tensor]]:
+    if isinstance(item, (tuple, list)) and len(item) in (2, 3) and isinstance(item[0], Tensor):
+        return item[0], item[1], (item[2] if len(item) == 3 else None)
+    raise TypeError(f"sample {i}: a data-set item must be (x, y, fg_mask) or (x, y) with a tensor x, got "
+                    f"{type(item).__name__}" + (f" of length {len(item)}" if isinstance(item, (tuple, list)) else ""))
+
+
+class _Collate:
+    """Stack items after checking each against sample 0 (the error names the sample index)."""
+
+    def __init__(self, x_shape: Tuple[int, ...], has_mask: bool):
+        self.x_shape, self.has_mask = x_shape, has_mask
+
+    def __call__(self, batch):
+        idx, xs, fgs = [], [], []
+        for i, item in batch:
+            x, _, fg = _split_item(i, item)
+            if tuple(x.shape) != self.x_shape:
+                raise ValueError(f"sample {i}: x has shape {list(x.shape)}, expected {list(self.x_shape)} (the shape "
+                                 "of sample 0); every sample of a scanned data set must have one shape (resize them)")
+            if not x.is_floating_point() or not bool(torch.isfinite(x).all()):
+                raise ValueError(f"sample {i}: x must be a finite floating-point tensor (got {x.dtype}"
+                                 f"{'' if not x.is_floating_point() else ' with NaN/Inf'}); clean or drop the sample")
+            if (fg is not None) != self.has_mask:
+                raise ValueError(f"sample {i}: {'no' if fg is None else 'a'} foreground mask, unlike sample 0; "
+                                 "a data set must give masks for all samples or for none")
+            if fg is not None:
+                if fg.dtype != torch.bool or tuple(fg.shape) != self.x_shape[-2:]:
+                    raise ValueError(f"sample {i}: fg_mask must be bool {list(self.x_shape[-2:])}, got {fg.dtype} "
+                                     f"{list(fg.shape)}")
+                fgs.append(fg)
+            idx.append(i)
+            xs.append(x)
+        return torch.tensor(idx, dtype=torch.int64), torch.stack(xs), (torch.stack(fgs) if fgs else None)
+
+
+def _to_device(batches, device: torch.device) -> Iterator[Tuple[Tensor, Tensor, Optional[Tensor]]]:
+    """Move batches to ``device``; on CUDA the copy of batch i+1 runs on a side stream while
+    batch i is scanned."""
+    if device.type != "cuda":
+        for idx, x, fg in batches:
+            yield idx, x.to(device), (None if fg is None else fg.to(device))
+        return
+    side, main = torch.cuda.Stream(device), torch.cuda.current_stream(device)
+    prev = None
+    for idx, x, fg in batches:
+        with torch.cuda.stream(side):
+            cur = (idx, x.to(device, non_blocking=True), None if fg is None else fg.to(device, non_blocking=True))
+        if prev is not None:
+            yield prev
+        main.wait_stream(side)
+        for t in cur[1:]:
+            if t is not None:
+                t.record_stream(main)
+        prev = cur
+    if prev is not None:
+        yield prev
+
+
+# ----------------------------------------------------------------------------- processes
+class _Group:
+    """The process group of a run: ``rank``, ``world``; joined here when the launcher set it up."""
+
+    def __init__(self, device: torch.device):
+        import torch.distributed as dist
+
+        self.dist = dist
+        self.owned = False
+        if dist.is_available() and not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            if device.type == "cuda":
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group(backend, timeout=datetime.timedelta(
+                seconds=float(os.environ.get("NNS_DIST_TIMEOUT_S", "1800"))))
+            self.owned = True
+        self.active = dist.is_available() and dist.is_initialized()
+        self.rank = dist.get_rank() if self.active else 0
+        self.world = dist.get_world_size() if self.active else 1
+        self._store = None
+        if self.active:
+            try:
+                self._store = dist.distributed_c10d._get_default_store()
+            except Exception:  # pragma: no cover - a process group without a store
+                self._store = None
+
+    def barrier(self) -> None:
+        if self.active:
+            self.dist.barrier()
+
+    def add_samples(self, n: int) -> int:
+        """Add ``n`` to the samples done by all ranks; returns the total (this rank's alone without a store)."""
+        if self._store is None:
+            self._local = getattr(self, "_local", 0) + n
+            return self._local
+        return int(self._store.add("nns_samples_done", n))
+
+    def send_to_root(self, owner: int, payload: Optional[bytes]) -> Optional[bytes]:
+        obj = [payload if self.rank == owner else None]
+        self.dist.broadcast_object_list(obj, src=owner)
+        return obj[0]
+
+    def sum(self, v: int) -> int:
+        if not self.active:
+            return v
+        t = torch.tensor([v], dtype=torch.int64)
+        if self.dist.get_backend() == "nccl":
+            t = t.cuda()
+        self.dist.all_reduce(t)
+        return int(t.item())
+
+    def close(self) -> None:
+        if self.owned:
+            self.dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- the scan
+class DatasetScan:
+    """Per-neuron statistics of every requested layer over a whole data set.
+
+    Parameters
+    ----------
+    model : nn.Module
+        In eval mode; its device is the scan's device.
+    layers : sequence of str
+        Layer names as for :class:`~nns_cuda.engine.scanner.Scanner`.
+    top_k : int
+        Largest activations kept per neuron (with their sample indices).
+    block_size : int
+        Samples per block (the unit of saving, resuming and distribution). Fixed for a folder.
+    batch_size : int
+        Samples per scan call (a block is cut into batches of this size).
+    backend, precision, max_memory : as for :class:`~nns_cuda.engine.scanner.Scanner`.
+    num_workers : int
+        DataLoader worker processes.
+    stats : bool
+        Accumulate the fused learned-image statistics (``stats_sum``).
+    filter_images : bool
+        Accumulate the sum of the filter images (``filter_image_sum``).
+    measures : {name: measure}, optional
+        Per-sample measures ``f(layer, layer_result, x, fg_mask) -> Tensor [B, *M] or None``;
+        their sum, maximum and arg-max sample are accumulated (``measure/<name>/…``).
+    progress : bool
+        One progress bar (rank 0) counting the samples of all ranks.
+    """
+
+    def __init__(self, model: nn.Module, layers: Sequence[str], *, top_k: int = 8, block_size: int = 256,
+                 batch_size: int = 64, backend: str = "auto", precision: str = "auto",
+                 max_memory: Optional[int] = None, num_workers: int = 0, stats: bool = True,
+                 filter_images: bool = False, measures: Optional[Mapping[str, Measure]] = None,
+                 progress: bool = True):
+        self.model = model
+        self.layers = layers
+        self.top_k = top_k
+        self.block_size = block_size
+        self.batch_size = batch_size
+        self.backend = backend
+        self.precision = precision
+        self.max_memory = max_memory
+        self.num_workers = num_workers
+        self.stats = stats
+        self.filter_images = filter_images
+        self.measures = measures
+        self.progress = progress
+
+    # -- validation ---------------------------------------------------------------------
+    def _check(self, dataset) -> Tuple[List[str], int]:
+        for name in ("top_k", "block_size", "batch_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"DatasetScan: {name} must be a positive integer, got {v!r}")
+        if not isinstance(self.num_workers, int) or self.num_workers < 0:
+            raise ValueError(f"DatasetScan: num_workers must be an integer >= 0, got {self.num_workers!r}")
+        layers = [self.layers] if isinstance(self.layers, str) else list(self.layers or [])
+        if not layers or not all(isinstance(n, str) for n in layers):
+            raise ValueError(f"DatasetScan: layers must be a non-empty list of layer names, got {self.layers!r}")
+        if self.model.training:
+            raise ValueError("DatasetScan: the model is in training mode; call model.eval() first")
+        if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+            raise TypeError(f"DatasetScan: the data set must be map-style (len() and [i]), got {type(dataset).__name__}")
+        n = len(dataset)
+        if n < 1:
+            raise ValueError("DatasetScan: the data set is empty")
+        return layers, n
+
+    def _scanner(self, layers):
+        from nns_cuda.engine.scanner import Scanner
+
+        return Scanner(self.model, layers, backend=self.backend, precision=self.precision,
+                       max_memory=self.max_memory, stats=self.stats, filter_images=self.filter_images)
+
+    def _identity(self, layers: List[str], dataset, n: int) -> Dict[str, Any]:
+        first, last = dataset[0], dataset[n - 1]
+        _split_item(0, first)
+        _split_item(n - 1, last)
+        return {
+            "format": F.FORMAT,
+            "model_hash": F.weights_hash(self.model),
+            "layers": layers,
+            "options": {"top_k": self.top_k, "block_size": self.block_size, "batch_size": self.batch_size,
+                        "backend": self.backend, "precision": self.precision, "stats": bool(self.stats),
+                        "filter_images": bool(self.filter_images), "measures": sorted(self.measures or {})},
+            "dataset": {"length": n, "first": F.item_fingerprint(first), "last": F.item_fingerprint(last)},
+            "samples": n,
+            "n_blocks": -(-n // self.block_size),
+            "versions": _versions(),
+        }
+
+    # -- the run ------------------------------------------------------------------------
+    def run(self, dataset, out_dir: str, resume: bool = True,
+            shard: Optional[Tuple[int, int]] = None) -> Optional[DatasetScanResult]:
+        """Scan ``dataset`` into ``out_dir``.
+
+        Parameters
+        ----------
+        dataset : map-style data set of ``(x, y, fg_mask)`` or ``(x, y)`` items
+            ``x`` ``[D, H, W]`` float, ``fg_mask`` ``[H, W]`` bool (without masks the whole
+            image is the foreground of the statistics).
+        out_dir : str
+            Folder of the manifest, block files and result (created if missing).
+        resume : bool
+            Continue a scan found in ``out_dir`` (finished blocks are skipped). With ``False``
+            a folder that already holds a scan is refused.
+        shard : (i, n), optional
+            Run only the blocks ``b`` with ``b % n == i``, without a process group.
+
+        Returns
+        -------
+        DatasetScanResult or None
+            The merged result (on rank 0; ``None`` on other ranks, and for a shard while other
+            shards' blocks are missing).
+
+        Raises
+        ------
+        ScanDirError
+            ``out_dir`` holds a scan of another model, layers, options or data set, holds a
+            scan and ``resume`` is False, or cannot be written.
+        """
+        layers, n = self._check(dataset)
+        if shard is not None:
+            i, k = shard
+            if not (isinstance(i, int) and isinstance(k, int) and 0 <= i < k):
+                raise ValueError(f"shard must be (i, n) with 0 <= i < n, got {shard!r}")
+        device = model_device(self.model)
+        ident = self._identity(layers, dataset, n)
+        x0, _, fg0 = _split_item(0, dataset[0])
+        self._validate_layers(layers, x0, device)
+        group = _Group(device)
+        try:
+            if shard is not None and group.active:
+                raise ValueError("shard= runs without a process group; under torchrun the blocks are shared "
+                                 "among the ranks already")
+            rank, world = (shard if shard is not None else (group.rank, group.world))
+            if group.rank == 0:
+                self._prepare_dir(out_dir, ident, resume, shared=shard is not None)
+            group.barrier()
+            if group.rank != 0:
+                self._prepare_dir(out_dir, ident, True, shared=True)
+            mine = [b for b in range(ident["n_blocks"]) if b % world == rank]
+            todo, skipped = self._pending(out_dir, mine)
+            self._scan_blocks(dataset, n, layers, x0, fg0, out_dir, todo, skipped, group, device)
+            done_here = group.sum(len(todo))
+            skipped_all = group.sum(len(mine) - len(todo))
+            if group.active:
+                state = self._collect(out_dir, ident["n_blocks"], group)
+                result = None
+                if group.rank == 0:
+                    result = _write_result(out_dir, state, ident)
+                group.barrier()
+            elif shard is not None:
+                m = F.read_manifest(out_dir)
+                result = merge_scan(out_dir) if len(m["blocks_done"]) == ident["n_blocks"] else None
+            else:
+                result = merge_scan(out_dir)
+            if result is not None:
+                result.blocks_computed, result.blocks_skipped = done_here, skipped_all
+            return result
+        finally:
+            group.close()
+
+    def _validate_layers(self, layers: List[str], x0: Tensor, device: torch.device) -> None:
+        from nns_cuda.engine.graph import build_graph
+
+        graph = build_graph(self.model, x0.unsqueeze(0).to(device), None)
+        for name in layers:
+            graph.resolve(name)
+
+    def _prepare_dir(self, out_dir: str, ident: Dict[str, Any], resume: bool, shared: bool) -> None:
+        if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+            raise ScanDirError(f"{out_dir} exists and is not a folder; choose another output folder")
+        try:
+            os.makedirs(os.path.join(out_dir, "blocks"), exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=out_dir)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise ScanDirError(f"cannot write to {out_dir} ({type(e).__name__}: {e.strerror or e}); choose a "
+                               "writable output folder") from None
+        found = F.read_manifest(out_dir)
+        if found is not None:
+            F.check_compatible(found, ident, out_dir)
+            if not resume and not shared:
+                raise ScanDirError(f"{out_dir} already holds a scan ({len(found.get('blocks_done', []))} of "
+                                   f"{ident['n_blocks']} blocks done); pass resume=True (--resume) to continue it, "
+                                   "or choose a new folder")
+        F.update_manifest(out_dir, ident)
+
+    def _pending(self, out_dir: str, mine: List[int]) -> Tuple[List[int], int]:
+        m = F.read_manifest(out_dir) or {}
+        recorded = {int(b): h for b, h in m.get("blocks", {}).items()}
+        todo, bad = [], []
+        for b in mine:
+            path = F.block_path(out_dir, b)
+            if b in recorded and os.path.exists(path) and F.sha256_file(path) == recorded[b]:
+                continue
+            if b in recorded:
+                bad.append(b)
+            todo.append(b)
+        if bad:
+            warnings.warn(f"{out_dir}: block file(s) {bad[:10]} are missing or do not match their checksum; "
+                          "recomputing them", RuntimeWarning, stacklevel=3)
+            F.update_manifest(out_dir, {}, forget=tuple(bad))
+        return todo, len(mine) - len(todo)
+
+    def _scan_blocks(self, dataset, n, layers, x0, fg0, out_dir, todo, skipped, group, device) -> None:
+        from torch.utils.data import DataLoader
+
+        if not todo:
+            group.add_samples(0)
+            return
+        bs = self.block_size
+        batches: List[List[int]] = []
+        for b in todo:
+            idx = list(range(b * bs, min((b + 1) * bs, n)))
+            batches += [idx[s:s + self.batch_size] for s in range(0, len(idx), self.batch_size)]
+        loader = DataLoader(_Indexed(dataset), batch_sampler=batches, num_workers=self.num_workers,
+                            collate_fn=_Collate(tuple(x0.shape), fg0 is not None),
+                            pin_memory=device.type == "cuda")
+        scanner = self._scanner(layers)
+        m = F.read_manifest(out_dir) or {}
+        initial = sum(min(bs, n - int(b) * bs) for b in m.get("blocks_done", []))
+        bar = self._bar(n, group, initial)
+        block, state = None, None
+        for idx, x, fg in _to_device(loader, device):
+            b = int(idx[0]) // bs
+            if block is not None and b != block:
+                self._finish_block(out_dir, block, state)
+                state = None
+            block = b
+            state = S.merge(state, self._batch_state(scanner, layers, idx, x, fg))
+            total = group.add_samples(x.shape[0])
+            if bar is not None:
+                bar.n = min(n, total + initial)
+                bar.refresh()
+        self._finish_block(out_dir, block, state)
+        if bar is not None:
+            bar.close()
+
+    def _bar(self, n: int, group: _Group, initial: int):
+        if not self.progress or group.rank != 0:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=n, initial=initial, desc="scan", unit="sample", dynamic_ncols=True)
+
+    def _batch_state(self, scanner, layers, idx: Tensor, x: Tensor, fg: Optional[Tensor]) -> S.State:
+        res = scanner.scan(x, fg)
+        out: S.State = {}
+        first = int(idx[0])
+        for name in layers:
+            lr = res[name]
+            meas = {}
+            for m_name, fn in (self.measures or {}).items():
+                v = fn(name, lr, x, fg)
+                if v is not None:
+                    meas[m_name] = v
+            out.update(S.batch_state(name, first, lr.activations, top_k=self.top_k,
+                                     stats=lr.stats if self.stats else None,
+                                     filter_images=lr.filter_images if self.filter_images else None,
+                                     measures=meas))
+        return out
+
+    def _finish_block(self, out_dir: str, block: int, state: S.State) -> None:
+        digest = F.write_state(F.block_path(out_dir, block), state, {"block": str(block)})
+        F.update_manifest(out_dir, {}, blocks={block: digest})
+
+    def _collect(self, out_dir: str, n_blocks: int, group: _Group) -> Optional[S.State]:
+        """Send every block's state to rank 0, one block at a time, merged there in block order."""
+        merged = None
+        for b in range(n_blocks):
+            owner = b % group.world
+            payload = None
+            if group.rank == owner:
+                with open(F.block_path(out_dir, b), "rb") as fh:
+                    payload = fh.read()
+            data = group.send_to_root(owner, payload)
+            if group.rank == 0:
+                merged = S.merge(merged, F.state_from_bytes(data))
+        return merged
+
+
+def _write_result(out_dir: str, state: S.State, ident: Mapping[str, Any]) -> DatasetScanResult:
+    digest = F.write_state(os.path.join(out_dir, F.RESULT), state, {"format": F.FORMAT})
+    F.update_manifest(out_dir, ident, fields={"result_sha256": digest})
+    return load_scan(out_dir)
+
+
+def merge_scan(out_dir: str) -> DatasetScanResult:
+    """Merge the block files of ``out_dir`` (in block order) into ``result.safetensors``.
+
+    Raises
+    ------
+    ScanDirError
+        No scan in ``out_dir``, blocks missing, or a block file that does not match its checksum.
+    """
+    m = F.read_manifest(out_dir)
+    if m is None:
+        raise ScanDirError(f"{out_dir} holds no data-set scan (no {F.MANIFEST}); run `nns scan-dataset` first")
+    n_blocks = int(m["n_blocks"])
+    recorded = {int(b): h for b, h in m.get("blocks", {}).items()}
+    missing = [b for b in range(n_blocks) if b not in recorded]
+    if missing:
+        raise ScanDirError(f"{out_dir}: {len(missing)} of {n_blocks} blocks are not done (first: {missing[:10]}); "
+                           "run the missing shards, or rerun with --resume")
+    merged = None
+    for b in range(n_blocks):
+        path = F.block_path(out_dir, b)
+        if not os.path.exists(path) or F.sha256_file(path) != recorded[b]:
+            raise ScanDirError(f"{path} is missing or does not match its checksum; rerun the scan with --resume "
+                               "to recompute it")
+        merged = S.merge(merged, F.read_state(path))
+    return _write_result(out_dir, merged, m)
