@@ -1,6 +1,6 @@
-"""What a user would do without nns_cuda (issue 4): three ways to get every conv neuron's
-learned image ``LI_n = g_n · x ⊙ ∂z_n/∂x`` (SPEC §1), each reduced on the fly to the same fused
-statistics as the engine (``nns_cuda.reference.stats.STAT_NAMES``), or, for filter images,
+"""What a user would do without nns_cuda: three ways to get every conv neuron's
+learned image ``LI_n = g_n · x ⊙ ∂z_n/∂x`` (docs/spec.md §1), each reduced on the fly to the same fused
+statistics as the engine (``nns_cuda.ops.reference.stats.STAT_NAMES``), or, for filter images,
 ``L^k = x ⊙ VJP(g ⊙ a^k)``.
 
 * :class:`CaptumLoop` — ``captum.attr.NeuronGradient``, one neuron per call (a batch of images
@@ -28,8 +28,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from nns_cuda.graph import ScanGraph, build_graph
-from nns_cuda.reference.stats import NUM_STATS
+from nns_cuda.engine.graph import ScanGraph, build_graph
+from nns_cuda.ops.reference.stats import NUM_STATS
 
 from .common import neuron_gates, precision, sync
 

@@ -1,4 +1,4 @@
-"""Filter-image workloads (issue 4): ``L^k = Σ a^k · LI_k`` (SPEC §1) of every filter of every
+"""Filter-image workloads: ``L^k = Σ a^k · LI_k`` (docs/spec.md §1) of every filter of every
 conv layer, with the strategy the engine picks (``strategy="auto"``), against the batched
 reverse-VJP baseline (cotangent ``g ⊙ a^k`` per filter, :class:`bench_baselines.ReverseVJP`).
 

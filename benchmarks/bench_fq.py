@@ -1,4 +1,4 @@
-"""Data-set feature quantity (FQ) over many images: time and memory (issue 5's acceptance run).
+"""Data-set feature quantity (FQ) over many images: time and memory (the 1,000-image acceptance run).
 
 ``nns_cuda.fq.FeatureQuantity().fit`` on ``vgg16_cifar`` (random weights, seed 0) over the first
 ``--images`` samples of the embedded cluttered-digits training split (generated on the spot),
@@ -39,7 +39,8 @@ def _peak_gib() -> float:
 
 def run(images: int, batch: int, model_name: str = "vgg16_cifar", n_layers: int = 13,
         device: str = "cpu", log_every: int = 5, verbose: bool = True) -> Dict[str, Any]:
-    from nns_cuda import data, fq, models
+    from nns_cuda import data, models
+    from nns_cuda.analysis import fq
 
     torch.manual_seed(0)
     model = models.build(model_name).eval().to(device)
@@ -61,7 +62,7 @@ def run(images: int, batch: int, model_name: str = "vgg16_cifar", n_layers: int 
             seen += b[0].shape[0]
             yield b
 
-    res = fq.FeatureQuantity(batch_size=batch).fit(model, logged(loader), relus)
+    res = fq.FeatureQuantity(batch_size=batch).fit(model, logged(loader), relus).result_
     seconds = time.perf_counter() - t0
     last = res[relus[-1]]
     return {

@@ -1,6 +1,6 @@
 """Batched GMM model selection (nns_cuda.gmm.select_k) vs a scikit-learn loop over filters.
 
-The issue's configuration: one 512-filter layer, 1,000 samples, K_max = 10 (mixtures with
+The goal's configuration: one 512-filter layer, 1,000 samples, K_max = 10 (mixtures with
 k = 2 … 10 for every filter, CH index, best k). Goal: the batched torch EM at least 20× faster
 than looping ``sklearn.mixture.GaussianMixture`` over the filters on the 2-core CPU machine.
 
@@ -64,7 +64,7 @@ def load_average() -> List[float]:
 
 
 def time_torch(points: torch.Tensor, k_max: int, repeat: int, device: str, strategy: str) -> Dict[str, float]:
-    from nns_cuda import gmm
+    from nns_cuda.analysis import gmm
 
     pts = points.to(device)
     gmm.select_k(pts[:8], k_max=k_max, strategy=strategy, warn=False)  # warm-up
@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     except ImportError:  # e.g. a GPU machine without scikit-learn: compare with torch on the CPU
         skv = None
 
-    from nns_cuda import gmm
+    from nns_cuda.analysis import gmm
 
     load0 = load_average()
     points = make_points(f_n, a.samples, seed=0)
@@ -136,7 +136,7 @@ def main(argv=None) -> int:
         return 1
 
     # ---- timing
-    from nns_cuda import _gmm_em
+    from nns_cuda.analysis import _gmm_em
 
     rows = []
     threads0 = torch.get_num_threads()

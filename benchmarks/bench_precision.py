@@ -1,4 +1,4 @@
-"""Precision and conv-algorithm measurements (issue 3): the error of every ``precision`` /
+"""Precision and conv-algorithm measurements: the error of every ``precision`` /
 ``conv_algorithm`` pair of :class:`nns_cuda.Scanner` against float32 and float64, and its time.
 
     python -m benchmarks.bench_precision --device cpu --models vgg16_32 --json OUT.json
@@ -10,7 +10,7 @@ standard normal ``[B, 3, 32, 32]`` (seed 1) with a box foreground mask (the cent
 ``benchmarks.common.make_inputs``). Layers: the ReLU after every conv (all 13 for VGG-16).
 
 For each configuration the forward strategy runs once with the scan's own machinery
-(``_Forward`` / ``_PatchEngine``, exactly what :meth:`Scanner.scan` runs) so that the
+(``ForwardPass`` / ``PatchPropagator``, exactly what :meth:`Scanner.scan` runs) so that the
 learned-image patches of all layers can be compared, not only their reductions:
 
 * ``img``: relative Frobenius error of the learned images, ``‖LI − LI_ref‖_F / ‖LI_ref‖_F``
@@ -42,9 +42,12 @@ import torch
 
 import nns_cuda
 from nns_cuda import models as zoo
-from nns_cuda.engine import (_Forward, _PatchEngine, _default_budget, _gemm_max_elems, _matmul_precision,
-                             resolve_backend, resolve_conv_algorithm, resolve_precision)
-from nns_cuda.reference.stats import NUM_STATS, STAT_NAMES
+from nns_cuda.engine.forward import ForwardPass
+from nns_cuda.engine.memory import default_budget, gemm_max_elems
+from nns_cuda.engine.options import matmul_precision, resolve_backend, resolve_conv_algorithm, resolve_precision
+from nns_cuda.engine.patches import fold_filter_images
+from nns_cuda.engine.propagate import PatchPropagator
+from nns_cuda.ops.reference.stats import NUM_STATS, STAT_NAMES
 
 from .common import Workload, conv_layer_names, env_info, make_inputs, sync, write_json
 
@@ -68,29 +71,28 @@ def _run(model, x, fg, names, precision: str, algo: str,
     direct kernels where it does not pay, ``gemm`` for grouped convolutions)."""
     sc = nns_cuda.Scanner(model, names, precision=precision, conv_algorithm=algo, stats=True)
     graph = sc.graph(x)
-    nodes = sc._nodes(graph)
+    nodes = sc.layer_nodes(graph)
     prec, storage, out_dtype = resolve_precision(precision, x)
     algo_r = resolve_conv_algorithm(algo, x.device, prec)
     backend = resolve_backend("auto", x.device)
-    B = x.shape[0]
-    D, H, W = x.shape[1:]
     res: Dict[str, Dict[str, torch.Tensor]] = {}
-    with torch.no_grad(), _matmul_precision(prec, x.device):
+    with torch.no_grad(), matmul_precision(prec, x.device):
         sync(device)
         t0 = time.perf_counter()
-        fwd = _Forward(graph, x, False)
-        eng = _PatchEngine(graph, fwd, x, backend, [g.idx for g in nodes], storage, algo_r,
-                           _gemm_max_elems(_default_budget(x.device), storage))
-        reps = eng.run({})
+        fwd = ForwardPass(graph, x, False)
+        prop = PatchPropagator(graph, fwd, x, backend, [g.idx for g in nodes], storage, algo_r,
+                               gemm_max_elems(default_budget(x.device), storage))
+        patches = prop.run()
         for n, g in zip(names, nodes):
-            r = reps[g.idx]
-            res[n] = {"patches": r.t, "stats": eng.O.li_stats(r.t, r.ay, r.ax, x, fg.to(x.dtype)).to(out_dtype)}
+            p = patches[g.idx]
+            stats = prop.ops.li_stats(p.data, p.ay, p.ax, x, fg.to(x.dtype)).to(out_dtype)
+            res[n] = {"patches": p.data, "stats": stats}
         sync(device)
         elapsed = time.perf_counter() - t0
         for n, g in zip(names, nodes):
-            r = reps[g.idx]
-            res[n]["filters"] = sc._fold(eng.O, g, r, fwd, B, D, H, W, graph).to(out_dtype)
-    used = list((getattr(eng, "used", None) or {}).values())
+            res[n]["filters"] = fold_filter_images(prop.ops, g, patches[g.idx], fwd.value(g),
+                                                   graph.input_shape).to(out_dtype)
+    used = list(prop.conv_ops_used.values())
     return res, elapsed, {k: used.count(k) for k in dict.fromkeys(used)}
 
 

@@ -1,5 +1,5 @@
-"""Scan workloads (issue 4): every conv neuron's learned image reduced to the fused statistics
-(``nns_cuda.reference.stats.STAT_NAMES``) with a box foreground mask, by the engine's
+"""Scan workloads: every conv neuron's learned image reduced to the fused statistics
+(``nns_cuda.ops.reference.stats.STAT_NAMES``) with a box foreground mask, by the engine's
 backends (forward strategy) and by the three user baselines of :mod:`benchmarks.bench_baselines`.
 
 Per method and precision: a correctness check on the check batch against the reference
@@ -28,7 +28,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 
 import nns_cuda
-from nns_cuda.engine import CONV_ALGORITHMS
+from nns_cuda.engine.options import CONV_ALGORITHMS
 
 from . import bench_baselines as BL
 from .common import (FP32_TOL, TF32_FLAG, FloorCount, Workload, build_model, conv_layer_names, count_floor,

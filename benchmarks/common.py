@@ -1,8 +1,8 @@
 """Shared benchmark machinery: environment header, precision switches, timing and peak memory,
-measured machine peaks, the workloads, the gated FLOP / byte floor (DESIGN §2), statistics
+measured machine peaks, the workloads, the gated FLOP / byte floor (``benchmarks/NOTES.md``, "Floors"), statistics
 comparison, JSON and markdown output.
 
-Nothing here asserts a speed goal: figures are measured and reported (issue 4).
+Nothing here asserts a speed goal: figures are measured and reported.
 """
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import nns_cuda
-from nns_cuda.graph import ACTIVATIONS, GNode, ScanGraph, build_graph
-from nns_cuda.reference.stats import NUM_STATS, STAT_INDEX, li_stats_dense
+from nns_cuda.engine.graph import ACTIVATIONS, GNode, ScanGraph, build_graph
+from nns_cuda.ops.reference.stats import NUM_STATS, STAT_INDEX, li_stats_dense
 
 from .bench_summary import method_label  # torch-free, so that the summary works without torch
 
@@ -233,7 +233,7 @@ def time_runs(fn: Callable[[], Any], device: str, repeats: int, warmup: int = 1,
 
 def measure_peaks(device: str, quick: bool = False) -> Dict[str, Any]:
     """Peak matmul throughput (fp32, tf32, bf16 on CUDA; fp32 on CPU) and copy bandwidth
-    (bytes read + written per second), measured in this run (DESIGN §2 floors)."""
+    (bytes read + written per second), measured in this run (for the floors)."""
     res: Dict[str, Any] = {"device": device}
     if device == "cuda":
         n, reps = (4096, 3) if quick else (8192, 5)
@@ -396,7 +396,7 @@ NEURON_SETS = ("conv", "act")
 
 def conv_layer_names(model: nn.Module, x: torch.Tensor, first: Optional[int] = None,
                      neurons: str = "conv") -> List[str]:
-    """Scan addresses (SPEC §0) of the model's conv nodes in forward order (``neurons="conv"``),
+    """Scan addresses (docs/spec.md §0) of the model's conv nodes in forward order (``neurons="conv"``),
     or of the activations that follow them (``"act"``: the first ReLU reached from each conv
     through BN / ``+`` / identity nodes with a single user, each once; a conv with no such
     ReLU stays). ``first``: only the first n conv layers."""
@@ -436,7 +436,7 @@ class NodeCount:
 
 @dataclass
 class FloorCount:
-    """Useful work of the forward patch strategy (DESIGN §2) for one batch."""
+    """Useful work of the forward patch strategy (``benchmarks/NOTES.md``, "Floors") for one batch."""
 
     batch: int
     flops: int
@@ -457,7 +457,7 @@ class FloorCount:
 
 
 def _neuron_gate_active(graph: ScanGraph, g: GNode, values: Dict[Any, Any]) -> Optional[torch.Tensor]:
-    """Where ``g_n != 0`` for the neurons of ``g`` (SPEC §1): the gate of the activation that
+    """Where ``g_n != 0`` for the neurons of ``g`` (docs/spec.md §1): the gate of the activation that
     follows directly, else None (g_n = 1)."""
     u = graph.gate_user(g)
     if u is None:
@@ -488,7 +488,7 @@ def _window_elems(g: GNode, D: int, H: int, W: int) -> int:
 def count_floor(model: nn.Module, x: torch.Tensor, layers: Sequence[str], elem_bytes: int = 4,
                 stats: bool = True, filters: bool = False) -> FloorCount:
     """Gated FLOPs and bytes of the forward patch strategy for the learned images of ``layers``
-    on the batch ``x`` (DESIGN §2).
+    on the batch ``x`` (``benchmarks/NOTES.md``, "Floors").
 
     A neuron is *active* when its learned image can be non-zero: input entries ``x != 0``; conv /
     pool outputs with at least one active input (neuron, tap) pair and ``g_n != 0`` for a conv
@@ -640,7 +640,7 @@ def reverse_flops(model: nn.Module, x: torch.Tensor, layers: Sequence[str]) -> i
     """Dense (ungated) FLOPs of the reverse strategy for filter images: one input-gradient pass
     per filter of each requested layer, i.e. Σ_l C_l · Σ_{conv/linear j before l} 2·MACs_j
     (the input gradient of a conv costs what its forward costs). A rough lower bound for
-    comparing strategies, not the DESIGN floor."""
+    comparing strategies, not the gated floor."""
     graph = build_graph(model, x[:1])
     fw: Dict[int, int] = {}
     acc = 0
@@ -658,7 +658,7 @@ def reverse_flops(model: nn.Module, x: torch.Tensor, layers: Sequence[str]) -> i
 
 # ----------------------------------------------------------------------------- statistics
 def neuron_gates(graph: ScanGraph, names: Sequence[str], values: Dict[Any, Any]) -> Dict[str, torch.Tensor]:
-    """``g_n`` (SPEC §1) of every neuron of each named node from forward ``values``: the slope of
+    """``g_n`` (docs/spec.md §1) of every neuron of each named node from forward ``values``: the slope of
     the activation that follows directly (ReLU: ``1[z > 0]``), else ones. ``{name: [B, *shape]}``."""
     out = {}
     for n in names:
@@ -735,8 +735,8 @@ def stats_rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def dense_stats(li: torch.Tensor, x: torch.Tensor, fg: torch.Tensor) -> torch.Tensor:
-    """Statistics of dense learned images ``li [B, n, D, H, W]`` (SPEC §2–§3 definitions in
-    ``nns_cuda.reference.stats``): ``[B, n, NUM_STATS]``."""
+    """Statistics of dense learned images ``li [B, n, D, H, W]`` (docs/spec.md §2–§3 definitions in
+    ``nns_cuda.ops.reference.stats``): ``[B, n, NUM_STATS]``."""
     return li_stats_dense(li, x, fg)
 
 

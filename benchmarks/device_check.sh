@@ -1,18 +1,18 @@
 #!/usr/bin/env bash
-# The one script to run on a GPU machine (DESIGN §5): build the extension in place, run the CUDA
-# tests, compute-sanitizer (memcheck + racecheck) on a small scan, the benchmark suite, and print
-# a summary last.
+# The one script to run on a GPU machine (README "Backends and building for CUDA"): build the
+# extension in place, run the CUDA tests, compute-sanitizer (memcheck + racecheck) on a small
+# scan, the benchmark suite, and print a summary last.
 #
 #   benchmarks/device_check.sh OUT_DIR        (or with $OUT set: benchmarks/device_check.sh)
 #
-# Leaves 6 files in OUT_DIR, no subfolders (the device tool returns at most 8): summary.txt,
+# Leaves 6 files in OUT_DIR, no subfolders (a GPU run returns at most 8 files): summary.txt,
 # bench.json, bench.md, precision.json, tune.json, and logs.tar.gz holding build.log tests.log
 # tests.xml precision.log sanitizer.log bench.log (packed after the summary has read them). Every
 # step runs under `timeout`; a failing step does not stop the others. Time budget (H200, total
 # NNS_CHECK_SECONDS, default 450 s of the 8 min):
 #   build ~60-120 s (cap 200) · tests ~30-60 s (cap 110; the CUDA cases of the op tests,
 #   conv_li_gather's included, and of the whole-model backend oracles for every conv algorithm)
-#   · precision (issue 3, not yet timed on a GPU): the CUDA cases of the conv_li_gemm /
+#   · precision (not yet timed on a GPU): the CUDA cases of the conv_li_gemm /
 #   conv_li_gather / precision tests (cap 40) and benchmarks/bench_precision.py on VGG-16 @32,
 #   fp32 / tf32 / bf16 / fp16 x gather / gemm / direct against fp32 and fp64, error and time (cap
 #   60; it writes precision.json after every configuration, tf32 / fp32 gather first, then the
@@ -49,7 +49,7 @@ left() { echo $(( TOTAL - ($(now) - T_START) )); }
 cap() { local c=$1 r=${2:-0} l; l=$(( $(left) - r )); [ "$l" -lt "$c" ] && c=$l; [ "$c" -lt 10 ] && c=10; echo "$c"; }
 stamp() { echo "[$(( $(now) - T_START )) s] $*"; }
 
-# captum is not installed on the GPU machines: the lead carries a wheel in .whl/
+# captum is not installed on the GPU machines: bring its wheel in .whl/
 if ls .whl/*.whl >/dev/null 2>&1; then
   "$PY" -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null \
     && export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
@@ -103,7 +103,7 @@ else
 fi
 echo "== pytest rc=$TESTS_RC" >> "$OUT_DIR/tests.log"
 
-# ------------------------------------------------------------------ 2b. precision (issue 3)
+# ------------------------------------------------------------------ 2b. precision
 stamp "precision" >&2
 {
   echo "== CUDA cases of tests/test_conv_li_gemm.py tests/test_conv_li_gather.py tests/test_precision.py" \
@@ -168,7 +168,7 @@ timeout 60 "$PY" -m benchmarks.bench_summary "$OUT_DIR" --build-seconds "$BUILD_
   > "$OUT_DIR/summary.txt" 2>&1
 {
   echo
-  echo "== precision (issue 3): $(grep -E '^== (pytest|bench_precision) rc=' "$OUT_DIR/precision.log" | tr '\n' ' ')"
+  echo "== precision: $(grep -E '^== (pytest|bench_precision) rc=' "$OUT_DIR/precision.log" | tr '\n' ' ')"
   if [ -f "$OUT_DIR/precision.json" ]; then
     timeout 30 "$PY" -m benchmarks.bench_precision --render "$OUT_DIR/precision.json"
   else

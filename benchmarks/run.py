@@ -1,4 +1,4 @@
-"""The benchmark suite's entry point (issue 4, DESIGN §4 habit 9).
+"""The benchmark suite's entry point (correctness first, then timing; ``benchmarks/NOTES.md``).
 
     python -m benchmarks.run [--quick] [--device cpu|cuda] [--json out.json] [--markdown out.md]
                              [--workloads vgg16_32,resnet18_32,...] [--methods cuda,dense,...]
@@ -8,7 +8,7 @@
 For each workload and method: a correctness check against the reference backend (fp32 within
 1e-4 relative per statistic; tf32 errors are measured and reported), then timing (CUDA events
 after a warm-up, or ``time.perf_counter`` on the CPU; median of repeats), peak memory, useful
-GFLOP/s and the fraction of the gated floor (DESIGN §2) with peaks measured in the same run.
+GFLOP/s and the fraction of the gated floor (``benchmarks/NOTES.md``, "Floors") with peaks measured in the same run.
 The JSON holds the machine, versions, commit, date, peaks and every row; the markdown table is
 printed last. Speed goals are reported as measured, never asserted.
 
@@ -43,7 +43,7 @@ from .bench_scan import ALL_METHODS, CONV_ALGORITHMS, Options, log, run_stats_wo
 
 SCHEMA = "nns_cuda.bench/1"
 
-#: The issue's goals (reported, never asserted): (workload, precision, ratio, target).
+#: The GPU speed goals (reported, never asserted): (workload, precision, ratio, target).
 CUDA_GOALS = [("vgg16_32", 10.0), ("resnet18_32", 10.0), ("vgg16_64", 20.0)]
 CAPTUM_GOAL = 10_000.0
 FLOOR_GOAL = 3.0
@@ -123,7 +123,7 @@ def _options(a: argparse.Namespace, device: str) -> Options:
 
 
 def goals(rows: Sequence[Dict[str, Any]], device: str) -> List[Dict[str, Any]]:
-    """The issue's speed goals, evaluated on the measured rows (reported, never asserted).
+    """The speed goals, evaluated on the measured rows (reported, never asserted).
     Where a method has several rows at one precision (one per conv algorithm): the row of the
     engine's default (``requested_algorithm`` ``auto``, or none recorded), else the fastest; on
     CUDA the fastest row is evaluated too when it is not the default's (tagged with its
@@ -215,7 +215,8 @@ def render_markdown(doc: Dict[str, Any]) -> str:
         lines.append(f"- `{name}`: {w['description']}; {n:,} {unit}/image; floor per image "
                      f"{fl.get('flops', 0) / 1e9:,.1f} GFLOP, {fl.get('bytes', 0) / 1e9:,.3g} GB; batch {w['batch']}")
     lines.append("")
-    lines.append("s/image, neurons/s (filters/s for filter workloads), useful GFLOP/s and the floor are per DESIGN §2; "
+    lines.append("s/image, neurons/s (filters/s for filter workloads), useful GFLOP/s and the floor are as in "
+                 "benchmarks/NOTES.md (Floors); "
                  "'vs dense' = dense forward's s/image at the same precision / this row's; 'vs captum' = Captum "
                  "loop's (fp32) / this row's; sampled baselines are extrapolated (notes). Engine rows name the "
                  "conv algorithm: 'cuda (gather)' ran the requested gather, 'cuda (auto→gemm)' the engine's "
@@ -223,7 +224,7 @@ def render_markdown(doc: Dict[str, Any]) -> str:
     lines.append("")
     lines.append(C.markdown_table(doc["rows"]))
     if doc.get("goals"):
-        lines += ["", "### Goals (issue 4) — measured, not asserted", "", "| goal | target | measured | met |",
+        lines += ["", "### Goals — measured, not asserted", "", "| goal | target | measured | met |",
                   "|---|---|---|---|"]
         for g in doc["goals"]:
             m = g["measured"]

@@ -67,7 +67,7 @@ def compile_variant(variant: str, has_mul: bool, cfg: Tuple[int, int, int, int, 
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from nns_cuda import _triton_conv as T
+    from nns_cuda.ops import _triton_conv as T
 
     if T.triton is None:
         raise RuntimeError(f"triton_aot: Triton is not installed ({T.TRITON_ERROR})")
@@ -110,8 +110,8 @@ def _ptxas_usage(ptx: str, arch: int) -> Tuple[Optional[int], Optional[int], Opt
 
 
 def heuristic_configs(variant: str) -> List[Tuple[int, int, int, int, int]]:
-    """Every configuration :func:`nns_cuda._triton_conv._launch_config` can pick for ``variant``."""
-    from nns_cuda import _triton_conv as T
+    """Every configuration :func:`nns_cuda.ops._triton_conv._launch_config` can pick for ``variant``."""
+    from nns_cuda.ops import _triton_conv as T
 
     fma = VARIANTS[variant][2] == "ieee"
     out: List[Tuple[int, int, int, int, int]] = []

@@ -6,12 +6,12 @@ cuBLAS gather (``conv_li_gather``) on the same layer.
 (``--device cpu`` with small ``--channels / --grid / --image`` runs it under Triton's CPU
 interpreter, ``TRITON_INTERPRET=1``: the smoke test of ``tests/test_benchmarks.py``.)
 
-The layer is the shape that carries most of the gated FLOPs of VGG-16 @32 (DESIGN §2 floors,
+The layer is the shape that carries most of the gated FLOPs of VGG-16 @32 (the floors of
 ``benchmarks/NOTES.md``): a 3×3 / pad 1 conv on an 8×8 grid, 256 → 256 channels, every window
 the whole 3×32×32 image, half of the input neurons active, no output gate (a conv followed by
 BN), random values. Per precision (fp32: IEEE products; tf32: torch's TF32 switch on), the
 gather is timed, then ``conv_li_implicit`` for each (BM, BN, BK, num_warps, num_stages)
-configuration (``nns_cuda._triton_conv.CONFIG_OVERRIDE``), each checked against the gather
+configuration (``nns_cuda.ops._triton_conv.CONFIG_OVERRIDE``), each checked against the gather
 first (max relative difference; tf32 rows are compared with the fp32 gather). Times: CUDA events,
 one warm-up run (it includes Triton's compilation), median of 3. Useful GFLOP/s count the
 active (input, tap) pairs only. Stops starting configurations after ``--time-limit`` seconds.
@@ -48,7 +48,7 @@ def make_layer(batch: int, channels: int = 256, grid: int = 8, image: int = 32, 
 
 
 def useful_flops(args: Dict[str, Any]) -> int:
-    """2 · pe · Σ over output neurons of their active (input, tap) pairs (the DESIGN §2 count)."""
+    """2 · pe · Σ over output neurons of their active (input, tap) pairs (the floor's count)."""
     a = args["in_active"].to(torch.float64)
     Co, Cig, kh, kw = args["weight"].shape
     pairs = torch.nn.functional.conv2d(a, torch.ones(1, Cig, kh, kw, dtype=torch.float64, device=a.device),
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     if a.device == "cuda" and not torch.cuda.is_available():
         print("tune_implicit: no CUDA device")
         return 3
-    from nns_cuda import _triton_conv as T
+    from nns_cuda.ops import _triton_conv as T
     from nns_cuda import ops
 
     t0 = time.time()

@@ -1,4 +1,4 @@
-"""``python -m nns_cuda`` — the same as the ``nns`` command (see :mod:`nns_cuda.cli`)."""
+"""``python -m nns_cuda`` — the same as the ``nns`` command (see :mod:`nns_cuda.app.cli`)."""
 import sys
 
 from nns_cuda.app.cli import main

@@ -1,5 +1,7 @@
 """Independent oracles for the engine tests: plain autograd on the real model, frozen network by
-hooks. Nothing here imports nns_cuda's engine."""
+hooks. None of them uses the engine's propagation: the dense autograd oracles of
+:mod:`nns_cuda.engine.oracle` (re-exported here) share no code with it, and the helpers below
+run the real model through module hooks (:mod:`nns_cuda._modules`)."""
 from __future__ import annotations
 
 import copy
@@ -7,6 +9,9 @@ import copy
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from nns_cuda._modules import layer_outputs
+from nns_cuda.engine.oracle import autograd_filter_images, autograd_learned_images, autograd_scan  # noqa: F401
 
 
 def no_inplace(model: nn.Module) -> nn.Module:
@@ -19,16 +24,10 @@ def no_inplace(model: nn.Module) -> nn.Module:
 
 def module_output_fn(model: nn.Module, name: str, call: int = 0, post=None):
     """f(x) -> output of module `name` (its `call`-th call), optionally transformed by `post`."""
-    mod = dict(model.named_modules())[name]
+    address = f"{name}:{call}"
 
     def f(x):
-        box = []
-        h = mod.register_forward_hook(lambda m, i, o: box.append(o))
-        try:
-            model(x)
-        finally:
-            h.remove()
-        out = box[call]
+        out = layer_outputs(model, x, [address])[1][address]
         return post(out) if post is not None else out
 
     return f
@@ -59,7 +58,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 class FrozenRecorder:
-    """Frozen network with biases (SPEC §1 identity 2): record ReLU gates and max-pool arg-max on x,
+    """Frozen network with biases (docs/spec.md §1 identity 2): record ReLU gates and max-pool arg-max on x,
     then replay them on another input with every ReLU -> multiply by the recorded gate and every
     max-pool -> gather of the recorded arg-max."""
 
@@ -79,12 +78,7 @@ class FrozenRecorder:
                                           mod.ceil_mode, return_indices=True)
                     idx.append(ind)
                 handles.append(m.register_forward_hook(hk))
-        try:
-            with torch.no_grad():
-                self.model(x)
-        finally:
-            for h in handles:
-                h.remove()
+        _run_hooked(self.model, x, handles)
         self.gates, self.idx = gates, idx
 
     def replay(self, x0, name: str, call: int = 0):
@@ -108,10 +102,15 @@ class FrozenRecorder:
                 handles.append(m.register_forward_hook(hp))
         target = dict(self.model.named_modules())[name]
         handles.append(target.register_forward_hook(lambda m, i, o: box.append(o.clone())))
-        try:
-            with torch.no_grad():
-                self.model(x0)
-        finally:
-            for h in handles:
-                h.remove()
+        _run_hooked(self.model, x0, handles)
         return box[call]
+
+
+def _run_hooked(model: nn.Module, x: torch.Tensor, handles) -> None:
+    """Run ``model(x)`` without autograd, then remove the hooks ``handles`` (whatever happens)."""
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()

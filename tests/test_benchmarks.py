@@ -1,4 +1,4 @@
-"""The benchmark harness (issue 4): the gated FLOP / byte floor against a brute-force count, and a
+"""The benchmark harness: the gated FLOP / byte floor against a brute-force count, and a
 smoke run of ``benchmarks.run.main`` on a tiny workload (JSON schema, correctness checked before
 timing, a wrong method detected)."""
 from __future__ import annotations
@@ -142,7 +142,7 @@ def test_count_floor_matches_brute_force():
 
 
 def test_baseline_stats_reduction_matches_reference_definition():
-    """The baselines' on-the-fly reduction equals nns_cuda.reference.stats.li_stats_dense."""
+    """The baselines' on-the-fly reduction equals nns_cuda.ops.reference.stats.li_stats_dense."""
     torch.manual_seed(1)
     B, n, D, H, W = 2, 5, 3, 4, 5
     x = torch.randn(B, D, H, W, dtype=torch.float64)
@@ -223,7 +223,7 @@ def test_wrong_method_is_caught_before_timing(tmp_path, monkeypatch):
 
 
 def test_bench_fq_streams_and_logs(tmp_path):
-    """benchmarks.bench_fq (issue 5's data-set FQ run) on a tiny configuration: every sample
+    """benchmarks.bench_fq (the data-set FQ run) on a tiny configuration: every sample
     counted, one log row per batch, memory fields present, JSON written."""
     import json
 

@@ -1,4 +1,4 @@
-"""The Captum drop-in equals Captum itself (SPEC §1, identity 1):
+"""The Captum drop-in equals Captum itself (docs/spec.md §1, identity 1):
 
     NeuronLearnedImage(model, layer).attribute(x, sel) == NeuronGradient(model, layer).attribute(x, sel) * x
 

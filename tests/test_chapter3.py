@@ -1,5 +1,6 @@
-"""Tests of nns_cuda.chapter3 (SPEC §2): every measure against a direct numpy implementation written
-here, on learned images from plain per-neuron autograd (SPEC §1, identity 1), plus bad input."""
+"""Tests of nns_cuda.chapter3 (docs/spec.md §2): every measure against a direct numpy implementation
+written here, on learned images from plain per-neuron autograd (docs/spec.md §1, identity 1; the
+oracle ``dense_li`` shared with test_fq.py), plus bad input."""
 from __future__ import annotations
 
 import json
@@ -8,23 +9,17 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from nns_cuda.analysis import chapter3 as c3
 from nns_cuda.engine.oracle import autograd_filter_images, autograd_learned_images, autograd_scan
+from test_fq import batches
+from test_fq import dense_li as dense_li_t
+from test_fq import gap_net as net
 
 
 # --------------------------------------------------------------------------------------------
 # fixtures and oracles
 # --------------------------------------------------------------------------------------------
-def net(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 5),
-    ).double().eval()
-
-
 def make_data(n=7, seed=0, zero=()):
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(n, 3, 8, 8, generator=g, dtype=torch.float64)
@@ -37,32 +32,10 @@ def make_data(n=7, seed=0, zero=()):
     return x, y, mask
 
 
-def batches(x, y, mask, sizes):
-    out, s = [], 0
-    for b in sizes:
-        out.append((x[s:s + b], y[s:s + b], mask[s:s + b]))
-        s += b
-    return out
-
-
 def dense_li(model, x, layer):
     """Per-neuron autograd: LI_n = x * d(a_n)/dx -> ([B, *shape, D, H, W], a [B, *shape]) as numpy."""
-    mod = dict(model.named_modules())[layer]
-    store = {}
-    h = mod.register_forward_hook(lambda m, i, o: store.__setitem__("a", o))
-    xg = x.clone().requires_grad_(True)
-    try:
-        model(xg)
-    finally:
-        h.remove()
-    a = store["a"]
-    flat = a.flatten(1)
-    out = []
-    for n in range(flat.shape[1]):
-        (g,) = torch.autograd.grad(flat[:, n].sum(), xg, retain_graph=True)
-        out.append(x * g)
-    li = torch.stack(out, 1).reshape(x.shape[0], *a.shape[1:], *x.shape[1:]).detach()
-    return li.numpy(), a.detach().numpy()
+    li, a = dense_li_t(model, x, layer)
+    return li.numpy(), a.numpy()
 
 
 def np_bilinear(a, H, W):
@@ -89,7 +62,7 @@ def test_knowledge_quantity_matches_numpy():
     model = net()
     x, y, mask = make_data(6, seed=1, zero=(3,))
     with pytest.warns(c3.ZeroInputWarning, match="left out"):
-        res = c3.KnowledgeQuantity(scan_fn=autograd_scan).fit(model, batches(x, y, mask, (2, 4)), ["1", "2", "4", "7"])
+        res = c3.KnowledgeQuantity(scan_fn=autograd_scan).fit(model, batches(x, y, mask, (2, 4)), ["1", "2", "4", "7"]).result_
     xs = x.numpy()
     for layer in ["1", "2", "4", "7"]:
         li, _ = dense_li(model, x, layer)
@@ -125,7 +98,7 @@ def test_input_distances_match_numpy(n_reference, sizes):
     model = net(seed=2)
     x, y, mask = make_data(7, seed=2)
     res = c3.InputDistance(scan_fn=autograd_scan, li_fn=autograd_learned_images, n_reference=n_reference,
-                           max_neurons=40, chunk=16).fit(model, batches(x, y, mask, sizes), ["4", "7"])
+                           max_neurons=40, chunk=16).fit(model, batches(x, y, mask, sizes), ["4", "7"]).result_
     xs = x.numpy().reshape(7, -1)
     pool = list(range(min(n_reference, 7)))
     for layer in ["4", "7"]:
@@ -162,7 +135,7 @@ def test_winner_matrix_matches_numpy():
     model = net(seed=3)
     x, y, mask = make_data(9, seed=3)
     y = torch.tensor([0, 1, 1, 2, 0, 4, 4, 4, 1])  # class 3 absent
-    res = c3.WinnerDistance(scan_fn=autograd_scan).fit(model, batches(x, y, mask, (4, 5)))
+    res = c3.WinnerDistance(scan_fn=autograd_scan).fit(model, batches(x, y, mask, (4, 5))).result_
     li, _ = dense_li(model, x, "7")
     xs = x.numpy().reshape(9, -1)
     v = li.reshape(9, 5, -1)
@@ -207,7 +180,7 @@ def test_feature_map_correlation_matches_numpy():
     model = net(seed=4)
     x, y, mask = make_data(5, seed=4)
     layers = ["1", "2", "4"]
-    res = c3.FeatureMapCorrelation(filter_fn=autograd_filter_images).fit(model, batches(x, y, mask, (2, 3)), layers)
+    res = c3.FeatureMapCorrelation(filter_fn=autograd_filter_images).fit(model, batches(x, y, mask, (2, 3)), layers).result_
     for layer in layers:
         li, a = dense_li(model, x, layer)              # [B, K, h, w, D, H, W], [B, K, h, w]
         per_sample, fs, fc = [], np.zeros(a.shape[1]), np.zeros(a.shape[1])
@@ -239,7 +212,7 @@ def test_top2_iou_matches_numpy():
     x, y, mask = make_data(4, seed=5)
     x[0] = 0.5  # constant image: interior activations tie exactly -> tie rule (lower flat index first)
     layers = ["1", "4"]
-    res = c3.Top2IoU(li_fn=autograd_learned_images).fit(model, batches(x, y, mask, (1, 3)), layers)
+    res = c3.Top2IoU(li_fn=autograd_learned_images).fit(model, batches(x, y, mask, (1, 3)), layers).result_
     for layer in layers:
         li, a = dense_li(model, x, layer)
         B, K, h, w = a.shape
@@ -263,12 +236,12 @@ def test_top2_iou_matches_numpy():
     json.dumps(res.to_dict(arrays=True))
     # grouping samples into learned-image calls does not change the result
     for cap in (1, 9, 10_000):
-        g = c3.Top2IoU(li_fn=autograd_learned_images, max_neurons_per_call=cap).fit(model, batches(x, y, mask, (4,)), layers)
+        g = c3.Top2IoU(li_fn=autograd_learned_images, max_neurons_per_call=cap).fit(model, batches(x, y, mask, (4,)), layers).result_
         for layer in layers:
             assert math.isclose(g[layer].value, res[layer].value, rel_tol=1e-12)
             np.testing.assert_allclose(g[layer].per_filter.numpy(), res[layer].per_filter.numpy(), rtol=1e-12)
     # the constant image's top-2 first-layer neurons are adjacent (ties) and overlap
-    one = c3.Top2IoU(li_fn=autograd_learned_images).fit(model, [(x[:1], y[:1], mask[:1])], ["1"])
+    one = c3.Top2IoU(li_fn=autograd_learned_images).fit(model, [(x[:1], y[:1], mask[:1])], ["1"]).result_
     assert one["1"].value > 0
 
 
@@ -291,7 +264,9 @@ def test_chapter3_bad_inputs():
     with pytest.raises(TypeError, match="torch.bool"):
         c3.KnowledgeQuantity(scan_fn=autograd_scan).fit(model, [(x, y, mask.long())], ["1"])
     with pytest.raises(ValueError, match="n_reference"):
-        c3.InputDistance(n_reference=1)
+        c3.InputDistance(n_reference=1).fit(model, [(x, y, mask)], ["7"])
+    with pytest.raises(ValueError, match="max_neurons_per_call"):
+        c3.Top2IoU(li_fn=autograd_learned_images, max_neurons_per_call=0).fit(model, [(x, y, mask)], ["1"])
     with pytest.raises(ValueError, match="at least 2 samples"):
         c3.InputDistance(scan_fn=autograd_scan, li_fn=autograd_learned_images).fit(model, [(x[:1], y[:1], mask[:1])], ["7"])
     with pytest.raises(TypeError, match="data must yield batches"):
@@ -310,16 +285,16 @@ def test_cuda_matches_cpu():
     gdata = [(a.cuda(), b.cuda(), c.cuda()) for a, b, c in data]
     for d in (data, gdata):
         pairs = [
-            (c3.KnowledgeQuantity(scan_fn=autograd_scan).fit(model, data, ["1", "4"])["4"].count_ratio,
-             c3.KnowledgeQuantity(scan_fn=autograd_scan).fit(gm, d, ["1", "4"])["4"].count_ratio),
-            (c3.InputDistance(scan_fn=autograd_scan, li_fn=autograd_learned_images, n_reference=3).fit(model, data, ["4"])["4"].unrelated,
-             c3.InputDistance(scan_fn=autograd_scan, li_fn=autograd_learned_images, n_reference=3).fit(gm, d, ["4"])["4"].unrelated),
-            (c3.WinnerDistance(scan_fn=autograd_scan).fit(model, data).winner_distance,
-             c3.WinnerDistance(scan_fn=autograd_scan).fit(gm, d).winner_distance),
-            (c3.FeatureMapCorrelation(filter_fn=autograd_filter_images).fit(model, data, ["2"])["2"].value,
-             c3.FeatureMapCorrelation(filter_fn=autograd_filter_images).fit(gm, d, ["2"])["2"].value),
-            (c3.Top2IoU(li_fn=autograd_learned_images).fit(model, data, ["4"])["4"].value,
-             c3.Top2IoU(li_fn=autograd_learned_images).fit(gm, d, ["4"])["4"].value),
+            (c3.KnowledgeQuantity(scan_fn=autograd_scan).fit(model, data, ["1", "4"]).result_["4"].count_ratio,
+             c3.KnowledgeQuantity(scan_fn=autograd_scan).fit(gm, d, ["1", "4"]).result_["4"].count_ratio),
+            (c3.InputDistance(scan_fn=autograd_scan, li_fn=autograd_learned_images, n_reference=3).fit(model, data, ["4"]).result_["4"].unrelated,
+             c3.InputDistance(scan_fn=autograd_scan, li_fn=autograd_learned_images, n_reference=3).fit(gm, d, ["4"]).result_["4"].unrelated),
+            (c3.WinnerDistance(scan_fn=autograd_scan).fit(model, data).result_.winner_distance,
+             c3.WinnerDistance(scan_fn=autograd_scan).fit(gm, d).result_.winner_distance),
+            (c3.FeatureMapCorrelation(filter_fn=autograd_filter_images).fit(model, data, ["2"]).result_["2"].value,
+             c3.FeatureMapCorrelation(filter_fn=autograd_filter_images).fit(gm, d, ["2"]).result_["2"].value),
+            (c3.Top2IoU(li_fn=autograd_learned_images).fit(model, data, ["4"]).result_["4"].value,
+             c3.Top2IoU(li_fn=autograd_learned_images).fit(gm, d, ["4"]).result_["4"].value),
         ]
         for a, b in pairs:
             assert math.isclose(a, b, rel_tol=1e-9), (a, b)
@@ -341,7 +316,7 @@ def test_engine_default_path_equals_autograd_oracle():
         (c3.Top2IoU(), c3.Top2IoU(li_fn=autograd_learned_images), ["1", "4"], lambda r: [r[l].value for l in ("1", "4")]),
     ]
     for eng, ora, layers, get in eng_oracle:
-        np.testing.assert_allclose(get(eng.fit(model, data, layers)), get(ora.fit(model, data, layers)), rtol=1e-9)
-    a = c3.WinnerDistance().fit(model, data)
-    b = c3.WinnerDistance(scan_fn=autograd_scan).fit(model, data)
+        np.testing.assert_allclose(get(eng.fit(model, data, layers).result_), get(ora.fit(model, data, layers).result_), rtol=1e-9)
+    a = c3.WinnerDistance().fit(model, data).result_
+    b = c3.WinnerDistance(scan_fn=autograd_scan).fit(model, data).result_
     np.testing.assert_allclose(a.dist.numpy(), b.dist.numpy(), rtol=1e-10)

@@ -62,14 +62,14 @@ def test_bad_input_is_one_line_with_exit_2(capsys):
     assert rc == 2 and "neither 'digits' nor an existing folder" in err
 
 
-def test_unavailable_analysis_says_so(monkeypatch, capsys):
-    """A delegate whose module lacks its CLI hooks is listed, and says it is not available."""
-    import nns_cuda.fq as fq
+def test_unavailable_command_says_so(monkeypatch, capsys):
+    """A command whose module lacks ``add_arguments`` is listed, and says it is not available."""
+    from nns_cuda.app.commands import fq
 
-    monkeypatch.delattr(fq, "add_fq_arguments")
+    monkeypatch.delattr(fq, "add_arguments")
     rc, _, err = _run(["fq"], capsys)
     assert rc == 2
-    assert "nns fq: error" in err and "not available" in err and "add_fq_arguments" in err
+    assert "nns fq: error" in err and "not available" in err and "add_arguments" in err
 
 
 def test_python_m_error_path_and_debug(tmp_path):
@@ -118,7 +118,7 @@ def test_scan_zoo_model_on_embedded_digits(tmp_path, capsys):
         ref = m(x).double().mean(0)
     got = torch.tensor([float(r["mean_activation"]) for r in rows], dtype=torch.float64)
     assert torch.allclose(got, ref, rtol=1e-4, atol=1e-5), (got, ref)
-    # completeness (SPEC §1, identity 2): with zero biases a logit's learned image sums to the logit itself
+    # completeness (docs/spec.md §1, identity 2): with zero biases a logit's learned image sums to the logit itself
     assert all(float(p.detach().abs().max()) == 0 for n, p in m.named_parameters() if n.endswith("bias"))
     lisum = torch.tensor([float(r["mean_li_sum"]) for r in rows], dtype=torch.float64)
     assert torch.allclose(lisum, ref, rtol=1e-4, atol=1e-5), (lisum, ref)
@@ -187,3 +187,45 @@ def test_scan_saved_model_on_an_image_folder(tmp_path, capsys):
     rows = list(csv.DictReader(open(out / "neurons_relu.csv")))
     assert len(rows) == 3 * 6 * 6 and rows[7]["index"] == "0:1:1"
     _png(out / "learned_images.png")
+
+
+def test_train_command(tmp_path, capsys):
+    """``nns train`` trains a zoo model with per-epoch checkpoints; a bad model name is one line, exit 2."""
+    import argparse
+
+    from nns_cuda.app.commands import train as train_cmd
+
+    cache = tmp_path / "cache"
+    parser = train_cmd.add_arguments(argparse.ArgumentParser())
+    args = parser.parse_args(["--n-train", "20", "--epochs", "2", "--model", "lenet5",
+                              "--optimizer", "adam", "--lr", "1e-3", "--batch-size", "10",
+                              "--checkpoint-dir", str(tmp_path / "run"), "--cache-dir",
+                              str(cache), "--no-progress", "--num-threads", "1"])
+    assert train_cmd.run(args) == 0
+    out = capsys.readouterr().out
+    assert "well-trained (best val acc)" in out and str(tmp_path / "run" / "epoch_002.pt") in out
+    assert (tmp_path / "run" / "curve.png").is_file()
+    args = parser.parse_args(["--model", "resnet19", "--checkpoint-dir", str(tmp_path / "x"),
+                              "--cache-dir", str(cache), "--n-train", "20"])
+    assert train_cmd.run(args) == 2
+    err = capsys.readouterr().err
+    assert "unknown model 'resnet19'" in err and "resnet18_cifar" in err
+    assert err.startswith("nns train: error:") and err.strip().count("\n") == 0, err
+
+
+def test_bench_runs_the_suite_as_a_process(capfd):
+    """``nns bench`` passes its options to ``python -m benchmarks.run`` in a separate process (the
+    package does not import the benchmarks) and returns its exit status."""
+    imported = "benchmarks.run" in sys.modules
+    assert cli.main(["bench", "--", "--list"]) == 0
+    out = capfd.readouterr().out
+    assert "vgg16_32" in out and "tiny" in out
+    assert ("benchmarks.run" in sys.modules) == imported
+
+
+def test_bench_without_a_checkout_says_so(tmp_path, monkeypatch, capsys):
+    from nns_cuda.app.commands import bench
+
+    monkeypatch.setattr(bench, "__file__", str(tmp_path / "site" / "nns_cuda" / "app" / "commands" / "bench.py"))
+    rc, _, err = _run(["bench", "--quick"], capsys)
+    assert rc == 2 and err.startswith("nns bench: error: nns bench needs a source checkout"), err

@@ -1,4 +1,4 @@
-"""conv_li_implicit (the Triton implicit-gather GEMM, ``nns_cuda/_triton_conv.py``) against the
+"""conv_li_implicit (the Triton implicit-gather GEMM, ``nns_cuda/ops/_triton_conv.py``) against the
 reference.
 
 The kernel is a CUDA kernel; the CPU test suite checks it under Triton's interpreter

@@ -1,4 +1,4 @@
-"""Oracle tests of the engine (SPEC §1 identities) on the issue's model list.
+"""Oracle tests of the engine (docs/spec.md §1 identities) on a list of test models.
 
 Oracles share no code with the engine: plain torch.autograd on the real model through module
 hooks (tests/_oracle.py), Captum's NeuronGradient, and a hook-built frozen network with biases.
@@ -22,7 +22,7 @@ WORST = {}
 
 
 def _leaf_layers(model):
-    """(name, post) for every leaf module, post = the activation that directly follows it (SPEC §1 g_n)."""
+    """(name, post) for every leaf module, post = the activation that directly follows it (docs/spec.md §1 g_n)."""
     out = []
     if isinstance(model, nn.Sequential):
         mods = list(model.named_children())
@@ -99,7 +99,7 @@ def test_captum_neuron_gradient(model_name):
     captum = pytest.importorskip("captum.attr")
     model, x = make(model_name)
     m = no_inplace(model)
-    # modules whose output holds a_n (SPEC §1 identity 1): activations, pools, the final linear layer
+    # modules whose output holds a_n (docs/spec.md §1 identity 1): activations, pools, the final linear layer
     linears = [n for n, mod in m.named_modules() if isinstance(mod, nn.Linear)]
     relus = [n for n, mod in m.named_modules() if isinstance(mod, (nn.ReLU, nn.MaxPool2d))
              and n not in ("relu", "layer1.relu", "layer2.relu")] + linears[-1:]
@@ -186,7 +186,7 @@ def test_selected_neurons_and_dense_agree():
 
 
 def test_block_and_call_addressing():
-    """A block's name addresses its output; a reused module needs name:k (SPEC §0)."""
+    """A block's name addresses its output; a reused module needs name:k (docs/spec.md §0)."""
     model, x = make("small_resnet")
     blk = nns.learned_images(model, x, "layer1", backend="reference")
     want = _oracle(model, x, "layer1", None)

@@ -1,4 +1,4 @@
-"""The whole-model oracles re-run for every backend (issue 3): the C++ (``cpu``) and CUDA
+"""The whole-model oracles re-run for every backend: the C++ (``cpu``) and CUDA
 (``cuda``) backends of the forward strategy against plain autograd on the real model, plus
 statistics and filter images against the reference backend, float64 and float32 — each with
 every conv algorithm (``direct``: the gated kernels, ``gemm``: dense im2col GEMM, ``gather``:
@@ -120,9 +120,9 @@ def test_bn_and_activation_in_one_pass_equal_autograd(backend):
     mods = dict(model.named_modules())
     names = [n for n, _ in _leaf_layers(model) if isinstance(mods.get(n), torch.nn.Conv2d)]
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) and len(names) >= 4
-    from nns_cuda.engine import scanner as E
+    from nns_cuda.engine.propagate import PatchPropagator
     direct = []
-    orig = E._PatchEngine._in_window
+    orig = PatchPropagator.in_window
 
     def spy(self, i, r, g, rh, rw):
         ok = orig(self, i, r, g, rh, rw)
@@ -130,11 +130,11 @@ def test_bn_and_activation_in_one_pass_equal_autograd(backend):
             direct.append((g.name, self.graph.nodes[i].name))
         return ok
 
-    E._PatchEngine._in_window = spy
+    PatchPropagator.in_window = spy
     try:
         res = nns.Scanner(model, names, backend=backend, strategy="forward", keep_images=True, stats=False).scan(x)
     finally:
-        E._PatchEngine._in_window = orig
+        PatchPropagator.in_window = orig
     want = _oracles("small_resnet")
     for n in names:
         assert rel_err(res[n].images, want[n]) <= 1e-10, n
@@ -166,18 +166,18 @@ def test_bn_scale_and_gate_folded_into_the_next_conv(backend, algo, extra, monke
     mask, carried through the max-pool. The images still equal autograd's, and the fold ran
     (convs 3, 7, 10, 13 received a pending input; 0, whose input is the image, did not)."""
     _need(backend) if backend != "reference" else None
-    from nns_cuda.engine import scanner as E
+    from nns_cuda.engine.propagate import PatchPropagator
     from _oracle import autograd_li, no_inplace
 
     model, x = _bn_vgg()
     seen = {}
-    orig = E._PatchEngine.conv
+    orig = PatchPropagator.conv
 
     def spy(self, g, r, scale, gate):
-        seen[g.name] = r.pending is not None
+        seen[g.name] = r.pending_scale is not None
         return orig(self, g, r, scale, gate)
 
-    monkeypatch.setattr(E._PatchEngine, "conv", spy)
+    monkeypatch.setattr(PatchPropagator, "conv", spy)
     names = ["0", "3", "7", "10", "13"] + extra
     res = nns.Scanner(model, names, backend=backend, strategy="forward", keep_images=True, stats=False,
                       conv_algorithm=algo).scan(x)

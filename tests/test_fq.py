@@ -1,6 +1,7 @@
-"""Tests of nns_cuda.fq (SPEC §3): F against an independent numpy implementation of eqs. 4-1 … 4-6,
-the fused-statistics path, the streaming data-set path, DBSCAN / masking, localisation IoU and
-bad input. Learned images come from plain per-neuron autograd written here (SPEC §1, identity 1)."""
+"""Tests of nns_cuda.fq (docs/spec.md §3): F against an independent numpy implementation of eqs. 4-1 … 4-6,
+the fused-statistics path, the streaming data-set path, DBSCAN / masking, localisation IoU, the
+comparison with the thesis (nns_cuda.analysis.thesis.chapter4) and bad input. Learned images come
+from plain per-neuron autograd written here (docs/spec.md §1, identity 1)."""
 from __future__ import annotations
 
 import copy
@@ -15,6 +16,7 @@ import torch.nn.functional as TF
 from torch import nn
 
 from nns_cuda.analysis import fq
+from nns_cuda.analysis.thesis import chapter4
 from nns_cuda.engine.oracle import autograd_filter_images, autograd_learned_images, autograd_scan
 from nns_cuda.ops.reference.stats import li_stats_dense
 
@@ -61,7 +63,7 @@ def np_F_many(li, x, mask, **kw):
 
 
 def dense_li(model, x, layer):
-    """Per-neuron autograd, the brief's recipe: LI_n = x * d(a_n)/dx. -> [B, *shape, D, H, W]."""
+    """Per-neuron autograd: LI_n = x * d(a_n)/dx -> (LI [B, *shape, D, H, W], a [B, *shape])."""
     mod = dict(model.named_modules())[layer]
     store = {}
     h = mod.register_forward_hook(lambda m, i, o: store.__setitem__("a", o))
@@ -288,7 +290,7 @@ def test_streaming_equals_dense_per_sample_path():
     layers = ["1", "4", "6"]
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
-        res = fq.FeatureQuantity(scan_fn=autograd_scan).fit(model, batches(x, y, mask), layers)
+        res = fq.FeatureQuantity(scan_fn=autograd_scan).fit(model, batches(x, y, mask), layers).result_
     empties = [w for w in rec if issubclass(w.category, fq.EmptyForegroundWarning)]
     assert len(empties) == 1 and "first indices: 4" in str(empties[0].message)
     assert res.n_samples == 7 and res.empty_foreground == [4]
@@ -322,7 +324,7 @@ def test_fit_variants_one_scan_equals_separate_fits_and_dense():
     many = fq.fit_variants(model, data, ["4"], scan_fn=autograd_scan)
     assert set(many) == {"full", "l", "c", "s", "vf", "nf"}
     for ab in ("l", "s", "nf"):
-        one = fq.FeatureQuantity(ablate=ab, scan_fn=autograd_scan).fit(model, data, "4")
+        one = fq.FeatureQuantity(ablate=ab, scan_fn=autograd_scan).fit(model, data, "4").result_
         assert torch.allclose(one["4"].fq, many[ab]["4"].fq, rtol=1e-12, atol=0)
         F, _ = _dense_fq(model, x, mask, "4", ablate=ab)
         np.testing.assert_allclose(many[ab]["4"].fq.numpy(), F.max(0), rtol=1e-9, atol=1e-9)
@@ -334,13 +336,13 @@ def test_fit_accepts_dataset_and_dicts_and_respects_max_samples():
 
     model = gap_net()
     x, y, mask = make_data(6, seed=12)
-    ref = fq.FeatureQuantity(scan_fn=autograd_scan).fit(model, batches(x, y, mask, (2, 4)), ["4"])
-    ds = fq.FeatureQuantity(scan_fn=autograd_scan, batch_size=4).fit(model, TensorDataset(x, y, mask), ["4"])
+    ref = fq.FeatureQuantity(scan_fn=autograd_scan).fit(model, batches(x, y, mask, (2, 4)), ["4"]).result_
+    ds = fq.FeatureQuantity(scan_fn=autograd_scan, batch_size=4).fit(model, TensorDataset(x, y, mask), ["4"]).result_
     assert torch.allclose(ref["4"].fq, ds["4"].fq) and torch.equal(ref["4"].argmax, ds["4"].argmax)
     dicts = [{"x": x, "y": y, "fg_mask": mask}]
-    dd = fq.FeatureQuantity(scan_fn=autograd_scan).fit(model, dicts, ["4"])
+    dd = fq.FeatureQuantity(scan_fn=autograd_scan).fit(model, dicts, ["4"]).result_
     assert torch.allclose(ref["4"].mean_f, dd["4"].mean_f)
-    part = fq.FeatureQuantity(scan_fn=autograd_scan, max_samples=3).fit(model, batches(x, y, mask, (2, 4)), ["4"])
+    part = fq.FeatureQuantity(scan_fn=autograd_scan, max_samples=3).fit(model, batches(x, y, mask, (2, 4)), ["4"]).result_
     assert part.n_samples == 3
     F, _ = _dense_fq(model, x[:3], mask[:3], "4")
     np.testing.assert_allclose(part["4"].fq.numpy(), F.max(0), rtol=1e-9)
@@ -367,8 +369,36 @@ def test_fit_bad_inputs():
     model.train()
     with pytest.raises(ValueError, match="model.eval"):
         est.fit(model, [(x, y, mask)], ["4"])
+    model.eval()
     with pytest.raises(ValueError, match="ablate must be one of"):
-        fq.FeatureQuantity(ablate="x")
+        fq.FeatureQuantity(ablate="x").fit(model, [(x, y, mask)], ["4"])
+    with pytest.raises(ValueError, match="C2 must be >= 0"):
+        fq.FeatureQuantity(C2=-1.0).fit(model, [(x, y, mask)], ["4"])
+
+
+def test_estimators_store_parameters_and_fit_returns_self():
+    # scikit-learn rules: __init__ stores its parameters unchanged (no validation), fit returns
+    # self with the result object in result_, to_dict() is the result's.
+    bad = fq.FeatureQuantity(K=float("nan"), ablate="x")
+    assert bad.ablate == "x" and math.isnan(bad.K)
+    methods = ["fq"]
+    loc = fq.LocalisationIoU(methods=methods, target="nope")
+    assert loc.methods is methods and loc.target == "nope"
+    with pytest.raises(AttributeError, match="not fitted"):
+        fq.FeatureQuantity().to_dict()
+    model = gap_net()
+    x, y, mask = make_data(4, seed=22)
+    est = fq.FeatureQuantity(scan_fn=autograd_scan)
+    assert est.fit(model, [(x, y, mask)], ["4"]) is est
+    assert isinstance(est.result_, fq.FQResult)
+    assert est.to_dict() == est.result_.to_dict() and est.to_dict(arrays=True) == est.result_.to_dict(arrays=True)
+    div = fq.FilterDiversity(min_samples=3, n_mask=2)
+    assert div.fit(model, est.result_, "4", [(x, y)]) is div and isinstance(div.result_, fq.DiversityResult)
+    assert div.to_dict() == div.result_.to_dict()
+    with pytest.raises(ValueError, match="unknown methods"):
+        fq.LocalisationIoU(methods=("fq", "saliency")).fit(model, [(x, y, mask)])
+    with pytest.raises(ValueError, match="target must be"):
+        fq.LocalisationIoU(target="nope").fit(model, [(x, y, mask)])
 
 
 def test_all_background_samples_in_dataset_give_zero_and_one_named_warning():
@@ -376,7 +406,7 @@ def test_all_background_samples_in_dataset_give_zero_and_one_named_warning():
     x, y, mask = make_data(4, seed=14, empty=(0, 1, 2, 3))
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
-        res = fq.FeatureQuantity(scan_fn=autograd_scan).fit(model, batches(x, y, mask, (2, 2)), ["1", "4"])
+        res = fq.FeatureQuantity(scan_fn=autograd_scan).fit(model, batches(x, y, mask, (2, 2)), ["1", "4"]).result_
     named = [w for w in rec if issubclass(w.category, fq.EmptyForegroundWarning)]
     assert len(named) == 1
     assert float(res["1"].fq.abs().max()) == 0 and float(res["4"].mean_f.abs().max()) == 0
@@ -417,9 +447,9 @@ def test_masking_diverse_filters_loss_change_and_model_unchanged():
     model = flat_net(seed=3)
     x, y, mask = make_data(8, seed=15)
     data = batches(x, y, mask, (3, 5))
-    fqres = fq.FeatureQuantity(scan_fn=autograd_scan).fit(model, data, ["4"])
+    fqres = fq.FeatureQuantity(scan_fn=autograd_scan).fit(model, data, ["4"]).result_
     before = copy.deepcopy(model.state_dict())
-    res = fq.FilterDiversity(eps=0.3, min_samples=3, n_mask=2).fit(model, fqres, "4", data)
+    res = fq.FilterDiversity(eps=0.3, min_samples=3, n_mask=2).fit(model, fqres, "4", data).result_
     # model unchanged, no hook left behind
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
@@ -445,9 +475,9 @@ def test_masking_diverse_filters_loss_change_and_model_unchanged():
 def test_diversity_warns_when_filters_are_smaller_than_min_samples():
     model = flat_net()
     x, y, mask = make_data(3, seed=16)
-    fqres = fq.FeatureQuantity(scan_fn=autograd_scan).fit(model, [(x, y, mask)], ["4"])
+    fqres = fq.FeatureQuantity(scan_fn=autograd_scan).fit(model, [(x, y, mask)], ["4"]).result_
     with pytest.warns(fq.FQWarning, match="fewer than min_samples"):
-        res = fq.FilterDiversity(min_samples=20, n_mask=2).fit(model, fqres, "4", [(x, y)])
+        res = fq.FilterDiversity(min_samples=20, n_mask=2).fit(model, fqres, "4", [(x, y)]).result_
     assert res.degenerate and res.top == [0, 1] and res.bottom == [0, 1]
     with pytest.raises(ValueError, match="needs class labels"):
         fq.FilterDiversity(n_mask=2).fit(model, fqres, "4", [(x,)])
@@ -488,7 +518,7 @@ def test_localisation_iou_fq_gradcam_cam_against_manual():
     x, y, mask = make_data(6, seed=17, empty=(2,))
     data = batches(x, y, mask, (2, 4))
     with pytest.warns(fq.EmptyForegroundWarning, match="left out"):
-        res = fq.LocalisationIoU(scan_fn=autograd_scan, li_fn=autograd_learned_images).fit(model, data)
+        res = fq.LocalisationIoU(scan_fn=autograd_scan, li_fn=autograd_learned_images).fit(model, data).result_
     keep = [i for i in range(6) if i != 2]
     li, logits = dense_li(model, x, "7")
     pred = logits.argmax(1)
@@ -516,7 +546,7 @@ def test_localisation_iou_fq_gradcam_cam_against_manual():
 def test_cam_skipped_for_non_gap_model_and_labels_target():
     model = flat_net()
     x, y, mask = make_data(3, seed=18)
-    res = fq.LocalisationIoU(scan_fn=autograd_scan, li_fn=autograd_learned_images, target="label").fit(model, [(x, y, mask)])
+    res = fq.LocalisationIoU(scan_fn=autograd_scan, li_fn=autograd_learned_images, target="label").fit(model, [(x, y, mask)]).result_
     assert "cam" in res.skipped and "cam" not in res.iou
     gc = _manual_gradcam(model, x, "4", y)
     ref = [_np_iou(_np_mask(gc[i]), mask[i].numpy()) for i in range(3)]
@@ -534,13 +564,13 @@ def test_saliency_mask_and_iou_helpers():
 
 
 # --------------------------------------------------------------------------------------------
-# findings / CLI
+# findings against the thesis (nns_cuda.analysis.thesis.chapter4)
 # --------------------------------------------------------------------------------------------
 def test_findings_structure_and_thesis_numbers():
     model = gap_net(seed=7)
     x, y, mask = make_data(8, seed=19)
-    out = fq.findings(model, batches(x, y, mask, (4, 4)), scan_fn=autograd_scan, li_fn=autograd_learned_images,
-                      filter_fn=autograd_filter_images, n_mask=2, max_samples=6)
+    out = chapter4.findings(model, batches(x, y, mask, (4, 4)), scan_fn=autograd_scan, li_fn=autograd_learned_images,
+                            filter_fn=autograd_filter_images, n_mask=2, max_samples=6)
     s = json.dumps(out)
     assert out["table_3_3"]["thesis"]["VGG-16"] == [0.952, 0.923, 0.688, 0.620, 0.538]
     assert out["table_4_3"]["thesis"]["VGG-16"][0] == [95.2, -0.01]
@@ -550,14 +580,7 @@ def test_findings_structure_and_thesis_numbers():
     assert "fq" in out["table_4_5"]["mean_iou"] and "NaN" not in s
     assert set(out["ablation"]["variants"]) == {"full", "l", "c", "s", "vf", "nf"}
     assert out["table_3_4"]["layers"] == ["1", "4"] and out["table_3_4"]["thesis"]["VGG-16"][0] == 0.997
-
-
-def test_add_fq_arguments_parses():
-    import argparse
-
-    p = fq.add_fq_arguments(argparse.ArgumentParser())
-    a = p.parse_args(["--findings", "--max-samples", "10", "--layers", "features.1"])
-    assert a.findings and a.max_samples == 10 and a.layers == ["features.1"]
+    assert out["table_3_3"]["thesis"] is chapter4.THESIS["table_3_3_C_l"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -588,13 +611,13 @@ def test_cuda_matches_cpu():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", fq.FQWarning)
             for d in (data, gpu_data):
-                a = fq.LocalisationIoU(scan_fn=autograd_scan, li_fn=autograd_learned_images).fit(model, data)
-                b = fq.LocalisationIoU(scan_fn=autograd_scan, li_fn=autograd_learned_images).fit(gpu_model, d)
+                a = fq.LocalisationIoU(scan_fn=autograd_scan, li_fn=autograd_learned_images).fit(model, data).result_
+                b = fq.LocalisationIoU(scan_fn=autograd_scan, li_fn=autograd_learned_images).fit(gpu_model, d).result_
                 for k in a.iou:
                     np.testing.assert_allclose(a.iou[k], b.iou[k], rtol=1e-9)
     if importlib.util.find_spec("sklearn") is not None:
-        ra = fq.FilterDiversity(min_samples=3, n_mask=2).fit(model, cpu["full"], "4", data)
-        rb = fq.FilterDiversity(min_samples=3, n_mask=2).fit(gpu_model, cpu["full"], "4", gpu_data)
+        ra = fq.FilterDiversity(min_samples=3, n_mask=2).fit(model, cpu["full"], "4", data).result_
+        rb = fq.FilterDiversity(min_samples=3, n_mask=2).fit(gpu_model, cpu["full"], "4", gpu_data).result_
         assert ra.top == rb.top and math.isclose(ra.loss_top, rb.loss_top, rel_tol=1e-9)
 
 
@@ -616,25 +639,7 @@ def test_engine_default_path_equals_autograd_oracle():
                 np.testing.assert_allclose(eng[v][l].mean_f.numpy(), ora[v][l].mean_f.numpy(), rtol=1e-8, atol=1e-8)
                 np.testing.assert_allclose(eng[v][l].mean_activation.numpy(), ora[v][l].mean_activation.numpy(), rtol=1e-10)
         gm = gap_net(seed=9)
-        a = fq.LocalisationIoU(methods=("fq",)).fit(gm, data)
-        b = fq.LocalisationIoU(methods=("fq",), scan_fn=autograd_scan, li_fn=autograd_learned_images).fit(gm, data)
+        a = fq.LocalisationIoU(methods=("fq",)).fit(gm, data).result_
+        b = fq.LocalisationIoU(methods=("fq",), scan_fn=autograd_scan, li_fn=autograd_learned_images).fit(gm, data).result_
     np.testing.assert_allclose(a.iou["fq"], b.iou["fq"], rtol=1e-12)
 
-
-def test_run_fq_writes_json(tmp_path):
-    import argparse
-
-    pytest.importorskip("nns_cuda.models")
-    from nns_cuda import models
-
-    w = tmp_path / "w.pt"
-    torch.save(models.build("simple_cnn", num_classes=10, seed=0).state_dict(), w)
-    out = tmp_path / "fq.json"
-    args = fq.add_fq_arguments(argparse.ArgumentParser()).parse_args(
-        ["--model", "simple_cnn", "--weights", str(w), "--max-samples", "4", "--batch-size", "4", "--layers", "features.relu3", "--out", str(out)])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", fq.FQWarning)
-        assert fq.run_fq(args) == 0
-    d = json.loads(out.read_text())
-    assert d["weights"] == "weights file" and d["result"]["n_samples"] == 4
-    assert set(d["result"]["layers"]) == {"features.relu3"}

@@ -1,4 +1,4 @@
-"""Tests of nns_cuda.gmm (thesis Chapter 6, SPEC §5).
+"""Tests of nns_cuda.gmm and nns_cuda.analysis.thesis.chapter6 (thesis Chapter 6, docs/spec.md §5).
 
 Every quantity is checked against an implementation that shares no code with it:
 scikit-learn (PCA, k-means++, GaussianMixture, calinski_harabasz_score), torch.autograd
@@ -7,7 +7,6 @@ scikit-learn (PCA, k-means++, GaussianMixture, calinski_harabasz_score), torch.a
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -20,7 +19,7 @@ from torch import nn
 
 from nns_cuda.analysis import gmm
 from nns_cuda.analysis import _gmm_em
-from nns_cuda.app import _gmm_cli as gmm_cli
+from nns_cuda.analysis.thesis import chapter6
 
 from conftest import cpu_and_cuda
 
@@ -232,7 +231,7 @@ def test_select_k_matches_sklearn(strategy, sklearn_reference):
     """Batched EM vs a loop of sklearn GaussianMixture on well-separated random mixtures."""
     pts, ref = sklearn_reference
     got = gmm.select_k(pts, k_max=8, seed=0, strategy=strategy)
-    # the issue's acceptance: same k on >= 95 % of filters, per-fit mean log-likelihood 1e-3 rel.
+    # the requirement: same k on >= 95 % of filters, per-fit mean log-likelihood 1e-3 rel.
     assert (got.k == ref.k).double().mean() >= 0.95
     rel = ((got.loglik_per_k - ref.loglik_per_k) / ref.loglik_per_k).abs()
     assert rel.max() <= 1e-3
@@ -482,8 +481,9 @@ def test_single_filter_masking_and_model_unchanged():
 def test_gmm_analysis_fit_streams_batches():
     model = tiny_cnn(seed=5)
     batches, x, y = image_data(n=60, bs=25)
-    an = gmm.GMMAnalysis(k_max=4, preset="small", lam=5, image_fn=autograd_filter_images)
-    res = an.fit(model, batches, "relu2")
+    an = gmm.GMMAnalysis(k_max=4, preset="small", lam=5, filter_fn=autograd_filter_images)
+    assert an.fit(model, batches, "relu2") is an
+    res = an.result_
     # independent: features of all samples at once, and the activation mean by hand
     feats = autograd_filter_images(model, x, "relu2").flatten(2).transpose(0, 1)
     torch.testing.assert_close(res.points, gmm.pca2(feats.float()), rtol=0, atol=1e-5)
@@ -492,10 +492,11 @@ def test_gmm_analysis_fit_streams_batches():
     assert torch.equal(res.targets, y)
     assert res.points.shape == (6, 60, 2) and res.anomaly.params["lam"] == 5
     d = res.to_dict()
+    assert an.to_dict() == d
     json.dumps(d, allow_nan=False)
     assert d["n_samples"] == 60 and d["layer"] == "relu2"
     # max_samples keeps the first samples in order
-    res2 = gmm.GMMAnalysis(k_max=4, max_samples=30, image_fn=autograd_filter_images).fit(model, batches, "relu2")
+    res2 = gmm.GMMAnalysis(k_max=4, max_samples=30, filter_fn=autograd_filter_images).fit(model, batches, "relu2").result_
     assert res2.n_samples == 30 and torch.equal(res2.targets, y[:30])
     with pytest.raises(KeyError, match="unknown layer name"):
         an.fit(model, batches, "relu3")
@@ -507,46 +508,44 @@ def test_gmm_analysis_default_engine_matches_autograd():
         pytest.skip("nns_cuda.engine.filter_images is not available")
     model = tiny_cnn(seed=6)
     batches, _, _ = image_data(n=40, bs=20)
-    a = gmm.GMMAnalysis(k_max=3).fit(model, batches, "relu2")
-    b = gmm.GMMAnalysis(k_max=3, image_fn=autograd_filter_images).fit(model, batches, "relu2")
+    a = gmm.GMMAnalysis(k_max=3).fit(model, batches, "relu2").result_
+    b = gmm.GMMAnalysis(k_max=3, filter_fn=autograd_filter_images).fit(model, batches, "relu2").result_
     torch.testing.assert_close(a.points, b.points, rtol=0, atol=1e-4)
 
 
-def test_counts_over_checkpoints_findings_and_cli(tmp_path):
+def test_counts_over_checkpoints_and_findings():
     wt, of = tiny_cnn(seed=7), tiny_cnn(seed=8)
     train, _, _ = image_data(n=48, bs=16, seed=3)
     val, _, _ = image_data(n=32, bs=16, seed=4)
-    an = gmm.GMMAnalysis(k_max=3, lam=3, image_fn=autograd_filter_images)
+    an = gmm.GMMAnalysis(k_max=3, lam=3, filter_fn=autograd_filter_images)
     rows = gmm.anomaly_counts_over_checkpoints({"e1": wt, "e2": of}, train, "relu2", an)
     assert [r["checkpoint"] for r in rows] == ["e1", "e2"] and all(r["n_filters"] == 6 for r in rows)
-    out = gmm.findings(wt, of, "relu2", train, val, analysis=an, R=2, hessian_data=val,
-                       hessian_iters=3, thesis_model="LeNet-5", thesis_dataset="CIFAR-10")
+    out = chapter6.findings(wt, of, "relu2", train, val, analysis=an, R=2, hessian_data=val,
+                            hessian_iters=3, thesis_model="LeNet-5", thesis_dataset="CIFAR-10")
     json.dumps(out, allow_nan=False)
     assert set(out) >= {"table_6_2", "table_6_3", "table_6_4", "table_6_5", "sharpness", "thesis"}
     assert out["table_6_2"]["OF"] == len(out["anomaly_filters"]["OF"])
     assert out["thesis"]["table_6_2_anomaly_counts"] == [2, 12]
 
-    # CLI on saved filter images ([S, C, ...] as the engine returns them)
-    _, x, _ = image_data(n=48, seed=3)
-    blob = {"filter_images": autograd_filter_images(wt, x, "relu2").float(),
-            "mean_activation": torch.rand(6)}
-    torch.save(blob, tmp_path / "imgs.pt")
-    parser = gmm_cli.add_gmm_arguments(argparse.ArgumentParser())
-    args = parser.parse_args(["--images", str(tmp_path / "imgs.pt"), "--out", str(tmp_path), "--k-max", "3"])
-    assert gmm_cli.run_gmm(args) == 0
-    d = json.loads((tmp_path / "gmm.json").read_text())
-    assert d["n_filters"] == 6 and len(d["k"]) == 6
-    args = parser.parse_args(["--out", str(tmp_path)])
-    assert gmm_cli.run_gmm(args) == 2  # no input: an error message, not a traceback
-    # options the main CLI already defines are reused, not re-added (no argparse conflict)
-    main = argparse.ArgumentParser()
-    main.add_argument("--out")
-    main.add_argument("--seed", type=int, default=3)
-    main.add_argument("--layer")
-    gmm_cli.add_gmm_arguments(main)
-    a = main.parse_args(["--images", str(tmp_path / "imgs.pt"), "--out", str(tmp_path / "o2"), "--k-max", "3",
-                         "--plot", "--lam", "40"])
-    assert gmm_cli.run_gmm(a) == 0
-    d = json.loads((tmp_path / "o2" / "gmm.json").read_text())
-    assert d["params"]["seed"] == 3 and d["params"]["lam"] == 40
-    assert all((tmp_path / "o2" / f"gmm_filter_{f}.png").exists() for f in d["anomaly_filters"])
+
+
+def test_gmm_analysis_estimator_contract():
+    """Parameters are stored unchanged and checked by fit; the results live in result_."""
+    an = gmm.GMMAnalysis(k_max=1, preset="medium", lam=-1, filter_fn=autograd_filter_images)
+    assert (an.k_max, an.preset, an.lam, an.filter_fn) == (1, "medium", -1, autograd_filter_images)
+    model = tiny_cnn(seed=5)
+    batches, x, y = image_data(n=30, bs=15)
+    with pytest.raises(ValueError, match="unknown preset"):
+        an.fit(model, batches, "relu2")
+    with pytest.raises(ValueError, match="k_max must be an int >= 2"):
+        gmm.GMMAnalysis(k_max=1).fit(model, batches, "relu2")
+    with pytest.raises(ValueError, match="max_samples=3 must exceed k_max=4"):
+        gmm.GMMAnalysis(k_max=4, max_samples=3).fit(model, batches, "relu2")
+    with pytest.raises(ValueError, match="not fitted"):
+        gmm.GMMAnalysis().to_dict()
+    assert not hasattr(an, "result_")
+    # every module's own mode is restored (a model in training mode with one frozen module)
+    model.train()
+    model.conv1.eval()
+    gmm.accuracy(model, (x, y))
+    assert model.training and not model.conv1.training and model.conv2.training

@@ -197,7 +197,7 @@ def test_relu6_and_hardtanh_equal_autograd_without_linearize():
     assert [n.kind for n in g.nodes if n.name in ("r6", "ht", "relu6", "hardtanh")] == ["hardtanh"] * 4
     z1 = model.c1(x)
     assert bool((z1 > 6).any()) and bool(((z1 > 0) & (z1 < 6)).any())
-    # a neuron followed directly by an activation carries its gate (SPEC §1): f6 feeds F.hardtanh
+    # a neuron followed directly by an activation carries its gate (docs/spec.md §1): f6 feeds F.hardtanh
     posts = {"c1": F.relu6, "r6": None, "c2": lambda z: F.hardtanh(z, -0.5, 0.4), "ht": None,
              "f6": lambda z: F.hardtanh(z, 0.1, 0.9), "fh": None}
     for backend in ("reference", "cpu"):

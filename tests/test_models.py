@@ -208,3 +208,160 @@ def test_check_supported_names_offending_modules():
     with pytest.raises(models.UnsupportedModuleError, match=r"1 \(Sigmoid\)"):
         models.check_supported(bad)
     models.check_supported(models.build("resnet10_cifar"))
+
+
+# ----------------------------------------------------------------------------- from_spec
+_FACTORY_MODULE = '''
+import torch
+from torch import nn
+
+class TinyNet(nn.Sequential):
+    def __init__(self):
+        super().__init__(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 30 * 30, 5))
+
+def make():
+    torch.manual_seed(0)
+    return TinyNet()
+
+def not_a_model():
+    return {"conv.weight": torch.zeros(1)}
+
+INSTANCE = TinyNet()
+'''
+
+
+@pytest.fixture
+def factory_module(tmp_path, monkeypatch):
+    """An importable user module ``user_nets_<id>`` with a factory, a class and an instance."""
+    name = f"user_nets_{abs(hash(str(tmp_path))) % 10**8}"
+    (tmp_path / f"{name}.py").write_text(_FACTORY_MODULE)
+    (tmp_path / f"{name}_broken.py").write_text("raise RuntimeError('boom at import')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return name
+
+
+def _same_outputs(a: nn.Module, b: nn.Module, shape=(2, 3, 32, 32)) -> None:
+    x = torch.rand(*shape)
+    with torch.no_grad():
+        torch.testing.assert_close(a(x), b.eval()(x), rtol=0, atol=0)
+
+
+def test_from_spec_zoo_name_with_and_without_weights(tmp_path):
+    m, desc = models.from_spec("lenet5", num_classes=7, in_channels=1, input_size=28)
+    assert isinstance(m, models.LeNet5) and not m.training
+    assert desc == "zoo model lenet5 (random weights)"
+    with torch.no_grad():
+        assert tuple(m(torch.rand(2, 1, 28, 28)).shape) == (2, 7)
+    src = models.build("simple_cnn", seed=3)
+    p = tmp_path / "w.pt"
+    torch.save(src.state_dict(), p)
+    for w in (p, str(p)):
+        m, desc = models.from_spec("simple_cnn", w)
+        assert desc == f"zoo model simple_cnn with weights {p}" and not m.training
+        _same_outputs(m, src)
+    m, desc = models.from_spec("simple_cnn", src.state_dict())
+    assert desc == "zoo model simple_cnn with weights a state dict"
+    _same_outputs(m, src)
+    # a training checkpoint's {"model": state dict} wrapper
+    torch.save({"model": src.state_dict(), "epoch": 3}, p)
+    _same_outputs(models.from_spec("simple_cnn", p)[0], src)
+
+
+def test_from_spec_factory_class_and_instance(factory_module):
+    import importlib
+
+    mod = importlib.import_module(factory_module)
+    m, desc = models.from_spec(f"{factory_module}:make")
+    assert isinstance(m, mod.TinyNet) and not m.training
+    assert desc == f"factory {factory_module}:make"
+    torch.manual_seed(0)
+    _same_outputs(m, mod.TinyNet())                      # the factory ran with no arguments
+    assert isinstance(models.from_spec(f"{factory_module}:TinyNet")[0], mod.TinyNet)
+    inst, _ = models.from_spec(f"{factory_module}:INSTANCE")
+    assert inst is mod.INSTANCE and not inst.training
+
+
+def test_from_spec_saved_model_file_and_weights(tmp_path, factory_module):
+    import importlib
+
+    mod = importlib.import_module(factory_module)
+    src = mod.TinyNet()
+    path = tmp_path / "whole.pt"
+    torch.save(src, path)
+    m, desc = models.from_spec(str(path))
+    assert desc == f"model file {path}" and not m.training and m is not src
+    _same_outputs(m, src)
+    # weights given beside a model file or a factory replace its parameters
+    other = mod.TinyNet()
+    wpath = tmp_path / "w.pt"
+    torch.save(other.state_dict(), wpath)
+    m, desc = models.from_spec(path, wpath)
+    assert desc == f"model file {path} with weights {wpath}"
+    _same_outputs(m, other)
+    m, desc = models.from_spec(f"{factory_module}:make", wpath)
+    assert desc == f"factory {factory_module}:make with weights {wpath}"
+    _same_outputs(m, other)
+
+
+def _one_line_error(match: str, *args, **kw) -> str:
+    with pytest.raises(models.ModelSpecError, match=match) as e:
+        models.from_spec(*args, **kw)
+    msg = str(e.value)
+    assert "\n" not in msg and isinstance(e.value, ValueError)
+    return msg
+
+
+def test_from_spec_unknown_name_suggests_and_says_where_the_names_are():
+    msg = _one_line_error(r"unknown model 'simple_cn'", "simple_cn")
+    assert "Did you mean simple_cnn" in msg and "nns_cuda.models.available()" in msg
+    assert "not 'package.module:factory', not a file" in msg
+    assert "Did you mean" not in _one_line_error("unknown model", "qqqqqqqqqqqq")
+    _one_line_error("no model given", "")
+
+
+def test_from_spec_file_that_is_not_a_model(tmp_path):
+    p = tmp_path / "sd.pt"
+    torch.save(models.build("simple_cnn").state_dict(), p)
+    msg = _one_line_error(r"sd\.pt holds an object of type OrderedDict, not a model", str(p))
+    assert "as its weights" in msg
+    p.write_bytes(b"garbage, not a model")
+    _one_line_error(r"cannot read model file .*sd\.pt: not a file written by torch\.save", str(p))
+
+
+def test_from_spec_factory_errors(factory_module):
+    _one_line_error(r"cannot load 'pkg_that_does_not_exist:make': No module named "
+                    r"'pkg_that_does_not_exist'", "pkg_that_does_not_exist:make")
+    _one_line_error(rf"cannot load '{factory_module}:nope': .*nope", f"{factory_module}:nope")
+    _one_line_error(rf"importing {factory_module}_broken raised RuntimeError: boom at import",
+                    f"{factory_module}_broken:make")
+    _one_line_error(rf"{factory_module}:not_a_model returned an object of type dict, "
+                    r"not an nn.Module",
+                    f"{factory_module}:not_a_model")
+    _one_line_error("expected 'package.module:factory'", f"{factory_module}:")
+
+
+def test_from_spec_bad_weights_are_one_line_of_ours(tmp_path, factory_module):
+    p = tmp_path / "w.pt"
+    p.write_bytes(b"garbage, not a checkpoint")
+    for spec in ("simple_cnn", f"{factory_module}:make"):
+        msg = _one_line_error(r"cannot read weights file .*w\.pt: not a file written by "
+                              r"torch\.save, or it is damaged", spec, p)
+        assert "weights_only" not in msg and "PyTorch 2.6" not in msg
+    # a whole pickled model given as weights: torch refuses it with weights_only=True
+    torch.save(models.build("simple_cnn"), p)
+    msg = _one_line_error(r"cannot read weights file .*w\.pt: it holds Python objects",
+                          "simple_cnn", p)
+    assert "give it as the model" in msg and "weights_only" not in msg
+    _one_line_error(r"weights file not found: .*nope\.pt", "simple_cnn", tmp_path / "nope.pt")
+    torch.save(models.build("simple_cnn", num_classes=5).state_dict(), p)
+    _one_line_error(r"do not match model 'simple_cnn': shape mismatch for key "
+                    r"'classifier\.fc2\.weight': \[5, 64\] in the file, \[10, 64\] in the model",
+                    "simple_cnn", p)
+    torch.save(models.build("simple_cnn").state_dict(), p)
+    _one_line_error(rf"do not match factory {factory_module}:make: missing key '0\.weight'",
+                    f"{factory_module}:make", p)
+    # load_model shares the reader: the same one line, as a WeightsMismatchError
+    p.write_bytes(b"garbage")
+    with pytest.raises(WeightsMismatchError) as e:
+        models.load_model("simple_cnn", weights=p)
+    assert "\n" not in str(e.value) and "weights_only" not in str(e.value)

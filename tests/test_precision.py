@@ -1,11 +1,11 @@
-"""Precision options (issue 3): 16-bit storage in every op, the ``precision`` / ``conv_algorithm``
+"""Precision options: 16-bit storage in every op, the ``precision`` / ``conv_algorithm``
 options of the engine, and the errors they cost.
 
 * Ops: bfloat16 / float16 patches in every compiled op (CPU, CUDA) against the reference twins on
   the same 16-bit inputs (both compute in float32 and round the result once: they agree to
   the rounding of the result); routing ops are exact copies; ``li_stats`` returns float32.
 * Engine: ``precision="bf16"`` / ``"fp16"`` results (images, statistics, filter images) close to
-  the float32 scan, within tolerances set from the measured errors (``Scanner``'s docstring,
+  the float32 scan, within tolerances set from the measured errors (``benchmarks/NOTES.md``,
   ``benchmarks/bench_precision.py``), and a deliberately perturbed model is caught by the same
   check; ``conv_algorithm="gemm"`` equals ``"direct"`` (1e-10 float64, 1e-5 float32) on every
   test model; explicit ``"fp32"`` / ``"fp64"`` equal the default bit for bit; bad options raise
@@ -140,7 +140,7 @@ def _frob(a, b) -> float:
 
 #: statistics that depend only on *which* entries are non-zero: 16-bit storage moves them more
 #: than its unit roundoff (float16 flushes tiny values to zero; a sum that cancels exactly in 16
-#: bits but not in float32 becomes a zero), see the Scanner docstring
+#: bits but not in float32 becomes a zero), see benchmarks/NOTES.md
 COUNT_STATS = ("nz_fg", "nz_bg", "fg_xnz_sum", "fg_xnz_sq_sum")
 VALUE_COLS = [i for i, n in enumerate(STAT_NAMES) if n not in COUNT_STATS]
 COUNT_COLS = [i for i, n in enumerate(STAT_NAMES) if n in COUNT_STATS]
@@ -162,7 +162,7 @@ def _errors(res, want):
     return e
 
 
-# Tolerances from the measured errors (CPU; benchmarks/bench_precision.py, Scanner docstring):
+# Tolerances from the measured errors (CPU; benchmarks/bench_precision.py, benchmarks/NOTES.md):
 # bf16 storage, images / filter images 3.2e-3 .. 6.3e-3 (direct) and up to 8.7e-3 (gemm, whose
 # weights are rounded too) on the thesis CNN and the 13 ReLU layers of VGG-16, value statistics
 # up to 1.1e-2; float16 4e-4 .. 1.0e-3. On these test models (CPU, this file's _errors) bf16
@@ -280,7 +280,7 @@ def test_records_precision_and_algorithm():
     assert res.precision == "fp64"
     res = nns.Scanner(model.float(), ["4"], strategy="reverse").scan(x)
     assert (res.precision, res.conv_algorithm, res.backend) == ("fp32", "autograd", "autograd")
-    from nns_cuda.engine.scanner import forward_bytes_per_sample
+    from nns_cuda.engine.memory import forward_bytes_per_sample
 
     g = nns.build_graph(model, x[:1])
     per = forward_bytes_per_sample(g, g.resolve("4").idx, torch.bfloat16)

@@ -21,6 +21,8 @@ import numpy as np
 import pytest
 import torch
 
+from nns_cuda.analysis import thesis
+from nns_cuda.analysis._toolkit import to_jsonable
 from nns_cuda.app import report as R
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -177,7 +179,7 @@ def test_quick_demo_writes_a_complete_folder(quick_demo):
         assert m["timings"][stage] >= 0
     # seven findings, each judged yes / no / not computed, a reason whenever not computed
     f = m["findings"]
-    assert [x["id"] for x in f] == [x["id"] for x in R.FINDINGS]
+    assert [x["id"] for x in f] == [x["id"] for x in thesis.FINDINGS]
     for x in f:
         assert x["reproduced"] in ("yes", "no", "not computed")
         if x["reproduced"] == "not computed":
@@ -189,9 +191,9 @@ def test_quick_demo_writes_a_complete_folder(quick_demo):
     assert m["meta"]["backend"] in ("reference", "cpu", "cuda")
     # what the report shows is what the analyses measured, not a copy of the thesis
     for v in m["fq"]["table_3_3"]["ours_C_l"]:
-        assert R._fmt(v) in f[0]["ours"]
+        assert thesis.format_number(v) in f[0]["ours"]
     for v in m["fq"]["fig_4_3"]["pearson_r"].values():
-        assert R._fmt(v, 2) in f[1]["ours"]
+        assert thesis.format_number(v, 2) in f[1]["ours"]
 
 
 def test_quick_demo_report_opens_in_chromium(quick_demo):
@@ -250,7 +252,7 @@ def _synthetic(**over):
 
 
 def test_findings_are_judged_from_the_numbers():
-    f = {x["id"]: x for x in R.compute_findings(_synthetic())}
+    f = {x["id"]: x for x in thesis.judge_findings(_synthetic())}
     assert f["fm_li_depth"]["reproduced"] == "no"          # C^l rises with depth here
     assert f["fq_pearson"]["reproduced"] == "no"           # only 1 of 3 layers positive
     assert f["diversity_masking"]["reproduced"] == "yes"   # +12 % vs +1 %
@@ -267,7 +269,7 @@ def test_findings_are_judged_from_the_numbers():
     r["tip"]["findings"]["measured"]["accuracy_drop_masking_HH_vs_LL"][1]["L-L"] = 9.0
     r["gmm"]["findings"]["table_6_2"].update(WT=4, OF=1)
     r["gmm"]["findings"]["table_6_5"].update(anomaly_mean_val_change=0.5)
-    g = {x["id"]: x["reproduced"] for x in R.compute_findings(r)}
+    g = {x["id"]: x["reproduced"] for x in thesis.judge_findings(r)}
     assert g == {"fm_li_depth": "yes", "fq_pearson": "yes", "diversity_masking": "no", "avou_tm_spearman": "yes",
                  "hh_vs_ll": "no", "anomaly_overfit": "no", "anomaly_masking": "yes"}
 
@@ -302,6 +304,12 @@ def test_synthetic_report_metrics_are_json_without_arrays(tmp_path):
     s = m["learned_images"]["samples"][0]
     assert set(s) >= {"label", "pred", "filters"} and "x" not in s and "layer_images" not in s
     assert "points" not in m["gmm"]["scatter"]["anomaly"]
-    assert [x["reproduced"] for x in m["findings"]] == [x["reproduced"] for x in R.compute_findings(_synthetic())]
-    assert R.jsonable({"a": float("nan"), "b": torch.ones(2), "c": np.float32(1.5)}) == {"a": None, "b": [1.0, 1.0],
-                                                                                         "c": 1.5}
+    assert [x["reproduced"] for x in m["findings"]] == [x["reproduced"] for x in thesis.judge_findings(_synthetic())]
+    assert to_jsonable({"a": float("nan"), "b": torch.ones(2), "c": np.float32(1.5)}) == {"a": None, "b": [1.0, 1.0],
+                                                                                          "c": 1.5}
+    # arrays larger than the report's limit become a shape note in metrics.json (they are in the figures)
+    big = np.zeros(R.MAX_JSON_ARRAY + 1)
+    assert to_jsonable({"big": big}, max_array=R.MAX_JSON_ARRAY)["big"] == {
+        "array_shape": [R.MAX_JSON_ARRAY + 1], "note": "omitted (large array; see the report's figures)"}
+    R.write_metrics({"big": torch.zeros(3, R.MAX_JSON_ARRAY)}, tmp_path)
+    assert json.loads((tmp_path / "metrics.json").read_text())["big"]["array_shape"] == [3, R.MAX_JSON_ARRAY]

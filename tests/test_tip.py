@@ -1,4 +1,4 @@
-"""Tests of nns_cuda.tip (SPEC §4, thesis Chapter 5).
+"""Tests of nns_cuda.tip (docs/spec.md §4, thesis Chapter 5) and its thesis comparison (thesis.chapter5).
 
 Every quantity is compared with an implementation that shares no code with the one under test:
 numpy for the properties, plain autograd for the filter images, python sets for the filter
@@ -7,7 +7,6 @@ models whose accuracy under masking is known in closed form for AIPC.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -21,6 +20,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from nns_cuda.analysis import tip
+from nns_cuda.analysis.thesis import chapter5
 from nns_cuda.analysis.masking import mask_filters
 
 BUILTINS = ["mean", "variance", "covariance", "correlation"]
@@ -30,7 +30,7 @@ BUILTINS = ["mean", "variance", "covariance", "correlation"]
 # independent oracles
 # --------------------------------------------------------------------------------------------
 def autograd_filter_images(model: nn.Module, x: torch.Tensor, layer: str) -> torch.Tensor:
-    """L^k = x ⊙ ∂(Σ a^k.detach() · a^k)/∂x with plain autograd (SPEC §1 identity 1), [B, C, D, H, W]."""
+    """L^k = x ⊙ ∂(Σ a^k.detach() · a^k)/∂x with plain autograd (docs/spec.md §1 identity 1), [B, C, D, H, W]."""
     x = x.detach().clone().requires_grad_(True)
     module = dict(model.named_modules())[layer]
     acts = []
@@ -233,8 +233,9 @@ def test_unknown_property_lists_registered_names():
     L, x, _ = rand_inputs()
     with pytest.raises(KeyError, match="registered"):
         tip.properties(L, x, ["mean", "nope"])
+    ip = tip.InterpretableProperties(names="meen")  # the estimator validates in fit
     with pytest.raises(KeyError, match="meen"):
-        tip.InterpretableProperties(names="meen")
+        ip.fit(conv_net(), make_data(n_batches=1), "1", filter_fn=autograd_filter_images)
 
 
 def test_register_property_rules():
@@ -297,7 +298,7 @@ def test_fit_streams_T_all_fg_bg_vs_direct():
     data[1][2][3] = True  # sample with an empty background: left out of T_b, counted
     with pytest.warns(RuntimeWarning, match="empty background"):
         ip = tip.InterpretableProperties(region=["all", "foreground", "background"]).fit(
-            model, data, ["1", "4"], filter_images_fn=autograd_filter_images)
+            model, data, ["1", "4"], filter_fn=autograd_filter_images)
     X = torch.cat([d[0] for d in data])
     M = torch.cat([d[2] for d in data])
     for layer in ["1", "4"]:
@@ -322,7 +323,7 @@ def test_fit_default_uses_engine_filter_images():
     model = conv_net(dtype=torch.float32)
     data = make_data(n_batches=2, dtype=torch.float32)
     a = tip.InterpretableProperties().fit(model, data, "4")
-    b = tip.InterpretableProperties().fit(model, data, "4", filter_images_fn=autograd_filter_images)
+    b = tip.InterpretableProperties().fit(model, data, "4", filter_fn=autograd_filter_images)
     for n in BUILTINS:
         torch.testing.assert_close(a.T("4", n), b.T("4", n), rtol=1e-4, atol=1e-6)
 
@@ -332,13 +333,33 @@ def test_fit_bad_input():
     data = make_data(n_batches=1)
     with pytest.raises(ValueError, match="fg_mask"):
         tip.InterpretableProperties(region="foreground").fit(model, [d[:2] for d in data], "1",
-                                                             filter_images_fn=autograd_filter_images)
+                                                             filter_fn=autograd_filter_images)
     with pytest.raises(ValueError, match="unknown region"):
-        tip.InterpretableProperties(region="middle")
+        tip.InterpretableProperties(region="middle").fit(model, data, "1", filter_fn=autograd_filter_images)
     with pytest.raises(KeyError, match="unknown layer name"):
-        tip.InterpretableProperties().fit(model, data, "features.99", filter_images_fn=autograd_filter_images)
+        tip.InterpretableProperties().fit(model, data, "features.99", filter_fn=autograd_filter_images)
     with pytest.raises(ValueError, match="no channels"):
-        tip.InterpretableProperties().fit(model, data, "7", filter_images_fn=autograd_filter_images)
+        tip.InterpretableProperties().fit(model, data, "7", filter_fn=autograd_filter_images)
+
+
+def test_interpretable_properties_estimator_contract():
+    """__init__ stores its parameters unchanged; fit validates, sets trailing-underscore results, returns self."""
+    names, region = ("mean", "variance"), ["foreground", "all"]
+    ip = tip.InterpretableProperties(names, region, filter_fn=autograd_filter_images)
+    assert ip.names is names and ip.region is region and ip.filter_fn is autograd_filter_images
+    assert not [k for k in vars(ip) if k.endswith("_")]
+    tip.InterpretableProperties(names="nope", region="nowhere")  # nothing is validated before fit
+    with pytest.raises(RuntimeError, match="fit"):
+        tip.InterpretableProperties().to_dict()
+    model, data = conv_net(), make_data(n_batches=1)
+    assert ip.fit(model, data, "1") is ip
+    assert ip.names is names and ip.region is region
+    assert ip.names_ == ["mean", "variance"] and ip.regions_ == ["foreground", "all"]
+    assert ip.channels_ == {"1": 4}
+    torch.testing.assert_close(ip.T("1", "mean"), ip.T("1", "mean", "foreground"))  # first fitted region
+    d = ip.to_dict()
+    assert d["names"] == ["mean", "variance"] and d["regions"] == ["foreground", "all"]
+    json.dumps(d, allow_nan=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -622,7 +643,7 @@ def test_per_sample_linear_weight_grads_vs_autograd():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3)).double().eval()
     x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
-    from nns_cuda.analysis.tip import _ce, _per_sample_weight_grads
+    from nns_cuda.analysis.saliency import _ce, _per_sample_weight_grads
     got = _per_sample_weight_grads(model, model[0], x, y, _ce)
     for i in range(6):
         (g,) = torch.autograd.grad(F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]), model[0].weight)
@@ -727,7 +748,7 @@ def test_fg_bg_types_over_checkpoints(tmp_path):
     torch.save({"state_dict": conv_net(seed=12).state_dict()}, path)
     model.train()
     res = tip.fg_bg_types(model, data, "4", {"phase1": ck1, "phase2": str(path)}, property="variance",
-                          per=30, filter_images_fn=autograd_filter_images)
+                          per=30, filter_fn=autograd_filter_images)
     assert model.training and all(m.training for m in model.modules())
     assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())
     assert no_hooks(model)
@@ -761,7 +782,7 @@ def test_mismatched_checkpoints_name_the_key(tmp_path):
     for bad, pat in [(missing, "'3.bias' is missing"), (extra, "unexpected key '9.weight'"),
                      (shape, r"'0.weight' has shape \[5, 2, 3, 3\]")]:
         with pytest.raises(ValueError, match=pat):
-            tip.fg_bg_types(model, data, "4", [sd, bad], filter_images_fn=autograd_filter_images)
+            tip.fg_bg_types(model, data, "4", [sd, bad], filter_fn=autograd_filter_images)
     p = tmp_path / "other.pt"
     torch.save(tiny_sou_model().state_dict(), p)
     with pytest.raises(ValueError, match="other.pt does not match the model: key '0.weight'"):
@@ -778,13 +799,13 @@ def test_analyses_leave_model_unchanged_even_on_error():
     model.train()
     flags = [m.training for m in model.modules()]
     before = copy.deepcopy(model.state_dict())
-    tip.InterpretableProperties().fit(model, data, "4", filter_images_fn=autograd_filter_images)
+    tip.InterpretableProperties().fit(model, data, "4", filter_fn=autograd_filter_images)
     tip.aipc(model, data, "4", torch.arange(6.0), [0, 0.5, 1])
     tip.aipc(model, data, "4", torch.arange(6.0), [0, 0.5, 1], vectorize=False)
     tip.avou(model, data, "4")
     tip.sou(model, data, "4", "exact", chunk_size=200)
     tip.sou(model, data, "4")
-    tip.fg_bg_types(model, data, "4", [conv_net(seed=9).state_dict()], filter_images_fn=autograd_filter_images)
+    tip.fg_bg_types(model, data, "4", [conv_net(seed=9).state_dict()], filter_fn=autograd_filter_images)
     bad = data + [(torch.randn(2, 3, 8, 8, dtype=torch.float64), torch.zeros(2, dtype=torch.long))]  # wrong D
     for fn in (lambda: tip.aipc(model, bad, "4", torch.arange(6.0), [0, 1]),
                lambda: tip.aipc(model, bad, "4", torch.arange(6.0), [0, 1], vectorize=False),
@@ -801,19 +822,11 @@ def test_analyses_leave_model_unchanged_even_on_error():
 
 
 # --------------------------------------------------------------------------------------------
-# 7. findings and CLI
+# 7. findings (thesis Chapter 5)
 # --------------------------------------------------------------------------------------------
-def _cli_model():
-    return conv_net()
-
-
-def _cli_data():
-    return make_data(n_batches=2)
-
-
 def test_findings_measured_next_to_thesis():
     model, data = conv_net(), make_data(n_batches=2)
-    out = tip.findings(model, data, "4", filter_images_fn=autograd_filter_images)
+    out = chapter5.findings(model, data, "4", filter_fn=autograd_filter_images)
     json.dumps(out, allow_nan=False)
     X = torch.cat([d[0] for d in data])
     L = autograd_filter_images(model, X, "4").numpy()
@@ -826,20 +839,3 @@ def test_findings_measured_next_to_thesis():
     hh = out["measured"]["accuracy_drop_masking_HH_vs_LL"][0]
     assert set(hh) >= {"H-H", "L-L", "share_H-H", "share_L-L", "checkpoint"}
 
-
-def test_run_tip_cli(tmp_path):
-    p = tip.add_tip_arguments(argparse.ArgumentParser())
-    args = p.parse_args(["--model", f"{__name__}:_cli_model", "--data", f"{__name__}:_cli_data", "--layer", "4",
-                         "--ratios", "0:1:0.25", "--out", str(tmp_path)])
-    args.filter_images_fn = autograd_filter_images
-    assert tip.run_tip(args) == 0
-    out = json.loads((tmp_path / "tip.json").read_text())
-    assert set(out) >= {"properties", "aipc", "saliency", "findings"}
-    assert out["aipc"]["mean"]["ratios"] == [0.0, 0.25, 0.5, 0.75, 1.0]
-    bad = p.parse_args(["--model", f"{__name__}:_cli_model", "--data", f"{__name__}:_cli_data", "--layer", "7",
-                        "--out", str(tmp_path)])
-    bad.filter_images_fn = autograd_filter_images
-    assert tip.run_tip(bad) == 2
-    bad = p.parse_args(["--model", f"{__name__}:_cli_model", "--data", f"{__name__}:_cli_data", "--layer", "4",
-                        "--ratios", "0,150", "--out", str(tmp_path)])
-    assert tip.run_tip(bad) == 2

@@ -1,7 +1,6 @@
-"""Tests of training: reproducibility, bit-exact resumption, checkpoints, selection, CLI."""
+"""Tests of training: reproducibility, bit-exact resumption, checkpoints, selection."""
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
@@ -13,7 +12,7 @@ from torch import nn
 
 from nns_cuda import data, models
 from nns_cuda import train as T
-from nns_cuda.train import TrainingHistory, fit
+from nns_cuda.train import TrainingHistory, demo_model, fit, loop
 
 FIT = dict(optimizer="sgd", lr=0.05, momentum=0.9, batch_size=8, seed=3, progress=False,
            num_threads=1)
@@ -73,7 +72,7 @@ def test_resume_is_bit_exact(tiny, tmp_path, monkeypatch):
     assert all(torch.equal(of[k]["momentum_buffer"], orr[k]["momentum_buffer"]) for k in of)
     # the check can fail: without restoring the RNG state the dropout masks differ
     fit(net(0), tr, va, epochs=1, checkpoint_dir=tmp_path / "norng", **FIT)
-    monkeypatch.setattr(T, "_set_rng_state", lambda *a, **k: None)
+    monkeypatch.setattr(loop, "_set_rng_state", lambda *a, **k: None)
     torch.manual_seed(999)
     broken = net(0)
     fit(broken, tr, va, epochs=2, checkpoint_dir=tmp_path / "norng", resume=True, **FIT)
@@ -168,28 +167,10 @@ def test_fit_bad_input(tiny, tmp_path):
         fit(net(0), tr, va, epochs=1, **dict(FIT, lr=1e30))
 
 
-def test_cli_train(tiny, tmp_path, capsys):
-    _, _, cache = tiny
-    parser = T.add_train_arguments(argparse.ArgumentParser())
-    args = parser.parse_args(["--n-train", "20", "--epochs", "2", "--model", "lenet5",
-                              "--optimizer", "adam", "--lr", "1e-3", "--batch-size", "10",
-                              "--checkpoint-dir", str(tmp_path / "run"), "--cache-dir",
-                              str(cache), "--no-progress", "--num-threads", "1"])
-    assert T.run_train(args) == 0
-    out = capsys.readouterr().out
-    assert "well-trained (best val acc)" in out and str(tmp_path / "run" / "epoch_002.pt") in out
-    assert (tmp_path / "run" / "curve.png").is_file()
-    args = parser.parse_args(["--model", "resnet19", "--checkpoint-dir", str(tmp_path / "x"),
-                              "--cache-dir", str(cache), "--n-train", "20"])
-    assert T.run_train(args) == 2
-    err = capsys.readouterr().err
-    assert "unknown model 'resnet19'" in err and "resnet18_cifar" in err
-
-
 def test_default_demo_model_trains_once_then_reuses_the_cache(tiny, tmp_path, monkeypatch):
     _, _, cache = tiny
     small = dict(T.DEMO_CONFIG, model="simple_cnn", n_train=20, epochs=2, batch_size=10)
-    monkeypatch.setattr(T, "DEMO_CONFIG", small)
+    monkeypatch.setattr(demo_model, "DEMO_CONFIG", small)
     # the demo data come from the given cache root: reuse the module's generated data
     for p in cache.glob("cluttered_digits_*.pt"):
         (tmp_path / p.name).write_bytes(p.read_bytes())
@@ -197,7 +178,7 @@ def test_default_demo_model_trains_once_then_reuses_the_cache(tiny, tmp_path, mo
     assert first.name == "simple_cnn" and len(first.history) == 2
     assert first.checkpoint_dir.parent == tmp_path / "demo_model"
     calls = []
-    monkeypatch.setattr(T, "fit", lambda *a, **k: calls.append(1) or (_ for _ in ()).throw(
+    monkeypatch.setattr(demo_model, "fit", lambda *a, **k: calls.append(1) or (_ for _ in ()).throw(
         AssertionError("retrained")))
     again = T.default_demo_model(tmp_path, progress=False)
     assert calls == [] and same_weights(first.model, again.model)

@@ -1,5 +1,5 @@
-"""Heat maps follow SPEC §1 Display: diverging colours centred at zero, positive red, negative blue;
-``cmap="jet"`` gives the thesis's look; figures render to valid PNGs without pyplot."""
+"""Heat maps follow docs/spec.md §1 Display: diverging colours centred at zero, positive red,
+negative blue; ``cmap="jet"`` gives the thesis's look; figures render to valid PNGs without pyplot."""
 from __future__ import annotations
 
 import numpy as np

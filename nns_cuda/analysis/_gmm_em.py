@@ -108,6 +108,20 @@ def kmeans_plusplus_all(x: Tensor, ks, seed: int) -> dict:
     further centre from a fresh ``RandomState(seed)``, so two ``k`` with the same number of
     local trials draw the same numbers and the smaller one's seeds are a prefix of the larger
     one's: one run per distinct trial count (for ``k = 2 … 10``: ``k = 2, 7, 10``) gives all.
+
+    Parameters
+    ----------
+    x : Tensor ``[G, S, 2]`` float64
+        ``G`` independent data sets.
+    ks : iterable of int
+        The numbers of seeds wanted.
+    seed : int
+        Seed of ``np.random.RandomState``.
+
+    Returns
+    -------
+    dict
+        ``{k: LongTensor [G, k]}``, seed indices per data set.
     """
     groups: dict = {}
     for k in ks:
@@ -121,9 +135,17 @@ def kmeans_plusplus_all(x: Tensor, ks, seed: int) -> dict:
 
 
 def argmax_dim1(v: Tensor) -> Tensor:
-    """``v.argmax(1)`` for ``[G, k, S]`` (first maximum), as ``k`` element-wise passes.
+    """``v.argmax(1)`` (first maximum), as ``k`` element-wise passes.
 
     ``torch.argmax`` over a non-innermost dimension is slow on CPU.
+
+    Parameters
+    ----------
+    v : Tensor ``[G, k, S]``
+
+    Returns
+    -------
+    LongTensor ``[G, S]``
     """
     best = v[:, 0].clone()
     lab = torch.zeros(best.shape, dtype=torch.long, device=v.device)
@@ -146,7 +168,18 @@ def _mean_log(t: Tensor, block: int = 32) -> Tensor:
 
 
 def features(x: Tensor) -> Tensor:
-    """Quadratic features ``Φ = [1, x, y, x², xy, y²]``: ``[G, S, 2] -> [G, S, 6]``."""
+    """Quadratic features ``Φ = [1, x, y, x², xy, y²]`` of 2-D points.
+
+    Parameters
+    ----------
+    x : Tensor ``[G, S, 2]``
+        Points ``(x, y)``.
+
+    Returns
+    -------
+    Tensor ``[G, S, 6]``
+        ``Φ`` per point, in the order above.
+    """
     a, b = x[..., 0], x[..., 1]
     return torch.stack([torch.ones_like(a), a, b, a * a, a * b, b * b], dim=-1)
 
@@ -218,7 +251,14 @@ class EMFit:
 def standardise(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Centre and scale each data set: ``z = (x - μ) / s``, ``s`` = RMS distance to ``μ``.
 
-    Returns ``z [G, S, 2]`` (float64), ``μ [G, 2]``, ``s [G]`` (1 where the data is constant).
+    Parameters
+    ----------
+    x : Tensor ``[G, S, 2]``
+
+    Returns
+    -------
+    (Tensor, Tensor, Tensor)
+        ``z [G, S, 2]`` (float64), ``μ [G, 2]``, ``s [G]`` (1 where the data is constant).
     """
     x = x.to(torch.float64)
     mu = x.mean(1)
@@ -277,7 +317,19 @@ def fit_em_stacked(
     Row ``j·G + g`` is data set ``g`` with ``k = j + 2`` components; the slots beyond ``k`` are
     masked (zero weight, never responsible). Fewer, larger batched operations than
     :func:`fit_em` per ``k`` (better when per-operation overhead dominates: small problems, GPUs),
-    at the cost of ``k_max / mean(k)`` more arithmetic. Returns one :class:`EMFit` per ``k``.
+    at the cost of ``k_max / mean(k)`` more arithmetic.
+
+    Parameters
+    ----------
+    z : Tensor ``[G, S, 2]`` float64, standardised points.
+    k_max : int
+    reg, seed, tol, max_iter, chunk_elems
+        As :func:`fit_em`.
+
+    Returns
+    -------
+    list of EMFit
+        One per ``k = 2 … k_max``, in standardised units.
     """
     g = z.shape[0]
     ks = list(range(2, k_max + 1))
@@ -326,7 +378,18 @@ def _has_fused() -> bool:
 
 
 def use_fused(z: Tensor) -> bool:
-    """Whether the EM on ``z`` runs its E-steps in the fused C++ kernel (see :data:`ESTEP`)."""
+    """Whether the EM on ``z`` runs its E-steps in the fused C++ kernel (see :data:`ESTEP`).
+
+    Parameters
+    ----------
+    z : Tensor ``[G, S, 2]``
+        The standardised points (only the device matters).
+
+    Returns
+    -------
+    bool
+        True on the CPU when the extension has ``gmm_estep`` and :data:`ESTEP` allows it.
+    """
     if ESTEP not in ("auto", "fused", "torch"):
         raise ValueError(f"_gmm_em.ESTEP must be 'auto', 'fused' or 'torch', got {ESTEP!r}.")
     if ESTEP == "torch" or z.device.type != "cpu":

@@ -1,95 +1,31 @@
-"""Model-level helpers of the Chapter-6 analysis (private; the public names live in ``gmm.py``).
+"""Model-level measures of the GMM pattern-level analysis (private; the public names live in
+``gmm.py``).
 
 Per-sample gradient magnitudes (Table 6-3), single-filter masking against a random baseline
-(Tables 6-4, 6-5), and the largest Hessian eigenvalue of the training loss (eqs. 6-3, 6-4).
+(Tables 6-4, 6-5), and the largest Hessian eigenvalue of the training loss (eqs. 6-3, 6-4);
+docs/spec.md §5.
 
 Data arguments (``data``, ``train_data``, ``val_data``) are either a pair ``(x, y)`` of tensors
-(one batch) or an iterable of batches ``(x, y, ...)`` such as a ``DataLoader``; extra batch
-entries (a foreground mask) are ignored. Sample ``i`` is the ``i``-th sample in iteration order.
+(one batch) or an iterable of batches ``(x, y[, fg_mask])`` such as a ``DataLoader``; a
+foreground mask is ignored. Sample ``i`` is the ``i``-th sample in iteration order.
+Every measure runs the model in eval mode and restores each module's mode afterwards.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nns_cuda.analysis.masking import mask_filters, resolve_module
+from nns_cuda._modules import eval_mode, model_device, resolve_module, split_call
+from nns_cuda.analysis._toolkit import iter_raw_batches
+from nns_cuda.analysis.masking import mask_filters
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 Data = Union[Tuple[Tensor, ...], Iterable]
-
-
-# --------------------------------------------------------------------------------------- data
-def _is_single_batch(data) -> bool:
-    return (
-        isinstance(data, (tuple, list))
-        and 1 <= len(data) <= 3
-        and all(isinstance(t, Tensor) for t in data)
-        and data[0].dim() >= 2
-        and (len(data) == 1 or (data[1].dim() >= 1 and data[1].shape[0] == data[0].shape[0]))
-    )
-
-
-def iter_batches(data: Data, who: str) -> Iterator[Tuple[Tensor, Optional[Tensor], Optional[Tensor]]]:
-    """Yield ``(x, y, fg_mask)`` from a pair/triple of tensors or an iterable of batches."""
-    if isinstance(data, Tensor):
-        raise TypeError(
-            f"{who}: data must be a pair (x, y) of tensors or an iterable of (x, y[, fg_mask]) "
-            f"batches, got a single tensor of shape {tuple(data.shape)}; pass (x, y)."
-        )
-    if _is_single_batch(data):
-        batches: Iterable = [data]
-    else:
-        batches = data
-    try:
-        it = iter(batches)
-    except TypeError:
-        raise TypeError(
-            f"{who}: data must be a pair (x, y) of tensors or an iterable of (x, y[, fg_mask]) "
-            f"batches, got {type(data).__name__}."
-        ) from None
-    for b in it:
-        if isinstance(b, Tensor):
-            yield b, None, None
-            continue
-        if isinstance(b, Mapping):
-            yield b["x"], b.get("y"), b.get("fg_mask")
-            continue
-        if not isinstance(b, (tuple, list)) or not b or not isinstance(b[0], Tensor):
-            raise TypeError(f"{who}: each batch must be (x, y[, fg_mask]) with tensors, got {type(b).__name__}.")
-        x = b[0]
-        y = b[1] if len(b) > 1 else None
-        fg = b[2] if len(b) > 2 else None
-        yield x, y, fg
-
-
-def _need_labels(y: Optional[Tensor], who: str) -> Tensor:
-    if y is None:
-        raise ValueError(f"{who}: the data has no labels y; pass batches (x, y) with integer class labels.")
-    return y
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    for b in model.buffers():
-        return b.device
-    return torch.device("cpu")
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module):
-    was = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was)
 
 
 # ------------------------------------------------------------------- per-sample gradient size
@@ -133,7 +69,7 @@ def per_sample_gradient_magnitude(
     if batch_size < 1:
         raise ValueError(f"{who}: batch_size must be >= 1, got {batch_size}.")
     loss_fn = loss_fn or F.cross_entropy
-    dev = _device_of(model)
+    dev = model_device(model)
     params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     if not params:
         raise ValueError(f"{who}: the model has no parameter with requires_grad=True.")
@@ -146,7 +82,7 @@ def per_sample_gradient_magnitude(
 
     g_fn = vmap(grad(loss_one), in_dims=(None, 0, 0))
     out = []
-    with _eval_mode(model):
+    with eval_mode(model):
         for i in range(0, x.shape[0], batch_size):
             xb = x[i : i + batch_size].to(dev)
             yb = y[i : i + batch_size].to(dev)
@@ -162,24 +98,35 @@ def per_sample_gradient_magnitude(
 
 def gradient_magnitudes(model: nn.Module, data: Data, loss_fn: Optional[LossFn] = None, *,
                         batch_size: int = 64, max_samples: Optional[int] = None) -> Tensor:
-    """:func:`per_sample_gradient_magnitude` streamed over ``data``: Tensor ``[S]`` in data order."""
-    out, n = [], 0
-    for x, y, _ in iter_batches(data, "gradient_magnitudes"):
-        y = _need_labels(y, "gradient_magnitudes")
-        if max_samples is not None:
-            x, y = x[: max_samples - n], y[: max_samples - n]
-        if x.shape[0] == 0:
-            break
+    """:func:`per_sample_gradient_magnitude` streamed over the batches of ``data``.
+
+    Parameters
+    ----------
+    model : nn.Module
+    data : ``(x, y)`` or an iterable of ``(x, y[, fg_mask])`` batches
+        Labelled samples.
+    loss_fn : callable ``(output [1, ...], target [1]) -> scalar``, optional
+        Default ``torch.nn.functional.cross_entropy``.
+    batch_size : int
+        Samples per ``vmap`` call.
+    max_samples : int, optional
+        Use only the first ``max_samples`` samples.
+
+    Returns
+    -------
+    Tensor ``[S]``
+        One magnitude per sample, in data order, on the CPU.
+    """
+    out = []
+    for x, y, _ in iter_raw_batches(data, "gradient_magnitudes", need_labels=True, max_samples=max_samples):
         out.append(per_sample_gradient_magnitude(model, x, y, loss_fn, batch_size=batch_size))
-        n += x.shape[0]
-        if max_samples is not None and n >= max_samples:
-            break
     if not out:
         raise ValueError("gradient_magnitudes: data is empty.")
     return torch.cat(out)
 
 
 def _split_means(mag: Tensor, outliers: Tensor) -> Dict[str, float]:
+    """Mean of ``mag [S]`` over the ``outliers`` (sample indices) and over the other samples."""
     s = mag.shape[0]
     idx = torch.as_tensor(outliers, dtype=torch.long).flatten()
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= s):
@@ -238,38 +185,58 @@ def outlier_gradient_report(
 # ----------------------------------------------------------------------------------- masking
 @torch.no_grad()
 def accuracy(model: nn.Module, data: Data, *, max_samples: Optional[int] = None) -> Tuple[float, int]:
-    """Top-1 accuracy in percent and the number of samples, in eval mode (restored after)."""
-    dev = _device_of(model)
+    """Top-1 accuracy of a classifier, in eval mode (each module's mode restored afterwards).
+
+    Parameters
+    ----------
+    model : nn.Module
+        Returns logits ``[B, classes]``.
+    data : ``(x, y)`` or an iterable of ``(x, y[, fg_mask])`` batches
+        Labelled samples.
+    max_samples : int, optional
+        Evaluate on the first ``max_samples`` samples only.
+
+    Returns
+    -------
+    (float, int)
+        Accuracy in percent and the number of samples evaluated.
+    """
+    dev = model_device(model)
     correct, n = 0, 0
-    with _eval_mode(model):
-        for x, y, _ in iter_batches(data, "accuracy"):
-            y = _need_labels(y, "accuracy")
-            if max_samples is not None:
-                x, y = x[: max_samples - n], y[: max_samples - n]
-            if x.shape[0] == 0:
-                break
+    with eval_mode(model):
+        for x, y, _ in iter_raw_batches(data, "accuracy", need_labels=True, max_samples=max_samples):
             out = model(x.to(dev))
             correct += int((out.argmax(1).cpu() == y.cpu()).sum())
             n += x.shape[0]
-            if max_samples is not None and n >= max_samples:
-                break
     if n == 0:
         raise ValueError("accuracy: data is empty.")
     return 100.0 * correct / n, n
 
 
 def n_channels(model: nn.Module, layer: str, data: Data) -> int:
-    """Number of output channels of ``layer`` (dim 1 of its output on one batch of ``data``)."""
-    from nns_cuda._modules import split_call as _split_call
+    """Number of output channels of ``layer``: dim 1 of its output on the first sample of ``data``.
 
-    base, _ = _split_call(layer)
+    Parameters
+    ----------
+    model : nn.Module
+    layer : str
+        Module name, optionally with a call index ``"name:1"`` (the module is resolved by its
+        base name).
+    data : ``(x, y)`` or an iterable of batches
+        Only the first sample is run.
+
+    Returns
+    -------
+    int
+    """
+    base, _ = split_call(layer)
     mod = resolve_module(model, base)
     shape = []
     h = mod.register_forward_hook(lambda m, i, o: shape.append(tuple(o.shape)) if not shape else None)
     try:
-        with torch.no_grad(), _eval_mode(model):
-            for x, _, _ in iter_batches(data, "n_channels"):
-                model(x[:1].to(_device_of(model)))
+        with torch.no_grad(), eval_mode(model):
+            for x, _, _ in iter_raw_batches(data, "n_channels", max_samples=1):
+                model(x.to(model_device(model)))
                 break
     finally:
         h.remove()
@@ -292,7 +259,7 @@ def single_filter_masking(
 ) -> Dict[str, object]:
     """Mask each filter alone; train and validation accuracy change (Tables 6-4, 6-5).
 
-    Masking = zeroing the channel of ``layer``'s output (SPEC §6, :func:`mask_filters`); the
+    Masking = zeroing the channel of ``layer``'s output (docs/spec.md §6, :func:`mask_filters`); the
     model is unchanged afterwards.
 
     Parameters
@@ -355,8 +322,28 @@ def random_filter_baseline(
     """Single-filter masking of ``R`` distinct random filters of ``layer`` (Table 6-5 baseline).
 
     Filters are drawn without replacement with ``torch.Generator().manual_seed(seed)``
-    (optionally excluding ``exclude``, e.g. the anomaly filters). Returns
-    :func:`single_filter_masking`'s dict for them, plus ``R`` and ``seed``.
+    (optionally excluding ``exclude``, e.g. the anomaly filters).
+
+    Parameters
+    ----------
+    model : nn.Module
+    layer : str
+        Module name, optionally with a call index ``"name:1"``.
+    train_data, val_data : ``(x, y)`` or iterables of batches
+    R : int
+        Number of random filters (at most the number of eligible filters).
+    seed : int
+        Seed of the draw.
+    exclude : sequence of int, optional
+        Filters never drawn.
+    max_samples : int, optional
+        Evaluate on the first ``max_samples`` samples of each set only.
+    base : optional ``{"train_acc", "val_acc"}`` of the unmasked model (computed if absent).
+
+    Returns
+    -------
+    dict
+        :func:`single_filter_masking`'s dict for the drawn filters, plus ``R`` and ``seed``.
     """
     if R < 1:
         raise ValueError(f"random_filter_baseline: R must be >= 1, got {R}.")
@@ -405,6 +392,7 @@ class HessianEigen:
     history: List[float] = field(default_factory=list)
 
     def to_dict(self) -> Dict[str, object]:
+        """The fields as a JSON-safe dict."""
         return asdict(self)
 
 
@@ -452,19 +440,12 @@ def hessian_top_eigenvalue(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("hessian_top_eigenvalue: the model has no parameter with requires_grad=True.")
-    dev = _device_of(model)
+    dev = model_device(model)
     batches = []
     n = 0
-    for x, y, _ in iter_batches(data, "hessian_top_eigenvalue"):
-        y = _need_labels(y, "hessian_top_eigenvalue")
-        if max_samples is not None:
-            x, y = x[: max_samples - n], y[: max_samples - n]
-        if x.shape[0] == 0:
-            break
+    for x, y, _ in iter_raw_batches(data, "hessian_top_eigenvalue", need_labels=True, max_samples=max_samples):
         batches.append((x, y))
         n += x.shape[0]
-        if max_samples is not None and n >= max_samples:
-            break
     if n == 0:
         raise ValueError("hessian_top_eigenvalue: data is empty.")
 
@@ -509,7 +490,7 @@ def hessian_top_eigenvalue(
             lam = new
         return lam + shift, it, conv, hist
 
-    with _eval_mode(model):
+    with eval_mode(model):
         dom, it1, conv1, hist1 = power(0.0)
         if dom >= 0:
             return HessianEigen(eigenvalue=dom, dominant=dom, n_iter=it1, converged=conv1, history=hist1)

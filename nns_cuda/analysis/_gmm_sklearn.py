@@ -19,9 +19,21 @@ def fit_all(points: Tensor, k_max: int, *, seed: int, reg_covar: float, tol: flo
             max_iter: int) -> Dict[str, Tensor]:
     """Fit every filter and every ``k = 2..k_max`` with scikit-learn.
 
-    Returns a dict of tensors: ``labels [F, K-1, S]``, ``ch``, ``loglik``, ``lower_bound``
-    (``[F, K-1]`` float64), ``n_iter`` (long), ``converged`` (bool), ``weights [F, K-1, k_max]``,
-    ``means [F, K-1, k_max, 2]``, ``covariances [F, K-1, k_max, 2, 2]`` (padded with NaN).
+    Parameters
+    ----------
+    points : Tensor ``[F, S, 2]``
+        Per-filter 2-D points (computed in float64 on the CPU).
+    k_max : int
+        Largest number of components.
+    seed, reg_covar, tol, max_iter
+        ``random_state``, ``reg_covar``, ``tol``, ``max_iter`` of ``GaussianMixture``.
+
+    Returns
+    -------
+    dict of Tensor
+        ``labels [F, K-1, S]``, ``ch``, ``loglik``, ``lower_bound`` (``[F, K-1]`` float64),
+        ``n_iter`` (long), ``converged`` (bool), ``weights [F, K-1, k_max]``,
+        ``means [F, K-1, k_max, 2]``, ``covariances [F, K-1, k_max, 2, 2]`` (padded with NaN).
     """
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.metrics import calinski_harabasz_score

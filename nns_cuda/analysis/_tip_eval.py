@@ -1,155 +1,110 @@
-"""Private helpers of :mod:`nns_cuda.tip`: data batches, hooks on one layer call, layer probing
-and masked-accuracy evaluation (SPEC §4 AIPC / fg-bg types, §6 masking).
+"""Private helpers of the TIP analyses: layer probing and masked-accuracy evaluation.
 
-Nothing here is public API; :mod:`nns_cuda.tip` documents the behaviour.
+Used by :mod:`nns_cuda.analysis.interpretable`, :mod:`nns_cuda.analysis.aipc`,
+:mod:`nns_cuda.analysis.saliency` and :mod:`nns_cuda.analysis.fgbg` (docs/spec.md §4 AIPC and
+fg/bg types, §6 masking). Nothing here is public API; :mod:`nns_cuda.analysis.tip` documents
+the behaviour.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from nns_cuda.analysis.masking import mask_filters, resolve_module
+from nns_cuda.analysis._toolkit import (
+    eval_mode,
+    layer_hook,
+    model_device,
+    resolve_module,
+    split_call,
+    to_jsonable,
+    unpack_batch,
+)
+from nns_cuda.analysis.masking import mask_filters
 
 __all__: List[str] = []
 
 
 # --------------------------------------------------------------------------------------------
-# data
+# results
 # --------------------------------------------------------------------------------------------
-def unpack_batch(batch: Any, where: str) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """``(x, y, fg_mask)`` / ``(x, y)`` / ``x`` -> ``(x, y or None, fg_mask or None)``."""
-    if isinstance(batch, torch.Tensor):
-        return batch, None, None
-    if isinstance(batch, (tuple, list)) and 1 <= len(batch) <= 3:
-        x = batch[0]
-        y = batch[1] if len(batch) > 1 else None
-        m = batch[2] if len(batch) > 2 else None
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{where}: a data batch must start with the input tensor x, got {type(x).__name__}.")
-        return x, y, m
-    raise TypeError(
-        f"{where}: each data batch must be (x, y, fg_mask), (x, y) or x; got {type(batch).__name__}"
-        + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
-        + "."
-    )
+class DictResult:
+    """Base of the TIP result dataclasses: :meth:`to_dict`."""
 
+    def to_dict(self) -> Dict[str, Any]:
+        """JSON-safe dict of the fields (tensors and arrays as lists, NaN / Inf as None).
 
-def check_reiterable(data: Any, where: str) -> None:
-    """Several passes over ``data`` are needed: refuse one-shot iterators (generators)."""
-    try:
-        it = iter(data)
-    except TypeError as e:
-        raise TypeError(f"{where}: data must be an iterable of batches, got {type(data).__name__}.") from e
-    if it is data:
-        raise TypeError(
-            f"{where}: data is a one-shot iterator ({type(data).__name__}); this analysis passes over the "
-            "data several times. Pass a list of batches or a DataLoader."
-        )
-
-
-def model_device(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
-def check_mask(mask: Optional[torch.Tensor], x: torch.Tensor, where: str) -> Optional[torch.Tensor]:
-    """Validate a foreground mask ``[B, H, W]`` (bool) against ``x [B, D, H, W]``."""
-    if mask is None:
-        return None
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"{where}: mask must be a bool tensor [B, H, W] or None, got {type(mask).__name__}.")
-    if mask.dtype != torch.bool:
-        raise TypeError(
-            f"{where}: mask must be a bool tensor [B, H, W], got dtype {mask.dtype}; convert it with mask.bool() "
-            "(True = entry in the region)."
-        )
-    want = (x.shape[0],) + tuple(x.shape[2:])
-    if tuple(mask.shape) != want:
-        raise ValueError(
-            f"{where}: mask has shape {list(mask.shape)} but x has shape {list(x.shape)}; the mask must be "
-            f"[B, H, W] = {list(want)} (it is broadcast over the D channels)."
-        )
-    return mask
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put every module in eval mode and restore each one's ``training`` flag afterwards."""
-    flags = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        yield model
-    finally:
-        for m, f in flags:
-            m.training = f
+        Returns
+        -------
+        dict
+        """
+        return to_jsonable(asdict(self))
 
 
 # --------------------------------------------------------------------------------------------
-# hooks on one call of one module
+# layers
 # --------------------------------------------------------------------------------------------
-def split_call(name: str) -> Tuple[str, Optional[int]]:
-    if ":" in name:
-        base, _, idx = name.rpartition(":")
-        if idx.isdigit():
-            return base, int(idx)
-    return name, None
-
-
-@contextlib.contextmanager
-def layer_hook(model: nn.Module, layer: str, fn: Callable[[torch.Tensor], Optional[torch.Tensor]]) -> Iterator[None]:
-    """Call ``fn(output)`` on the output of ``layer`` (``name`` or ``name:i``); a non-None return
-    replaces the output. Hooks are always removed."""
-    base, call = split_call(layer)
-    module = resolve_module(model, base)
-    counter = [0]
-
-    def hook(mod, inputs, output):
-        n = counter[0]
-        counter[0] = n + 1
-        if call is not None and n != call:
-            return None
-        return fn(output)
-
-    handles = [
-        model.register_forward_pre_hook(lambda m, i: counter.__setitem__(0, 0)),
-        module.register_forward_hook(hook),
-    ]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
 @dataclass
 class LayerInfo:
-    """What one probe forward pass tells about a layer."""
+    """What one probe forward pass tells about a layer.
+
+    Attributes
+    ----------
+    name : str
+        The layer as addressed (``name`` or ``name:k``).
+    out_shape : tuple of int
+        Per-sample output shape ``(C, *spatial)``.
+    calls : int
+        Calls of the base module per forward pass.
+    call_order : list of str
+        Module names in forward-hook order (only with ``record_order=True``).
+    layer_pos : int
+        Position of the analysed call in ``call_order`` (-1 without ``record_order``).
+    """
 
     name: str
-    out_shape: Tuple[int, ...]  # per-sample output shape (C, *spatial)
-    calls: int  # calls of the base module per forward
-    call_order: List[str] = field(default_factory=list)  # module names in forward-hook order
-    layer_pos: int = -1  # position of the analysed call in call_order
+    out_shape: Tuple[int, ...]
+    calls: int
+    call_order: List[str] = field(default_factory=list)
+    layer_pos: int = -1
 
     @property
     def channels(self) -> int:
+        """Number of filters ``K`` (the output's channel dimension)."""
         return self.out_shape[0]
 
 
 def probe_layer(model: nn.Module, x: torch.Tensor, layer: str, where: str, record_order: bool = False) -> LayerInfo:
     """Run ``model`` on ``x`` once and check that ``layer`` outputs a ``[B, C, *spatial]`` map.
 
-    Raises ``KeyError`` for an unknown layer and ``ValueError`` for a layer that is not called,
-    is called several times without a call index, or whose output has no channel dimension.
+    Parameters
+    ----------
+    model : nn.Module
+        Run in eval mode (every module's flag is restored afterwards), without gradients.
+    x : Tensor [B, D, H, W]
+        A small input batch (two samples suffice).
+    layer : str
+        Module name, ``name:k`` for one call of a module called several times.
+    where : str
+        Prefix of error messages.
+    record_order : bool
+        Also record the order in which all modules run (for finding the weight of a filter).
+
+    Returns
+    -------
+    LayerInfo
+
+    Raises
+    ------
+    KeyError
+        For an unknown layer.
+    ValueError
+        For a layer that is not called, is called several times without a call index, or whose
+        output has no channel dimension.
     """
     base, call = split_call(layer)
     module = resolve_module(model, base)
@@ -202,22 +157,76 @@ def probe_layer(model: nn.Module, x: torch.Tensor, layer: str, where: str, recor
     return LayerInfo(layer, tuple(out.shape[1:]), len(outs), order, pos[0])
 
 
-# --------------------------------------------------------------------------------------------
-# masked accuracy
-# --------------------------------------------------------------------------------------------
+def first_x(data: Iterable, where: str, model: nn.Module) -> torch.Tensor:
+    """The first two samples of ``data``, on the model's device.
+
+    Parameters
+    ----------
+    data : iterable of batches ``(x, ...)``
+    where : str
+        Prefix of error messages.
+    model : nn.Module
+
+    Returns
+    -------
+    Tensor [min(2, B), D, H, W]
+
+    Raises
+    ------
+    ValueError
+        If ``data`` has no samples.
+    """
+    for batch in data:
+        x, _, _ = unpack_batch(batch, where)
+        if x.shape[0] == 0:
+            continue
+        return x[:2].to(model_device(model))
+    raise ValueError(f"{where}: data has no samples.")
+
+
 def n_top(fraction: float, k: int) -> int:
-    """``⌈fraction · k⌉`` without float artefacts (0.07 · 100 = 7.000000000000001 -> 7)."""
+    """``⌈fraction · k⌉`` without float artefacts (0.07 · 100 = 7.000000000000001 -> 7).
+
+    Parameters
+    ----------
+    fraction : float in [0, 1]
+    k : int
+
+    Returns
+    -------
+    int
+    """
     return int(math.ceil(round(fraction * k, 9)))
 
 
+# --------------------------------------------------------------------------------------------
+# masked accuracy
+# --------------------------------------------------------------------------------------------
 class MaskedAccuracy:
-    """Accuracy (%) of a classifier with chosen output channels of one layer zeroed (SPEC §6).
+    """Accuracy (%) of a classifier with chosen output channels of one layer zeroed (docs/spec.md §6).
 
     Results are cached per channel set. With ``vectorize=True`` one forward pass of a batch
     evaluates a group of masks: the hook replicates the layer's output once per mask (so the
     layers before it run once) and the logits come back as ``[G·B, classes]``. If the model
     cannot run on the replicated batch (e.g. a skip connection around the layer), the
-    evaluation falls back to one pass per mask with :func:`nns_cuda.masking.mask_filters`.
+    evaluation falls back to one pass per mask with :func:`nns_cuda.analysis.masking.mask_filters`.
+    With no channel masked it is the model's plain accuracy.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A classifier returning logits ``[B, classes]`` (run in eval mode, flags restored).
+    data : re-iterable of ``(x [B, D, H, W], y [B][, fg_mask])`` batches
+    layer : str
+        Module name (``name:k`` per call) whose output channels are masked.
+    channels : int
+        ``K``, the layer's number of output channels.
+    vectorize : bool
+        Evaluate several masks per forward pass.
+    max_rows : int
+        Upper bound of ``G·B`` rows per replicated forward pass.
+    where : str
+        Prefix of error messages.
     """
 
     def __init__(self, model: nn.Module, data: Iterable, layer: str, channels: int, *,
@@ -228,6 +237,16 @@ class MaskedAccuracy:
         self.mode: Optional[str] = None
 
     def __call__(self, masks: Sequence[Sequence[int]]) -> List[float]:
+        """Accuracy (%) with each channel set masked.
+
+        Parameters
+        ----------
+        masks : sequence of channel-index sequences (``()`` for nothing masked)
+
+        Returns
+        -------
+        list of float, one per mask
+        """
         keys = [tuple(sorted(set(int(c) for c in m))) for m in masks]
         for key in keys:
             if key and (key[0] < 0 or key[-1] >= self.K):
@@ -321,22 +340,3 @@ def _check_logits(logits: Any, B: int, y: torch.Tensor, where: str) -> None:
         )
     if y.shape != (B,):
         raise ValueError(f"{where}: labels must be [B] class indices, got {list(y.shape)} for B = {B}.")
-
-
-def accuracy(model: nn.Module, data: Iterable, where: str) -> float:
-    """Plain accuracy (%) of ``model`` on ``data`` (no masking)."""
-    dev = model_device(model)
-    correct, total = 0, 0
-    with torch.no_grad(), eval_mode(model):
-        for batch in data:
-            x, y, _ = unpack_batch(batch, where)
-            if y is None:
-                raise ValueError(f"{where}: accuracy needs labels; batches must be (x, y[, fg_mask]).")
-            x, y = x.to(dev), torch.as_tensor(y).to(dev)
-            logits = model(x)
-            _check_logits(logits, x.shape[0], y, where)
-            correct += int((logits.argmax(1) == y).sum())
-            total += x.shape[0]
-    if total == 0:
-        raise ValueError(f"{where}: data has no samples.")
-    return 100.0 * correct / total

@@ -57,6 +57,13 @@ __all__ = [
     "resolve_module",
     "split_call",
     "to_jsonable",
+    "unpack_batch",
+    "check_reiterable",
+    "checked_scan",
+    "NanMean",
+    "NotFittedError",
+    "ResultEstimator",
+    "iter_raw_batches",
 ]
 
 
@@ -71,14 +78,14 @@ class EmptyForegroundWarning(FQWarning):
     """A sample has no active input entry in its foreground (``N_f = 0``): its ``F`` is 0.
 
     Raised when the foreground mask is empty (an all-background sample) or when the input is 0
-    everywhere inside the mask. SPEC §3 sets ``F = 0`` for such samples.
+    everywhere inside the mask. docs/spec.md §3 sets ``F = 0`` for such samples.
     """
 
 
 class NoBackgroundWarning(FQWarning):
     """A sample's foreground mask covers the whole image, so ``N^n_x = 0`` and ``F = 0``.
 
-    Eq. 4-6 is used literally (SPEC §3 [decision]): its first factor counts learned-image entries
+    Eq. 4-6 is used literally (docs/spec.md §3 [decision]): its first factor counts learned-image entries
     in the background, so a sample without background has ``F = 0`` for every neuron. Data sets
     without boxes (CIFAR loaded without annotations) therefore give ``FQ = 0`` everywhere.
     """
@@ -86,7 +93,7 @@ class NoBackgroundWarning(FQWarning):
 
 class ZeroInputWarning(FQWarning):
     """A sample's input is zero everywhere, so ``count(x) = strength(x) = 0`` and the
-    knowledge-quantity ratios of SPEC §2 are undefined for it; the sample is left out."""
+    knowledge-quantity ratios of docs/spec.md §2 are undefined for it; the sample is left out."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -127,7 +134,7 @@ def check_mask(mask: Optional[Tensor], x: Tensor, where: str, *, batched: bool, 
             raise ValueError(
                 f"{where}: a foreground mask is required (bool [H, W] per sample, from the object's "
                 "bounding box). Pass torch.ones(H, W, dtype=torch.bool) only if you really mean "
-                "'everything is foreground' (then F = 0, SPEC §3)."
+                "'everything is foreground' (then F = 0, docs/spec.md §3)."
             )
         return None
     if not isinstance(mask, Tensor):
@@ -141,7 +148,8 @@ def check_mask(mask: Optional[Tensor], x: Tensor, where: str, *, batched: bool, 
     want = (x.shape[0], H, W) if batched else (H, W)
     if tuple(mask.shape) != tuple(want):
         raise ValueError(
-            f"{where}: fg_mask must have shape {list(want)} to match the input {list(x.shape)} "
+            f"{where}: fg_mask must have shape {list(want)} ({'[B, H, W]' if batched else '[H, W]'}) "
+            f"to match the input {list(x.shape)} "
             f"(one [H, W] mask per sample, broadcast over the D channels), got {list(mask.shape)}."
         )
     return mask.to(x.device)
@@ -436,3 +444,247 @@ def to_jsonable(obj: Any, max_array: Optional[int] = None) -> Any:
     if isinstance(obj, (list, tuple)):
         return [to_jsonable(v, max_array) for v in obj]
     return str(obj)
+
+
+# --------------------------------------------------------------------------------------------
+# data passed over several times
+# --------------------------------------------------------------------------------------------
+def unpack_batch(batch: Any, where: str) -> Tuple[Tensor, Any, Any]:
+    """Split one batch into its parts without validating them (see :func:`iter_batches` for that).
+
+    Parameters
+    ----------
+    batch : ``(x, y, fg_mask)``, ``(x, y)``, ``(x,)``, ``x`` or a dict with keys ``x``, ``y``, ``fg_mask``
+    where : str
+        Prefix of error messages.
+
+    Returns
+    -------
+    (Tensor, y or None, fg_mask or None)
+        ``x [B, ...]`` and the labels and foreground mask as given (``None`` when absent).
+
+    Raises
+    ------
+    TypeError
+        For a batch of another form, or one whose ``x`` is not a tensor.
+    """
+    try:
+        x, y, m = _unpack_item(batch)
+    except TypeError as e:
+        raise TypeError(f"{where}: {e}") from None
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{where}: a data batch must start with the input tensor x, got {type(x).__name__}.")
+    return x, y, m
+
+
+def check_reiterable(data: Any, where: str) -> None:
+    """Refuse a one-shot iterator (a generator): the caller passes over ``data`` several times.
+
+    Parameters
+    ----------
+    data : iterable of batches
+    where : str
+        Prefix of error messages.
+
+    Raises
+    ------
+    TypeError
+        If ``data`` is not iterable, or ``iter(data) is data``.
+    """
+    try:
+        it = iter(data)
+    except TypeError as e:
+        raise TypeError(f"{where}: data must be an iterable of batches, got {type(data).__name__}.") from e
+    if it is data:
+        raise TypeError(
+            f"{where}: data is a one-shot iterator ({type(data).__name__}); this analysis passes over the "
+            "data several times. Pass a list of batches or a DataLoader."
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# data, unvalidated (model-level measures: accuracies, gradients, Hessians)
+# --------------------------------------------------------------------------------------------
+def _is_single_batch(data: Any) -> bool:
+    """Whether ``data`` is one batch ``(x[, y[, fg_mask]])`` of tensors rather than a collection."""
+    return (
+        isinstance(data, (tuple, list))
+        and 1 <= len(data) <= 3
+        and all(isinstance(t, Tensor) for t in data)
+        and data[0].dim() >= 2
+        and (len(data) == 1 or (data[1].dim() >= 1 and data[1].shape[0] == data[0].shape[0]))
+    )
+
+
+def iter_raw_batches(
+    data: Any,
+    where: str,
+    *,
+    need_labels: bool = False,
+    max_samples: Optional[int] = None,
+) -> Iterator[Tuple[Tensor, Any, Any]]:
+    """Iterate over ``data`` as ``(x, y, fg_mask)`` parts without validating their values.
+
+    For measures of the whole model (accuracies, per-sample gradients, Hessians) whose inputs
+    need not be images with foreground masks; :func:`iter_batches` is the validating iterator.
+    Sample ``i`` is the ``i``-th sample in iteration order. An empty batch ends the iteration.
+
+    Parameters
+    ----------
+    data : one batch or an iterable of batches
+        A pair / triple ``(x, y[, fg_mask])`` of tensors (one batch), or an iterable (a list, a
+        ``DataLoader``) of batches in the forms :func:`unpack_batch` accepts.
+    where : str
+        Prefix of error messages.
+    need_labels : bool
+        Raise ``ValueError`` for a batch without labels ``y``.
+    max_samples : int, optional
+        Stop after this many samples (the last batch is cut).
+
+    Yields
+    ------
+    (Tensor, y or None, fg_mask or None)
+        ``x [B, ...]``, the labels ``[B]`` and the foreground mask as given.
+
+    Raises
+    ------
+    TypeError
+        If ``data`` is a single tensor, not iterable, or yields a batch of another form.
+    """
+    if isinstance(data, Tensor):
+        raise TypeError(
+            f"{where}: data must be a pair (x, y) of tensors or an iterable of (x, y[, fg_mask]) "
+            f"batches, got a single tensor of shape {tuple(data.shape)}; pass (x, y)."
+        )
+    batches = [data] if _is_single_batch(data) else data
+    try:
+        it = iter(batches)
+    except TypeError:
+        raise TypeError(
+            f"{where}: data must be a pair (x, y) of tensors or an iterable of (x, y[, fg_mask]) "
+            f"batches, got {type(data).__name__}."
+        ) from None
+    n = 0
+    for batch in it:
+        x, y, fg = unpack_batch(batch, where)
+        if need_labels and y is None:
+            raise ValueError(f"{where}: the data has no labels y; pass batches (x, y) with integer class labels.")
+        if max_samples is not None:
+            x = x[: max_samples - n]
+            y = None if y is None else y[: max_samples - n]
+            fg = fg[: max_samples - n] if isinstance(fg, Tensor) else fg
+        if x.shape[0] == 0:
+            return
+        yield x, y, fg
+        n += x.shape[0]
+        if max_samples is not None and n >= max_samples:
+            return
+
+
+# --------------------------------------------------------------------------------------------
+# neuron-level analyses: scan output, running means, fitted estimators
+# --------------------------------------------------------------------------------------------
+def checked_scan(scan: Callable[[Tensor, Optional[Tensor]], Mapping[str, Tuple[Tensor, Optional[Tensor]]]],
+                 x: Tensor, fg_mask: Optional[Tensor], layers: Sequence[str], where: str, *,
+                 finite: bool = True) -> Dict[str, Tuple[Tensor, Tensor]]:
+    """Run ``scan(x, fg_mask)`` (from :func:`make_scan`) and check each layer's output.
+
+    Parameters
+    ----------
+    scan : callable
+        ``scan(x, fg_mask) -> {layer: (activations, stats)}``.
+    x : Tensor [B, ...]
+    fg_mask : bool Tensor [B, H, W] or None
+    layers : sequence of str
+    where : str
+        Prefix of error messages.
+    finite : bool
+        Also raise for NaN / Inf statistics.
+
+    Returns
+    -------
+    dict of str to (Tensor [B, *shape], Tensor [B, *shape, NUM_STATS])
+        Activations and per-neuron statistics of each layer.
+
+    Raises
+    ------
+    ValueError
+        When a layer has no statistics, the shapes do not match ``[B, *shape]`` and
+        ``[B, *shape, NUM_STATS]``, or (``finite``) the statistics are not finite.
+    """
+    from nns_cuda.ops.reference.stats import NUM_STATS
+
+    res = scan(x, fg_mask)
+    B = x.shape[0]
+    out = {}
+    for layer in layers:
+        act, st = res[layer]
+        if st is None:
+            raise ValueError(f"{where}: the scan returned no statistics for layer {layer!r}; scan with stats=True.")
+        if act.shape[0] != B or tuple(st.shape) != (*act.shape, NUM_STATS):
+            raise ValueError(f"{where}: scan output for {layer!r} has activations {list(act.shape)} and stats "
+                             f"{list(st.shape)}; expected [B={B}, *shape] and [B, *shape, {NUM_STATS}].")
+        if finite:
+            check_finite(f"the scan statistics of {layer!r}", st, where)
+        out[layer] = (act, st)
+    return out
+
+
+class NanMean:
+    """Running mean of values, ignoring NaN and Inf (``value`` is NaN while nothing was counted).
+
+    Attributes
+    ----------
+    n : int
+        Number of finite values added.
+    """
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self.n = 0
+
+    def add(self, v: Tensor) -> None:
+        """Add the finite entries of ``v`` (any shape)."""
+        v = v.double().flatten()
+        ok = torch.isfinite(v)
+        self.total += float(v[ok].sum())
+        self.n += int(ok.sum())
+
+    @property
+    def value(self) -> float:
+        """The mean of the finite values added so far."""
+        return self.total / self.n if self.n else float("nan")
+
+
+class NotFittedError(ValueError, AttributeError):
+    """An estimator's results were asked for before ``fit``."""
+
+
+class ResultEstimator:
+    """Base of the analysis estimators whose ``fit`` stores one result object in ``result_``.
+
+    ``__init__`` of a subclass stores its parameters unchanged; ``fit(...)`` validates them,
+    computes, sets ``self.result_`` and returns ``self``.
+    """
+
+    def to_dict(self, *args: Any, **kwargs: Any) -> Dict[str, Any]:
+        """The JSON-safe results of the last :meth:`fit`: ``self.result_.to_dict(*args, **kwargs)``.
+
+        Parameters
+        ----------
+        *args, **kwargs
+            Passed to the result's ``to_dict`` (e.g. ``arrays=True`` where it has that option).
+
+        Returns
+        -------
+        dict
+
+        Raises
+        ------
+        NotFittedError
+            Before the first ``fit``.
+        """
+        result = getattr(self, "result_", None)
+        if result is None:
+            raise NotFittedError(f"{type(self).__name__} is not fitted yet; call fit(...) first.")
+        return result.to_dict(*args, **kwargs)

@@ -1,15 +1,15 @@
 """Captum-style drop-ins: learned images with the interface of ``captum.attr``'s neuron methods.
 
 :class:`NeuronLearnedImage` is used exactly like ``captum.attr.NeuronGradient`` and returns the
-neuron's learned image (SPEC §1)
+neuron's learned image (docs/spec.md §1)
 
     LI_n(x) = g_n · x ⊙ J_n ,
 
 which for a ReLU network equals ``NeuronGradient(model, layer).attribute(x, selector) * x``
 whenever ``layer`` is the module whose output holds ``a_n`` (a ReLU, a pooling layer, the final
-linear layer, …) — SPEC §1, identity 1. It is computed by the NNS engine (exact, gate-frozen,
-bias-free network), so whole layers cost one sweep: :class:`LayerLearnedImages` returns the
-learned images of all neurons of a layer at once.
+linear layer, …) — docs/spec.md §1, identity 1. It is computed by the NNS engine (exact,
+gate-frozen, bias-free network), so whole layers cost one sweep: :class:`LayerLearnedImages`
+returns the learned images of all neurons of a layer at once.
 
 >>> from nns_cuda.captum import NeuronLearnedImage, LayerLearnedImages
 >>> li = NeuronLearnedImage(model, model.features[1]).attribute(x, neuron_selector=(3, 5, 7))  # doctest: +SKIP
@@ -18,9 +18,9 @@ learned images of all neurons of a layer at once.
 Differences from Captum worth knowing:
 
 * For a conv / linear layer that feeds a ReLU directly, the learned image is gated by the
-  ReLU's gate ``S(z_n)`` (SPEC §1, eq. 3-6): an inactive neuron has an all-zero learned image,
-  while Captum's gradient of the (pre-activation) conv output is not gated. Pass the ReLU module
-  as ``layer`` to compare like with like.
+  ReLU's gate ``S(z_n)`` (docs/spec.md §1, eq. 3-6): an inactive neuron has an all-zero
+  learned image, while Captum's gradient of the (pre-activation) conv output is not gated.
+  Pass the ReLU module as ``layer`` to compare like with like.
 * ``attribute_to_neuron_input=True`` returns the learned image of the neuron that feeds the
   layer (the layer input's neuron selected by ``neuron_selector``), with the same gating rule.
 * A callable ``neuron_selector`` (any function of the layer's output) has no neuron index, so it
@@ -39,6 +39,8 @@ from typing import Any, Callable, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from nns_cuda._modules import split_call
+
 __all__ = ["NeuronLearnedImage", "LayerLearnedImages"]
 
 Selector = Union[int, Tuple[Union[int, slice], ...], Callable[..., torch.Tensor]]
@@ -46,14 +48,6 @@ LayerSpec = Union[str, nn.Module]
 
 
 # ----------------------------------------------------------------------------- helpers
-def _split_call(name: str) -> Tuple[str, Optional[int]]:
-    if ":" in name:
-        base, _, k = name.rpartition(":")
-        if k.isdigit():
-            return base, int(k)
-    return name, None
-
-
 def _layer_name(model: Optional[nn.Module], layer: LayerSpec) -> Optional[str]:
     """Qualified name of ``layer`` inside ``model`` (None when it cannot be named)."""
     if isinstance(layer, str):
@@ -75,7 +69,7 @@ def _layer_module(model: Optional[nn.Module], layer: LayerSpec) -> Tuple[nn.Modu
         return layer, None
     if model is None:
         raise TypeError("a layer given by name needs forward_func to be an nn.Module; pass the module itself")
-    base, call = _split_call(layer)
+    base, call = split_call(layer)
     mods = dict(model.named_modules())
     if base not in mods or base == "":
         import difflib
@@ -199,13 +193,18 @@ class NeuronLearnedImage:
 
     Parameters
     ----------
-    forward_func : nn.Module (eval mode) — or any callable (then the autograd path is used)
-    layer : the module whose output holds the neuron (an ``nn.Module`` of ``forward_func``), or its
-        name from ``named_modules()`` (``"name:k"`` for the k-th call of a reused module)
-    device_ids : accepted for Captum compatibility; unused
-    backend, strategy, max_memory, linearize : engine options (see :class:`nns_cuda.Scanner`)
-    gate_outputs : gate the model's output neurons by ``S(z)`` too (SPEC §1 [decision]; default
-        False, as the thesis)
+    forward_func : nn.Module or callable
+        The model in eval mode; any other callable uses the autograd path.
+    layer : nn.Module or str
+        The module whose output holds the neuron (a module of ``forward_func``), or its name
+        from ``named_modules()`` (``"name:k"`` for the k-th call of a reused module).
+    device_ids : list of int or None
+        Accepted for Captum compatibility; unused.
+    backend, strategy, max_memory, linearize
+        Engine options (see :class:`nns_cuda.Scanner`).
+    gate_outputs : bool
+        Gate the model's output neurons by ``S(z)`` too (docs/spec.md §1; default False, as the
+        thesis).
     """
 
     def __init__(self, forward_func: Callable, layer: LayerSpec, device_ids: Optional[List[int]] = None, *,
@@ -225,16 +224,19 @@ class NeuronLearnedImage:
 
         Parameters
         ----------
-        inputs : Tensor [B, D, H, W] (or [B, N]); or a 1-tuple of it
-        neuron_selector : int (2-D layer outputs), tuple of ints (``(c, y, x)``) or slices (the
-            learned image of the sum of the selected neurons — by linearity the sum of their
-            learned images), or a callable ``f(layer_output) -> Tensor [B]`` (autograd path)
-        additional_forward_args : extra arguments of ``forward_func`` (autograd path)
-        attribute_to_neuron_input : select among the layer's *input* neurons instead
+        inputs : Tensor [B, D, H, W] (or [B, N]), or a 1-tuple of it
+        neuron_selector : int, tuple of int / slice, or callable
+            An int (2-D layer outputs), a tuple of ints (``(c, y, x)``) or slices (the learned
+            image of the sum of the selected neurons — by linearity the sum of their learned
+            images), or a callable ``f(layer_output) -> Tensor [B]`` (autograd path).
+        additional_forward_args : Any
+            Extra arguments of ``forward_func`` (autograd path).
+        attribute_to_neuron_input : bool
+            Select among the layer's *input* neurons instead.
 
         Returns
         -------
-        Tensor like ``inputs`` (a 1-tuple if ``inputs`` was one).
+        Tensor [B, D, H, W] (like ``inputs``; a 1-tuple if ``inputs`` was one)
         """
         where = "NeuronLearnedImage.attribute"
         x, was_tuple = _as_input(inputs)
@@ -244,7 +246,7 @@ class NeuronLearnedImage:
             module, call = _layer_module(self.model, self.layer if self.layer_name is None else self.layer_name)
             return _wrap(_autograd_li(self.forward_func, module, call, x, neuron_selector, additional_forward_args,
                                       attribute_to_neuron_input, where), was_tuple)
-        from nns_cuda.engine.scanner import learned_images
+        from nns_cuda.engine.functional import learned_images
         from nns_cuda.engine.graph import build_graph
 
         model = self.model
@@ -275,10 +277,14 @@ class LayerLearnedImages:
 
     Parameters
     ----------
-    forward_func : nn.Module (eval mode)
-    layer : module of ``forward_func`` or its name (``"name:k"`` for a call of a reused module)
-    device_ids : accepted for Captum compatibility; unused
-    backend, strategy, max_memory, gate_outputs, linearize : engine options
+    forward_func : nn.Module
+        The model, in eval mode.
+    layer : nn.Module or str
+        A module of ``forward_func`` or its name (``"name:k"`` for a call of a reused module).
+    device_ids : list of int or None
+        Accepted for Captum compatibility; unused.
+    backend, strategy, max_memory, gate_outputs, linearize
+        Engine options (see :class:`nns_cuda.Scanner`).
     """
 
     def __init__(self, forward_func: nn.Module, layer: LayerSpec, device_ids: Optional[List[int]] = None, *,
@@ -308,11 +314,17 @@ class LayerLearnedImages:
     def attribute(self, inputs: Union[torch.Tensor, Tuple[torch.Tensor]], attribute_to_layer_input: bool = False):
         """Learned images of all neurons of the layer (or of its input with ``attribute_to_layer_input``).
 
+        Parameters
+        ----------
+        inputs : Tensor [B, D, H, W] (or [B, N]), or a 1-tuple of it
+        attribute_to_layer_input : bool
+            The learned images of the neurons of the layer's input instead.
+
         Returns
         -------
-        Tensor [B, *layer_shape, *inputs.shape[1:]] (a 1-tuple if ``inputs`` was one).
+        Tensor [B, *layer_shape, *inputs.shape[1:]] (a 1-tuple if ``inputs`` was one)
         """
-        from nns_cuda.engine.scanner import learned_images
+        from nns_cuda.engine.functional import learned_images
 
         x, was_tuple = _as_input(inputs)
         name = self._target(x, attribute_to_layer_input)
@@ -321,8 +333,17 @@ class LayerLearnedImages:
         return _wrap(out, was_tuple)
 
     def filter_images(self, inputs: Union[torch.Tensor, Tuple[torch.Tensor]]):
-        """Filter learned images ``L^k = Σ_{i,j} LI_{k,i,j} · a^k_{i,j}`` of the layer: Tensor [B, C, *input]."""
-        from nns_cuda.engine.scanner import filter_images
+        """Filter learned images ``L^k = Σ_{i,j} LI_{k,i,j} · a^k_{i,j}`` of the layer.
+
+        Parameters
+        ----------
+        inputs : Tensor [B, D, H, W] (or [B, N]), or a 1-tuple of it
+
+        Returns
+        -------
+        Tensor [B, C, *inputs.shape[1:]] (a 1-tuple if ``inputs`` was one)
+        """
+        from nns_cuda.engine.functional import filter_images
 
         x, was_tuple = _as_input(inputs)
         return _wrap(filter_images(self.model, x, self.layer_name, backend=self.backend, strategy=self.strategy,

@@ -1,9 +1,9 @@
-"""Neuron-level qualitative measures of Chapter 3 (SPEC §2) over a data set.
+"""Neuron-level qualitative measures of Chapter 3 (docs/spec.md §2) over a data set.
 
 * :class:`KnowledgeQuantity` — activation-count ratio ``mean_n count(LI_n) / count(x)`` and
   activation-strength ratio ``mean_n strength(LI_n) / strength(x)`` per layer (Fig. 3-8), over all
   neurons and over active neurons only; ``count`` = non-zero entries, ``strength`` = Σ|·|
-  (SPEC §2 [decision]s). From the fused statistics.
+  (docs/spec.md §2 [decision]s). From the fused statistics.
 * :class:`InputDistance` — ``‖LI_n(I) − I‖₂`` (eq. 3-15, from the statistics:
   ``‖LI − x‖² = sq_sum − 2·x_dot + Σx²``) and the mean of ``‖LI_n(I) − J‖₂`` over unrelated samples
   ``J`` (Fig. 3-9; dense learned images against a reference pool).
@@ -12,13 +12,26 @@
 * :class:`FeatureMapCorrelation` — ``C^l`` (eqs. 3-17, 3-18, Table 3-3).
 * :class:`Top2IoU` — ``IoU^l`` of the two most activated neurons per filter (eqs. 3-19, 3-20, Table 3-4).
 
-Every class takes its hyper-parameters in ``__init__`` and the model / data in ``fit`` (which
-returns a result with ``to_dict()`` and stores it as ``result_``). ``data`` is any iterable of
+The last two live in :mod:`nns_cuda.analysis._chapter3_maps` and are re-exported here.
+
+Every class is an estimator: it stores its hyper-parameters in ``__init__``; ``fit`` takes the
+model and data, validates, computes, stores the result object in ``result_`` and returns the
+estimator; ``to_dict()`` gives the JSON-safe result. ``data`` is any iterable of
 ``(x, y, fg_mask)`` batches (``y`` / ``fg_mask`` optional where not needed) or a map-style
 ``Dataset``. Aggregation over the data set: each measure is first computed per sample (a mean over
 the layer's neurons or filters), then averaged over the samples for which it is defined.
 
-Choices made here (beyond SPEC's [decision]s):
+Parameters every class takes:
+
+* ``batch_size`` (int) — used only when ``data`` is a map-style ``Dataset``;
+* ``max_samples`` (int, optional) — stop after this many samples;
+* the injected engine function it needs, replacing the engine's default:
+  ``scan_fn(model, x, fg_mask, layers) -> {layer: (activations [B, *shape], stats [B, *shape, NUM_STATS])}``
+  (default: ``Scanner(..., stats=True)``), ``li_fn(model, x, layer, neurons) -> [B, n, D, H, W]``
+  (default: ``learned_images``) or ``filter_fn(model, x, layer) -> [B, K, D, H, W]`` (default:
+  ``filter_images``).
+
+Choices made here (beyond the [decision]s of docs/spec.md):
 
 * An *active* neuron is one whose learned image is not all zero (the same test as FQ's
   "inactive"); for ReLU outputs this is ``a_n > 0`` up to neurons that are active only through
@@ -32,28 +45,39 @@ Choices made here (beyond SPEC's [decision]s):
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as TF
 from torch import Tensor, nn
 
+from nns_cuda.analysis import _chapter3_maps
+from nns_cuda.analysis._chapter3_maps import (
+    CorrelationLayer,
+    CorrelationResult,
+    FeatureMapCorrelation,
+    LayersResult,
+    Top2IoU,
+    Top2Layer,
+    Top2Result,
+)
 from nns_cuda.analysis._toolkit import (
     FQWarning,
+    LiFn,
+    NanMean,
+    ResultEstimator,
+    ScanFn,
     ZeroInputWarning,
     check_eval,
-    check_finite,
     check_layers,
+    checked_scan,
     iter_batches,
-    layer_outputs,
-    make_filter_fn,
     make_li_fn,
     make_scan,
     model_device,
     output_layer_name,
+    to_jsonable,
     trace_calls,
     warn_once,
 )
@@ -63,58 +87,23 @@ __all__ = [
     "FQWarning",
     "ZeroInputWarning",
     "KnowledgeQuantity",
+    "KnowledgeLayer",
     "KnowledgeResult",
     "InputDistance",
+    "DistanceLayer",
     "DistanceResult",
     "WinnerDistance",
     "WinnerResult",
-    "FeatureMapCorrelation",
-    "CorrelationResult",
-    "Top2IoU",
-    "Top2Result",
     "distance_from_stats",
+    *_chapter3_maps.__all__,
 ]
 
 _I = STAT_INDEX
 
 
-def _none_if_nan(v: float) -> Optional[float]:
-    return None if v is None or not math.isfinite(float(v)) else float(v)
-
-
-def _list_or_none(t: Tensor) -> List[Optional[float]]:
-    return [_none_if_nan(v) for v in t.detach().double().cpu().flatten().tolist()]
-
-
-def _scan_checked(scan, x, m, layers, where):
-    res = scan(x, m)
-    out = {}
-    for l in layers:
-        act, st = res[l]
-        if st is None or act.shape[0] != x.shape[0] or tuple(st.shape) != (*act.shape, NUM_STATS):
-            raise ValueError(f"{where}: scan output for {l!r} has activations {list(act.shape)} and stats "
-                             f"{list(getattr(st, 'shape', []))}; expected [B, *shape] and [B, *shape, {NUM_STATS}].")
-        check_finite(f"the scan statistics of {l!r}", st, where)
-        out[l] = (act, st)
-    return out
-
-
-class _Mean:
-    """Running mean of per-sample values, ignoring NaN."""
-
-    def __init__(self) -> None:
-        self.s = 0.0
-        self.n = 0
-
-    def add(self, v: Tensor) -> None:
-        v = v.double().flatten()
-        ok = torch.isfinite(v)
-        self.s += float(v[ok].sum())
-        self.n += int(ok.sum())
-
-    @property
-    def value(self) -> float:
-        return self.s / self.n if self.n else float("nan")
+def _count_strength(x: Tensor) -> Tuple[Tensor, Tensor]:
+    """Per sample ``count(x)`` and ``strength(x)`` (float64 ``[B]``)."""
+    return (x != 0).flatten(1).sum(1).double(), x.abs().flatten(1).sum(1).double()
 
 
 # ============================================================================================
@@ -140,11 +129,14 @@ class KnowledgeLayer:
     n_samples_active: int
 
     def to_dict(self) -> Dict[str, Any]:
-        return {k: (_none_if_nan(v) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+        """JSON-safe summary: the attributes, NaN ratios as ``None``."""
+        return {k: (to_jsonable(v) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
 
 
 @dataclass
 class KnowledgeResult:
+    """``{layer: KnowledgeLayer}`` and the number of samples left out because their input is zero."""
+
     layers: Dict[str, KnowledgeLayer]
     n_skipped_zero_input: int = 0
 
@@ -152,42 +144,56 @@ class KnowledgeResult:
         return self.layers[layer]
 
     def to_dict(self) -> Dict[str, Any]:
+        """JSON-safe summary: ``n_skipped_zero_input`` and ``layers`` (``{layer: KnowledgeLayer.to_dict()}``)."""
         return {"n_skipped_zero_input": self.n_skipped_zero_input,
                 "layers": {k: v.to_dict() for k, v in self.layers.items()}}
 
 
-class KnowledgeQuantity:
-    """Knowledge quantity per layer (SPEC §2, Fig. 3-8), from the fused statistics.
+class KnowledgeQuantity(ResultEstimator):
+    """Knowledge quantity per layer (docs/spec.md §2, Fig. 3-8), from the fused statistics.
 
     Parameters
     ----------
-    batch_size : int — for map-style datasets.
-    scan_fn : injected ``scan_fn(model, x, fg_mask, layers)`` (default: the engine's ``Scanner``).
-    max_samples : int, optional.
+    batch_size, scan_fn, max_samples
+        See the module docstring.
     """
 
-    def __init__(self, *, batch_size: int = 64, scan_fn=None, max_samples: Optional[int] = None) -> None:
+    def __init__(self, *, batch_size: int = 64, scan_fn: Optional[ScanFn] = None, max_samples: Optional[int] = None) -> None:
         self.batch_size, self.scan_fn, self.max_samples = batch_size, scan_fn, max_samples
 
-    def fit(self, model: nn.Module, data: Any, layers: Sequence[str] | str) -> KnowledgeResult:
-        """Return per layer the count / strength ratios (all neurons and active only)."""
+    def fit(self, model: nn.Module, data: Any, layers: Sequence[str] | str) -> "KnowledgeQuantity":
+        """Per layer the count / strength ratios (all neurons and active only).
+
+        Parameters
+        ----------
+        model : nn.Module
+            In eval mode.
+        data : iterable of ``(x [B, ...], y, fg_mask)`` batches, or a map-style ``Dataset``
+            ``y`` and ``fg_mask`` may be absent.
+        layers : str or list of str
+            Qualified module names, call indices allowed.
+
+        Returns
+        -------
+        KnowledgeQuantity
+            ``self``, with the :class:`KnowledgeResult` in ``result_``.
+        """
         where = "KnowledgeQuantity.fit"
         layers = check_layers(model, layers, where)
         check_eval(model, where)
         scan = make_scan(model, layers, self.scan_fn, stats=True)
-        acc = {l: [_Mean() for _ in range(5)] for l in layers}
+        acc = {l: [NanMean() for _ in range(5)] for l in layers}
         zero: List[int] = []
         n = 0
         for b in iter_batches(data, where, batch_size=self.batch_size, device=model_device(model), max_samples=self.max_samples,
                               input_dims=(2, 3, 4, 5)):
             x = b.x
             B = x.shape[0]
-            cx = (x != 0).flatten(1).sum(1).double()
-            sx = x.abs().flatten(1).sum(1).double()
+            cx, sx = _count_strength(x)
             ok = cx > 0
             zero += (~ok).nonzero().flatten().add(b.offset).tolist()
             n += B
-            res = _scan_checked(scan, x, b.fg_mask, layers, where)
+            res = checked_scan(scan, x, b.fg_mask, layers, where)
             nanv = torch.full((B,), float("nan"), dtype=torch.float64, device=x.device)
             for l in layers:
                 _, st = res[l]
@@ -211,7 +217,7 @@ class KnowledgeQuantity:
             a = acc[l]
             out[l] = KnowledgeLayer(l, a[0].value, a[1].value, a[2].value, a[3].value, a[4].value, a[0].n, a[2].n)
         self.result_ = KnowledgeResult(out, len(zero))
-        return self.result_
+        return self
 
 
 # ============================================================================================
@@ -223,11 +229,14 @@ def distance_from_stats(stats: Tensor, x: Tensor) -> Tensor:
     Parameters
     ----------
     stats : Tensor [B, *N, NUM_STATS]
-    x : Tensor [B, ...] — the inputs.
+        Per-neuron statistics (:data:`nns_cuda.ops.reference.stats.STAT_NAMES` order).
+    x : Tensor [B, ...]
+        The inputs.
 
     Returns
     -------
-    float64 Tensor [B, *N] — ``sqrt(max(sq_sum − 2·x_dot + Σx², 0))``.
+    float64 Tensor [B, *N]
+        ``sqrt(max(sq_sum − 2·x_dot + Σx², 0))``.
     """
     sx2 = (x.double() ** 2).flatten(1).sum(1).reshape(x.shape[0], *([1] * (stats.dim() - 2)))
     d2 = stats[..., _I["sq_sum"]].double() - 2 * stats[..., _I["x_dot"]].double() + sx2
@@ -254,50 +263,68 @@ class DistanceLayer:
     n_reference: int
 
     def to_dict(self, arrays: bool = False) -> Dict[str, Any]:
-        d = {"layer": self.layer, "own": _none_if_nan(self.own), "own_subset": _none_if_nan(self.own_subset) if self.own_subset is not None else None,
-             "unrelated": _none_if_nan(self.unrelated) if self.unrelated is not None else None,
+        """JSON-safe ``{layer, own, own_subset, unrelated, n_neurons_unrelated, n_samples, n_reference}``
+        (``None`` where undefined); ``arrays=True`` adds ``own_per_neuron`` (flattened)."""
+        d = {"layer": self.layer, "own": to_jsonable(self.own), "own_subset": to_jsonable(self.own_subset),
+             "unrelated": to_jsonable(self.unrelated),
              "n_neurons_unrelated": None if self.neurons is None else int(self.neurons.numel()),
              "n_samples": self.n_samples, "n_reference": self.n_reference}
         if arrays:
-            d["own_per_neuron"] = _list_or_none(self.own_per_neuron)
+            d["own_per_neuron"] = to_jsonable(self.own_per_neuron.double().flatten())
         return d
 
 
 @dataclass
-class DistanceResult:
+class DistanceResult(LayersResult):
+    """``{layer: DistanceLayer}``: the result of :meth:`InputDistance.fit`."""
+
     layers: Dict[str, DistanceLayer]
 
-    def __getitem__(self, layer: str) -> DistanceLayer:
-        return self.layers[layer]
 
-    def to_dict(self, arrays: bool = False) -> Dict[str, Any]:
-        return {"layers": {k: v.to_dict(arrays) for k, v in self.layers.items()}}
-
-
-class InputDistance:
+class InputDistance(ResultEstimator):
     """Distance of learned images to their own input and to unrelated samples (eq. 3-15, Fig. 3-9).
 
     Parameters
     ----------
-    unrelated : bool — also compute the distance to unrelated samples (dense learned images).
-    n_reference : int — the unrelated samples ``J`` are the first ``n_reference`` samples of the
-        data (minus ``I`` itself); with ``n_reference ≥`` the data-set size this is the exact mean
-        over all other samples.
-    max_neurons : int, optional — per layer, the unrelated distance uses at most this many neurons
-        (a seeded random subset; the output layer usually has few). ``None``: all.
-    seed : int — for the neuron subset.
-    chunk : int — neurons per dense learned-image call.
-    scan_fn, li_fn : injected engine functions.
+    unrelated : bool
+        Also compute the distance to unrelated samples (dense learned images).
+    n_reference : int
+        The unrelated samples ``J`` are the first ``n_reference`` samples of the data (minus ``I``
+        itself); with ``n_reference ≥`` the data-set size this is the exact mean over all other
+        samples. At least 2 when ``unrelated``.
+    max_neurons : int, optional
+        Per layer, the unrelated distance uses at most this many neurons (a seeded random subset;
+        the output layer usually has few). ``None``: all.
+    seed : int
+        Seed of the neuron subset.
+    chunk : int
+        Neurons per dense learned-image call.
+    batch_size, scan_fn, li_fn, max_samples
+        See the module docstring.
     """
 
     def __init__(self, *, unrelated: bool = True, n_reference: int = 100, max_neurons: Optional[int] = 256, seed: int = 0,
-                 chunk: int = 64, batch_size: int = 64, scan_fn=None, li_fn=None, max_samples: Optional[int] = None) -> None:
-        if n_reference < 2 and unrelated:
-            raise ValueError("InputDistance: n_reference must be >= 2 (one sample is always excluded as 'itself').")
-        self.unrelated, self.n_reference, self.max_neurons, self.seed, self.chunk = unrelated, n_reference, max_neurons, seed, chunk
-        self.batch_size, self.scan_fn, self.li_fn, self.max_samples = batch_size, scan_fn, li_fn, max_samples
+                 chunk: int = 64, batch_size: int = 64, scan_fn: Optional[ScanFn] = None, li_fn: Optional[LiFn] = None,
+                 max_samples: Optional[int] = None) -> None:
+        self.unrelated, self.n_reference, self.max_neurons = unrelated, n_reference, max_neurons
+        self.seed, self.chunk, self.batch_size, self.scan_fn = seed, chunk, batch_size, scan_fn
+        self.li_fn, self.max_samples = li_fn, max_samples
 
-    def fit(self, model: nn.Module, data: Any, layers: Sequence[str] | str) -> DistanceResult:
+    def fit(self, model: nn.Module, data: Any, layers: Sequence[str] | str) -> "InputDistance":
+        """Own and unrelated distances per layer over ``data``.
+
+        Parameters
+        ----------
+        model, data, layers
+            As :meth:`KnowledgeQuantity.fit`.
+
+        Returns
+        -------
+        InputDistance
+            ``self``, with the :class:`DistanceResult` in ``result_``.
+        """
+        if self.n_reference < 2 and self.unrelated:
+            raise ValueError("InputDistance: n_reference must be >= 2 (one sample is always excluded as 'itself').")
         where = "InputDistance.fit"
         layers = check_layers(model, layers, where)
         check_eval(model, where)
@@ -306,8 +333,8 @@ class InputDistance:
         own_sum: Dict[str, Tensor] = {}
         shapes: Dict[str, Tuple[int, ...]] = {}
         subsets: Dict[str, Optional[Tensor]] = {l: None for l in layers}
-        own_sub = {l: _Mean() for l in layers}
-        unrel = {l: _Mean() for l in layers}
+        own_sub = {l: NanMean() for l in layers}
+        unrel = {l: NanMean() for l in layers}
         pool: List[Tensor] = []
         pool_n = 0
         pending: List[Any] = []
@@ -335,7 +362,7 @@ class InputDistance:
                               input_dims=(2, 3, 4, 5)):
             x = b.x
             B = x.shape[0]
-            res = _scan_checked(scan, x, b.fg_mask, layers, where)
+            res = checked_scan(scan, x, b.fg_mask, layers, where)
             for l in layers:
                 act, st = res[l]
                 d = distance_from_stats(st, x)  # [B, *shape]
@@ -373,7 +400,7 @@ class InputDistance:
             out[l] = DistanceLayer(l, float((own_sum[l] / n).mean()), (own_sum[l] / n).cpu(), own_sub[l].value,
                                    unrel[l].value if self.unrelated else None, subsets[l], n, pool_n if self.unrelated else 0)
         self.result_ = DistanceResult(out)
-        return self.result_
+        return self
 
 
 # ============================================================================================
@@ -408,28 +435,53 @@ class WinnerResult:
         return float((diag * w).sum() / w.sum())
 
     def to_dict(self) -> Dict[str, Any]:
+        """JSON-safe summary.
+
+        Returns
+        -------
+        dict
+            ``output_layer``, ``dist`` (``C`` lists of ``C``), ``count_ratio`` / ``strength_ratio``
+            (``[C]``), ``n_per_class``, ``winner_is_closest`` and ``winner_distance``; NaN as ``None``.
+        """
         return {"output_layer": self.output_layer,
-                "dist": [_list_or_none(r) for r in self.dist],
-                "count_ratio": _list_or_none(self.count_ratio), "strength_ratio": _list_or_none(self.strength_ratio),
+                "dist": to_jsonable(self.dist.double()),
+                "count_ratio": to_jsonable(self.count_ratio.double()),
+                "strength_ratio": to_jsonable(self.strength_ratio.double()),
                 "n_per_class": self.n_per_class.tolist(), "winner_is_closest": self.winner_is_closest,
-                "winner_distance": _none_if_nan(self.winner_distance)}
+                "winner_distance": to_jsonable(self.winner_distance)}
 
 
-class WinnerDistance:
+class WinnerDistance(ResultEstimator):
     """The ``C × C`` DIST matrix of the output neurons (eq. 3-16, Fig. 3-10, Table 3-2).
 
     Parameters
     ----------
-    output_layer : str, optional — a layer with ``C`` output neurons (default: the last leaf module called).
-    scan_fn : injected engine function.
+    output_layer : str, optional
+        A layer with ``C`` output neurons (default: the last leaf module called).
+    batch_size, scan_fn, max_samples
+        See the module docstring.
     """
 
-    def __init__(self, *, output_layer: Optional[str] = None, batch_size: int = 64, scan_fn=None,
+    def __init__(self, *, output_layer: Optional[str] = None, batch_size: int = 64, scan_fn: Optional[ScanFn] = None,
                  max_samples: Optional[int] = None) -> None:
-        self.output_layer, self.batch_size, self.scan_fn, self.max_samples = output_layer, batch_size, scan_fn, max_samples
+        self.output_layer, self.batch_size, self.scan_fn = output_layer, batch_size, scan_fn
+        self.max_samples = max_samples
 
-    def fit(self, model: nn.Module, data: Any) -> WinnerResult:
-        """``data`` must yield labels: ``(x, y[, fg_mask])`` batches."""
+    def fit(self, model: nn.Module, data: Any) -> "WinnerDistance":
+        """The DIST matrix over ``data``.
+
+        Parameters
+        ----------
+        model : nn.Module
+            A classifier in eval mode.
+        data : iterable of ``(x [B, ...], y [B][, fg_mask])`` batches, or a map-style ``Dataset``
+            Labels are required, in ``[0, C)``.
+
+        Returns
+        -------
+        WinnerDistance
+            ``self``, with the :class:`WinnerResult` in ``result_``.
+        """
         where = "WinnerDistance.fit"
         check_eval(model, where)
         dev = model_device(model)
@@ -444,7 +496,7 @@ class WinnerDistance:
                     layer = output_layer_name(trace_calls(model, x[:1]))
                 check_layers(model, [layer], where)
                 scan = make_scan(model, [layer], self.scan_fn, stats=True)
-            act, st = _scan_checked(scan, x, b.fg_mask, [layer], where)[layer]
+            act, st = checked_scan(scan, x, b.fg_mask, [layer], where)[layer]
             if act.dim() != 2:
                 raise ValueError(f"{where}: the output layer {layer!r} must have C neurons (output [B, C]), got "
                                  f"{list(act.shape)}; pass output_layer=.")
@@ -462,8 +514,7 @@ class WinnerDistance:
             ar = torch.arange(x.shape[0], device=y.device)
             st = st.double()
             cnt = st[ar, y, _I["nz_fg"]] + st[ar, y, _I["nz_bg"]]
-            cx = (x != 0).flatten(1).sum(1).double()
-            sx = x.abs().flatten(1).sum(1).double()
+            cx, sx = _count_strength(x)
             csum.index_add_(0, y, torch.where(cx > 0, cnt / cx.clamp_min(1), torch.zeros_like(cnt)))
             ssum.index_add_(0, y, torch.where(sx > 0, st[ar, y, _I["abs_sum"]] / sx.clamp_min(1e-300), torch.zeros_like(cnt)))
             ncls += torch.bincount(y, minlength=C)
@@ -472,231 +523,6 @@ class WinnerDistance:
         dist = torch.where(nd[:, None] > 0, dsum / nd.clamp_min(1)[:, None], nan[:, None].expand(C, C))
         self.result_ = WinnerResult(layer, dist.cpu(), torch.where(nd > 0, csum / nd.clamp_min(1), nan).cpu(),
                                     torch.where(nd > 0, ssum / nd.clamp_min(1), nan).cpu(), ncls.cpu())
-        return self.result_
+        return self
 
 
-# ============================================================================================
-# Feature-map ↔ learned-image correlation (eqs. 3-17, 3-18, Table 3-3)
-# ============================================================================================
-@dataclass
-class _PerFilterLayer:
-    """A per-layer measure: ``value`` (the layer's number), ``per_filter`` [K], ``n_samples``;
-    ``to_dict`` names the value ``_KEY``."""
-
-    _KEY = "value"
-    layer: str
-    value: float
-    per_filter: Tensor
-    n_samples: int
-
-    def to_dict(self, arrays: bool = False) -> Dict[str, Any]:
-        d = {"layer": self.layer, self._KEY: _none_if_nan(self.value), "n_samples": self.n_samples}
-        if arrays:
-            d["per_filter"] = _list_or_none(self.per_filter)
-        return d
-
-
-@dataclass
-class _LayersResult:
-    """``{layer: per-layer result}``, indexable by layer name, with ``to_dict``."""
-
-    layers: Dict[str, Any]
-
-    def __getitem__(self, layer: str):
-        return self.layers[layer]
-
-    def to_dict(self, arrays: bool = False) -> Dict[str, Any]:
-        return {"layers": {k: v.to_dict(arrays) for k, v in self.layers.items()}}
-
-
-@dataclass
-class CorrelationLayer(_PerFilterLayer):
-    """``value``: ``C^l`` — mean over samples of the mean over filters with ``|A^k| > 0`` of
-    ``C^k = |S^k ∩ A^k| / |A^k|``; ``per_filter`` [K]: mean of ``C^k`` over the samples where
-    ``|A^k| > 0`` (NaN if never)."""
-
-    _KEY = "C_l"
-
-
-@dataclass
-class CorrelationResult(_LayersResult):
-    layers: Dict[str, CorrelationLayer]
-
-
-def _check_spatial(a: Tensor, layer: str, where: str) -> None:
-    if a.dim() != 4:
-        raise ValueError(f"{where}: layer {layer!r} must have a 2-D feature map (output [B, K, h, w]), got "
-                         f"{list(a.shape)}; choose a convolution / pooling / activation layer of the convolutional part.")
-
-
-class FeatureMapCorrelation:
-    """``C^l`` between feature maps and filter learned images (eqs. 3-17, 3-18).
-
-    ``S^k`` = bilinear up-sampling (``align_corners=False``) of ``a^k`` to ``H × W``, active where
-    ``> 0``; ``A^k`` = entries where ``Σ_d |L^k_d| ≠ 0``, ``L^k`` the filter learned image (SPEC §1).
-
-    Parameters
-    ----------
-    filter_fn : injected ``filter_fn(model, x, layer) -> [B, K, D, H, W]`` (default: the engine's
-        ``filter_images``).
-    """
-
-    def __init__(self, *, batch_size: int = 64, filter_fn=None, max_samples: Optional[int] = None) -> None:
-        self.batch_size, self.filter_fn, self.max_samples = batch_size, filter_fn, max_samples
-
-    def fit(self, model: nn.Module, data: Any, layers: Sequence[str] | str) -> CorrelationResult:
-        where = "FeatureMapCorrelation.fit"
-        layers = check_layers(model, layers, where)
-        check_eval(model, where)
-        filter_fn = make_filter_fn(self.filter_fn)
-        mean = {l: _Mean() for l in layers}
-        fsum: Dict[str, Tensor] = {}
-        fcnt: Dict[str, Tensor] = {}
-        n = 0
-        for b in iter_batches(data, where, batch_size=self.batch_size, device=model_device(model), max_samples=self.max_samples):
-            x = b.x
-            H, W = x.shape[-2:]
-            with torch.no_grad():
-                _, acts = layer_outputs(model, x, layers)
-            for l in layers:
-                a = acts[l].detach()
-                _check_spatial(a, l, where)
-                S = TF.interpolate(a.double(), size=(H, W), mode="bilinear", align_corners=False) > 0  # [B, K, H, W]
-                L = filter_fn(model, x, l)
-                if tuple(L.shape) != (a.shape[0], a.shape[1], *x.shape[1:]):
-                    raise ValueError(f"{where}: filter images of {l!r} must be [B, K, D, H, W] = "
-                                     f"{[a.shape[0], a.shape[1], *x.shape[1:]]}, got {list(L.shape)}.")
-                A = L.abs().sum(2) != 0
-                sizeA = A.flatten(2).sum(2).double()
-                inter = (S & A).flatten(2).sum(2).double()
-                ok = sizeA > 0
-                ck = torch.where(ok, inter / sizeA.clamp_min(1), torch.zeros_like(sizeA))  # [B, K]
-                nk = ok.sum(1).double()
-                per_sample = torch.where(nk > 0, ck.sum(1) / nk.clamp_min(1), torch.full_like(nk, float("nan")))
-                mean[l].add(per_sample)
-                if l not in fsum:
-                    fsum[l] = torch.zeros(a.shape[1], dtype=torch.float64, device=ck.device)
-                    fcnt[l] = torch.zeros(a.shape[1], dtype=torch.float64, device=ck.device)
-                fsum[l] += ck.sum(0)
-                fcnt[l] += ok.sum(0).double()
-            n += x.shape[0]
-        out = {l: CorrelationLayer(l, mean[l].value,
-                                   torch.where(fcnt[l] > 0, fsum[l] / fcnt[l].clamp_min(1), torch.full_like(fcnt[l], float("nan"))).cpu(),
-                                   n) for l in layers}
-        self.result_ = CorrelationResult(out)
-        return self.result_
-
-
-# ============================================================================================
-# Top-2 neuron IoU (eqs. 3-19, 3-20, Table 3-4)
-# ============================================================================================
-@dataclass
-class Top2Layer(_PerFilterLayer):
-    """``value``: ``IoU^l`` — mean over samples of the mean over filters whose top-2 neurons are both
-    active of the IoU of their channel-summed ``|LI|`` active sets; ``per_filter`` [K] likewise per filter."""
-
-    _KEY = "IoU_l"
-
-
-@dataclass
-class Top2Result(_LayersResult):
-    layers: Dict[str, Top2Layer]
-
-
-class Top2IoU:
-    """IoU of the learned images of the two most activated neurons of each filter (eqs. 3-19, 3-20).
-
-    Per sample and filter ``k``: the two positions with the largest ``a^k`` (ties: lower flat index
-    first); the filter counts only if both have ``a > 0`` and the union of the two active sets
-    (``Σ_d |LI_d| ≠ 0``) is non-empty.
-
-    Parameters
-    ----------
-    li_fn : injected ``li_fn(model, x, layer, neurons) -> [B, n, D, H, W]`` (default: the engine's
-        ``learned_images``).
-    max_neurons_per_call : int
-        The neurons differ per sample, so one learned-image call covers a group of consecutive
-        samples with the union of their top-2 neurons; samples are added to a group while the union
-        stays within this many neurons (at least one sample per call). The default, 64, keeps the
-        engine on its reverse (selected-neuron) strategy.
-    """
-
-    def __init__(self, *, batch_size: int = 64, li_fn=None, max_samples: Optional[int] = None,
-                 max_neurons_per_call: int = 64) -> None:
-        if max_neurons_per_call < 1:
-            raise ValueError(f"Top2IoU: max_neurons_per_call must be >= 1, got {max_neurons_per_call}.")
-        self.batch_size, self.li_fn, self.max_samples = batch_size, li_fn, max_samples
-        self.max_neurons_per_call = max_neurons_per_call
-
-    def fit(self, model: nn.Module, data: Any, layers: Sequence[str] | str) -> Top2Result:
-        where = "Top2IoU.fit"
-        layers = check_layers(model, layers, where)
-        check_eval(model, where)
-        li_fn = make_li_fn(self.li_fn)
-        mean = {l: _Mean() for l in layers}
-        fsum: Dict[str, Tensor] = {}
-        fcnt: Dict[str, Tensor] = {}
-        n = 0
-        for b in iter_batches(data, where, batch_size=self.batch_size, device=model_device(model), max_samples=self.max_samples):
-            x = b.x
-            with torch.no_grad():
-                _, acts = layer_outputs(model, x, layers)
-            for l in layers:
-                a = acts[l].detach()
-                _check_spatial(a, l, where)
-                B, K, h, w = a.shape
-                if h * w < 2:
-                    raise ValueError(f"{where}: layer {l!r} has a {h}x{w} feature map; top-2 needs at least 2 positions.")
-                if l not in fsum:
-                    fsum[l] = torch.zeros(K, dtype=torch.float64)
-                    fcnt[l] = torch.zeros(K, dtype=torch.float64)
-                vals, idx = torch.sort(a.flatten(2), dim=2, descending=True, stable=True)
-                top = idx[..., :2].cpu()                # [B, K, 2] flat positions
-                both = (vals[..., 1] > 0).cpu()         # top-2 both active (the second is the smaller)
-                for rows, union in self._groups(top, both):
-                    if not union:
-                        for _ in rows:
-                            mean[l].add(torch.tensor([float("nan")]))
-                        continue
-                    neurons = [(k, p // w, p % w) for (k, p) in union]
-                    li = li_fn(model, x[rows], l, neurons=neurons)          # [g, n_u, D, H, W]
-                    sets = (li.abs().sum(2) != 0).cpu()                      # [g, n_u, H, W]
-                    del li
-                    for r, i in enumerate(rows):
-                        ks = both[i].nonzero().flatten().tolist()
-                        if not ks:
-                            mean[l].add(torch.tensor([float("nan")]))
-                            continue
-                        u1 = torch.tensor([union[(k, int(top[i, k, 0]))] for k in ks])
-                        u2 = torch.tensor([union[(k, int(top[i, k, 1]))] for k in ks])
-                        s1, s2 = sets[r, u1].flatten(1), sets[r, u2].flatten(1)
-                        inter = (s1 & s2).sum(1).double()
-                        uni = (s1 | s2).sum(1).double()
-                        ok = uni > 0
-                        v = torch.where(ok, inter / uni.clamp_min(1), torch.zeros_like(uni))
-                        mean[l].add(v[ok].mean() if bool(ok.any()) else torch.tensor([float("nan")]))
-                        kk = torch.tensor(ks)[ok]
-                        fsum[l].index_add_(0, kk, v[ok])
-                        fcnt[l].index_add_(0, kk, torch.ones(int(ok.sum()), dtype=torch.float64))
-            n += x.shape[0]
-        out = {l: Top2Layer(l, mean[l].value,
-                            torch.where(fcnt[l] > 0, fsum[l] / fcnt[l].clamp_min(1), torch.full_like(fcnt[l], float("nan"))), n)
-               for l in layers}
-        self.result_ = Top2Result(out)
-        return self.result_
-
-    def _groups(self, top: Tensor, both: Tensor):
-        """Yield ``(rows, union)``: consecutive samples whose top-2 neurons' union fits one call;
-        ``union`` maps ``(filter, flat position)`` to its index in the call."""
-        rows: List[int] = []
-        union: Dict[Tuple[int, int], int] = {}
-        for i in range(top.shape[0]):
-            need = {(k, int(top[i, k, j])) for k in both[i].nonzero().flatten().tolist() for j in range(2)}
-            if rows and len(set(union) | need) > self.max_neurons_per_call:
-                yield rows, union
-                rows, union = [], {}
-            rows.append(i)
-            for key in sorted(need):
-                union.setdefault(key, len(union))
-        if rows:
-            yield rows, union

@@ -1,14 +1,15 @@
 """Figures of learned images and analysis results (matplotlib, Agg; no pyplot state).
 
-Display convention (SPEC §1, Fig. 3-6): a learned image is drawn as a heat map in which larger
-values are redder and smaller ones bluer. The default is a *diverging* colour map centred at
-zero (``"RdBu_r"``: positive red, negative blue, zero white) with symmetric limits, so the sign
-of a contribution is visible; ``cmap="jet"`` reproduces the look of the thesis's figures
-(min–max scaled unless ``center=True``).
+Display convention (docs/spec.md §1, Fig. 3-6): a learned image is drawn as a heat map in
+which larger values are redder and smaller ones bluer. The default is a *diverging* colour map
+centred at zero (``"RdBu_r"``: positive red, negative blue, zero white) with symmetric limits,
+so the sign of a contribution is visible; ``cmap="jet"`` reproduces the look of the thesis's
+figures (min–max scaled unless ``center=True``).
 
-An RGB learned image ``[3, H, W]`` is summed over its channels for the heat map (each channel of
-a pixel is its own input neuron, SPEC §1; the sum is the pixel's total contribution); pass
-``reduce="abs"`` for ``Σ_d |LI_d|`` or ``reduce=None`` for a single-channel image.
+An RGB learned image ``[3, H, W]`` is summed over its channels for the heat map (each channel
+of a pixel is its own input neuron, docs/spec.md §1; the sum is the pixel's total
+contribution); pass ``reduce="abs"`` for ``Σ_d |LI_d|`` or ``reduce=None`` for a
+single-channel image.
 
 Every function draws on a :class:`matplotlib.figure.Figure` built with the Agg canvas, so the
 module can be used from threads and never touches the global pyplot state.

@@ -1,7 +1,7 @@
 """Data: the embedded default data set ("cluttered digits") and loaders for users' data.
 
 Every data set yields ``(x, y, fg_mask)``: ``x`` float32 ``[C, H, W]``, ``y`` an int class
-index, ``fg_mask`` bool ``[H, W]`` (the union of the object boxes, SPEC §3).
+index, ``fg_mask`` bool ``[H, W]`` (the union of the object boxes, docs/spec.md §3).
 
 >>> from nns_cuda import data
 >>> ds = data.cluttered_digits(split="train", seed=0)     # doctest: +SKIP

@@ -7,7 +7,7 @@ at a random position (within ±2 px of the centre by default, see :data:`DEFAULT
 a 32×32 RGB canvas over a darker, textured, coloured background with clutter (random
 strokes and fragments of other digits) that stays *outside* the digit's box. The digit's
 bounding box — the tight box of its non-zero pixels after up-scaling — is the foreground mask
-(SPEC §3).
+(docs/spec.md §3).
 
 Determinism and splits
 ----------------------

@@ -1,6 +1,6 @@
 """Geometric transforms applied identically to an image and its foreground boxes.
 
-The analyses of SPEC §3–§5 need a foreground mask that stays aligned with the image through
+The analyses of docs/spec.md §3–§5 need a foreground mask that stays aligned with the image through
 every resize / crop / up-scaling. Rather than resampling a binary mask (whose edges move by
 up to a pixel depending on the interpolation), the boxes themselves are carried through the
 transform in continuous pixel coordinates and rasterised at the output resolution.

@@ -1,11 +1,11 @@
-"""ScanGraph: the gate-frozen linearisation plan of a model (SPEC §1, DESIGN §1).
+"""ScanGraph: the gate-frozen linearisation plan of a model (docs/spec.md §1).
 
 The model is traced with ``torch.fx`` into an ordered list of :class:`GNode` (conv, linear,
 pool, BN, ReLU, add, reshape…). Each node knows its inputs, its output shape and, for spatial
 nodes, its receptive-field geometry per axis: jump ``J``, start offset ``P`` and size ``R`` —
 neuron ``(c, y, x)`` sees input rows ``[y·J − P, y·J − P + R)`` (clipped to the image).
 
-Addressing (SPEC §0): a node is addressed by its module's qualified name
+Addressing (docs/spec.md §0): a node is addressed by its module's qualified name
 (``model.named_modules()``). A module called more than once per forward pass gets ``name:0``,
 ``name:1``… (the bare name then raises, listing the call names). A container's name (a
 residual block ``layer1.0``, a ``Sequential`` ``features``) addresses its output. Functional
@@ -23,6 +23,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+
+from nns_cuda.engine.receptive_field import Geometry, assign_geometry
 
 __all__ = [
     "ScanGraph",
@@ -51,7 +53,7 @@ _GRADIENT_ACTIVATIONS = {
 }
 
 
-#: node kinds that are activations: their gate is their local slope (SPEC §1)
+#: node kinds that are activations: their gate is their local slope (docs/spec.md §1)
 ACTIVATIONS = ("relu", "leaky_relu", "hardtanh", "act_grad")
 
 
@@ -64,25 +66,17 @@ class UnsupportedModuleError(TypeError):
     """Raised when a model holds a module or operation the scanner cannot linearise."""
 
 
-@dataclass(frozen=True)
-class Geometry:
-    """Receptive field along one axis: neuron at position ``i`` sees ``[i·J − P, i·J − P + R)``."""
-
-    J: int
-    P: int
-    R: int
-
-    def window(self, size_in: int, n_out: int) -> Tuple[int, torch.Tensor]:
-        """Stored window size ``min(R, size_in)`` and anchors ``clamp(i·J − P, 0, size_in − Rw)``."""
-        rw = min(self.R, size_in)
-        i = torch.arange(n_out, dtype=torch.long)
-        return rw, (i * self.J - self.P).clamp(0, size_in - rw)
-
-
 @dataclass
 class GNode:
+    """One node of a :class:`ScanGraph`: a module call or a tensor operation of the traced model.
+
+    ``shape`` is the output shape without the batch dimension; ``gy`` / ``gx`` are the
+    receptive-field geometry of a spatial node (output ``[C, H', W']`` of a spatial input),
+    None for a dense one; ``attrs`` holds the kind's parameters (kernel, stride, slope, ...).
+    """
+
     idx: int
-    name: str                 # address (SPEC §0)
+    name: str                 # address (docs/spec.md §0)
     kind: str                 # input, conv, linear, relu, leaky_relu, hardtanh, act_grad, maxpool, avgpool,
     #                           adaptive_avgpool, bn, identity, reshape, add, aux
     inputs: List[int]         # indices of the tensor inputs that carry learned images
@@ -118,7 +112,7 @@ class ScanGraph:
     model : nn.Module in eval mode
     example : Tensor [B, *input_shape] (only its shape, dtype and device are used)
     linearize : None or "gradient" — allow non-piecewise-linear activations, using their
-        local derivative as the gate (an extension, not part of the thesis; SPEC §1).
+        local derivative as the gate (an extension, not part of the thesis; docs/spec.md §1).
     """
 
     def __init__(self, model: nn.Module, example: torch.Tensor, linearize: Optional[str] = None):
@@ -233,7 +227,7 @@ class ScanGraph:
                 if self.linearize != "gradient":
                     raise UnsupportedModuleError(
                         f"module {addr!r} is {type(mod).__name__}, which is not piecewise linear: learned "
-                        "images are defined for ReLU networks (SPEC §1). Pass linearize='gradient' to use "
+                        "images are defined for ReLU networks (docs/spec.md §1). Pass linearize='gradient' to use "
                         "its local derivative f'(z) as the gate (an extension, not the thesis).")
                 one_input()
                 return GNode(idx, addr, "act_grad", tin, n, mod)
@@ -483,58 +477,8 @@ class ScanGraph:
 
     # ------------------------------------------------------------------ geometry
     def _geometry(self) -> None:
-        spatial_input = len(self.input_shape) == 3
-        for g in self.nodes:
-            if g.kind == "aux":
-                continue
-            if g.kind == "input":
-                if spatial_input:
-                    g.gy = g.gx = Geometry(1, 0, 1)
-                continue
-            ins = [self.nodes[i] for i in g.inputs]
-            src = ins[0] if ins else None
-            if src is None or not src.spatial or len(g.shape) != 3:
-                g.gy = g.gx = None
-                continue
-            if g.kind in ("conv", "maxpool", "avgpool"):
-                a = g.attrs
-                dil = a.get("dilation", (1, 1))
-                g.gy = Geometry(src.gy.J * a["stride"][0], src.gy.P + a["padding"][0] * src.gy.J,
-                                src.gy.R + (a["kernel"][0] - 1) * dil[0] * src.gy.J)
-                g.gx = Geometry(src.gx.J * a["stride"][1], src.gx.P + a["padding"][1] * src.gx.J,
-                                src.gx.R + (a["kernel"][1] - 1) * dil[1] * src.gx.J)
-            elif g.kind in ACTIVATIONS + ("bn", "identity", "slice"):
-                g.gy, g.gx = src.gy, src.gx
-            elif g.kind in ("adaptive_avgpool", "global_mean"):  # the latter here only with keepdim: 1 x 1
-                hi, wi = src.shape[1], src.shape[2]
-                ho, wo = g.shape[1], g.shape[2]
-                if hi % ho == 0 and wi % wo == 0:  # a regular average pool
-                    ky, kx = hi // ho, wi // wo
-                    g.attrs.update(regular=True, kernel=(ky, kx))
-                    g.gy = Geometry(src.gy.J * ky, src.gy.P, src.gy.R + (ky - 1) * src.gy.J)
-                    g.gx = Geometry(src.gx.J * kx, src.gx.P, src.gx.R + (kx - 1) * src.gx.J)
-                else:
-                    g.attrs.update(regular=False)
-                    g.gy = g.gx = None
-            elif g.kind == "add":
-                a, b = ins
-                if a.spatial and b.spatial and a.gy.J == b.gy.J and a.gx.J == b.gx.J and a.shape == b.shape:
-                    g.gy = _union(a.gy, b.gy)
-                    g.gx = _union(a.gx, b.gx)
-                else:
-                    g.gy = g.gx = None
-            elif g.kind == "cat":
-                # channels side by side: every input placed in the union of their windows
-                if all(i.spatial and i.gy.J == src.gy.J and i.gx.J == src.gx.J and i.shape[1:] == g.shape[1:]
-                       for i in ins):
-                    gy, gx = src.gy, src.gx
-                    for i in ins[1:]:
-                        gy, gx = _union(gy, i.gy), _union(gx, i.gx)
-                    g.gy, g.gx = gy, gx
-                else:
-                    g.gy = g.gx = None
-            else:  # reshape, linear: dense
-                g.gy = g.gx = None
+        """Receptive-field geometry of every node (:func:`~nns_cuda.engine.receptive_field.assign_geometry`)."""
+        assign_geometry(self.nodes, self.input_shape, ACTIVATIONS + ("bn", "identity", "slice"))
 
     # ------------------------------------------------------------------ addressing
     def _addresses(self) -> None:
@@ -566,7 +510,7 @@ class ScanGraph:
         return [n for n in self.by_name if n]
 
     def resolve(self, name: str) -> GNode:
-        """The node addressed by ``name`` (SPEC §0); errors name close matches."""
+        """The node addressed by ``name`` (docs/spec.md §0); errors name close matches."""
         if not isinstance(name, str):
             raise TypeError(f"layer must be a module name (str), got {type(name).__name__}")
         if name in self.by_name:
@@ -585,7 +529,7 @@ class ScanGraph:
                        "model.named_modules(); see ScanGraph.layer_names().")
 
     def gate_user(self, g: GNode) -> Optional[GNode]:
-        """The activation that follows ``g`` directly (its only user), if any (SPEC §1 ``g_n``)."""
+        """The activation that follows ``g`` directly (its only user), if any (docs/spec.md §1 ``g_n``)."""
         if len(g.users) == 1:
             u = self.nodes[g.users[0]]
             if u.kind in ACTIVATIONS:
@@ -624,11 +568,6 @@ _CAT_FUNCTIONS = tuple(f for f in (torch.cat, getattr(torch, "concat", None), ge
                        if f is not None)
 
 
-def _union(a: Geometry, b: Geometry) -> Geometry:
-    P = max(a.P, b.P)
-    return Geometry(a.J, P, max(a.R - a.P, b.R - b.P) + P)
-
-
 def _fetch_attr(mod: nn.Module, target: str):
     obj = mod
     for part in target.split("."):
@@ -652,7 +591,22 @@ _GRAPH_CACHE: Dict[Tuple[int, Tuple[int, ...], Optional[str]], ScanGraph] = {}
 
 
 def build_graph(model: nn.Module, example: torch.Tensor, linearize: Optional[str] = None) -> ScanGraph:
-    """Build (or reuse) the :class:`ScanGraph` of ``model`` for inputs shaped like ``example``."""
+    """Build (or reuse) the :class:`ScanGraph` of ``model`` for inputs shaped like ``example``.
+
+    Parameters
+    ----------
+    model : nn.Module
+        In eval mode.
+    example : Tensor [B, *input_shape]
+        Only its non-batch shape, dtype and device are used.
+    linearize : None or "gradient"
+        As :class:`ScanGraph`.
+
+    Returns
+    -------
+    ScanGraph
+        Cached per (model, input shape, linearize) while the model object lives.
+    """
     _check_eval(model)
     key = (id(model), tuple(example.shape[1:]), linearize)
     g = _GRAPH_CACHE.get(key)

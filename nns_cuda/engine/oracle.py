@@ -1,10 +1,11 @@
-"""Autograd oracle for the neuron-level analyses (private).
+"""Dense autograd oracles of learned images and filter images.
 
-For a ReLU network, ``LI_n = x ⊙ ∂a_n/∂x`` computed by autograd on the real model (SPEC §1,
-identity 1). These functions implement the injectable ``scan_fn`` / ``li_fn`` / ``filter_fn``
-of ``fq.py`` and ``chapter3.py`` with plain autograd, without the engine. They are dense
-(memory ∝ neurons × pixels) and meant for small models: tests, and cross-checking an engine
-backend. They share no code with the engine.
+For a ReLU network, ``LI_n = x ⊙ ∂a_n/∂x`` computed by autograd on the real model (docs/spec.md
+§1, identity 1). These functions implement the injectable ``scan_fn`` / ``li_fn`` /
+``filter_fn`` of the analyses (``nns_cuda.analysis.fq``, ``nns_cuda.analysis.chapter3``, ...)
+with plain autograd, without the engine. They are dense (memory ∝ neurons × pixels) and meant
+for small models: tests, and cross-checking an engine backend. They share no code with the
+engine's propagation.
 """
 from __future__ import annotations
 
@@ -21,10 +22,23 @@ __all__ = ["autograd_learned_images", "autograd_filter_images", "autograd_scan"]
 
 def autograd_learned_images(model: nn.Module, x: Tensor, layer: str, neurons: Optional[Sequence[Tuple[int, ...]]] = None,
                             *, chunk: int = 512) -> Tensor:
-    """Dense learned images ``x ⊙ ∂a_n/∂x`` by autograd.
+    """Dense learned images ``x ⊙ ∂a_n/∂x`` by autograd (the ``li_fn`` of the analyses).
 
-    Returns ``[B, *shape, D, H, W]`` for ``neurons=None`` or ``[B, n, D, H, W]`` for a list of
-    index tuples into the layer's output (without the batch index).
+    Parameters
+    ----------
+    model : nn.Module
+        In eval mode.
+    x : Tensor [B, D, H, W]
+    layer : str
+        Module name; ``name:k`` for the k-th call of a reused module (the last call without).
+    neurons : list of index tuples or None
+        Indices into the layer's output shape (without the batch); None: every neuron.
+    chunk : int
+        Neurons per batched backward pass.
+
+    Returns
+    -------
+    Tensor [B, *shape, D, H, W] (``neurons=None``) or [B, n, D, H, W]
     """
     xg = x.detach().clone().requires_grad_(True)
     _, cap = layer_outputs(model, xg, [layer])
@@ -62,7 +76,20 @@ def _ravel(n, shape) -> int:
 
 
 def autograd_filter_images(model: nn.Module, x: Tensor, layer: str) -> Tensor:
-    """Filter learned images ``L^k = x ⊙ VJP(cotangent = a^k)`` by autograd: ``[B, C, D, H, W]``."""
+    """Filter learned images ``L^k = x ⊙ VJP(cotangent = a^k)`` by autograd (the ``filter_fn`` of the analyses).
+
+    Parameters
+    ----------
+    model : nn.Module
+        In eval mode.
+    x : Tensor [B, D, H, W]
+    layer : str
+        A module with channels (output ``[B, C, ...]``); ``name:k`` as :func:`autograd_learned_images`.
+
+    Returns
+    -------
+    Tensor [B, C, D, H, W]
+    """
     xg = x.detach().clone().requires_grad_(True)
     _, cap = layer_outputs(model, xg, [layer])
     a = cap[layer]
@@ -76,7 +103,22 @@ def autograd_filter_images(model: nn.Module, x: Tensor, layer: str) -> Tensor:
 
 
 def autograd_scan(model: nn.Module, x: Tensor, fg_mask: Optional[Tensor], layers: Sequence[str]) -> Dict[str, Tuple[Tensor, Tensor]]:
-    """``scan_fn`` by autograd: per layer ``(activations [B, *shape], stats [B, *shape, NUM_STATS])``."""
+    """The ``scan_fn`` of the analyses by autograd.
+
+    Parameters
+    ----------
+    model : nn.Module
+        In eval mode.
+    x : Tensor [B, D, H, W]
+    fg_mask : bool Tensor [B, H, W] or None
+        Foreground for the statistics (None: the whole image).
+    layers : sequence of str
+
+    Returns
+    -------
+    dict of str to (Tensor [B, *shape], Tensor [B, *shape, NUM_STATS])
+        Per layer its activations and the statistics of its learned images.
+    """
     with torch.no_grad():
         _, cap = layer_outputs(model, x, layers)
     out = {}

@@ -5,6 +5,7 @@ import contextlib
 import difflib
 import os
 import pickle
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
@@ -15,12 +16,12 @@ from torch import nn
 from nns_cuda.models.nets import FCN, AlexNetCifar, FCNRes, LeNet5, ResNetCifar, SmallCNN, VGGCifar
 
 __all__ = [
-    "available", "build", "load_model", "input_shape", "describe", "check_supported",
-    "unsupported_modules", "extract_state_dict", "SUPPORTED_LEAF_TYPES", "TORCHVISION_MODELS",
+    "available", "build", "load_model", "load_weights", "input_shape", "describe",
+    "check_supported", "unsupported_modules", "extract_state_dict", "SUPPORTED_LEAF_TYPES", "TORCHVISION_MODELS",
     "UnknownModelError", "WeightsMismatchError", "UnsupportedModuleError",
 ]
 
-#: Leaf module types the scanner's engine supports (SPEC §1). Containers (Sequential, the
+#: Leaf module types the scanner's engine supports (docs/spec.md §1). Containers (Sequential, the
 #: residual blocks) are free; their forward may only compose these and add branches.
 SUPPORTED_LEAF_TYPES: Tuple[type, ...] = (
     nn.Conv2d, nn.Linear, nn.ReLU, nn.LeakyReLU, nn.MaxPool2d, nn.AvgPool2d,
@@ -280,6 +281,68 @@ def _first_mismatch(model_state: Mapping[str, torch.Tensor],
     return None
 
 
+def _read_weights(path: Union[str, os.PathLike], map_location: Union[str, torch.device] = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)`` with one-line errors of ours (not torch's advice).
+
+    Raises
+    ------
+    FileNotFoundError
+        No such file.
+    WeightsMismatchError
+        The file is not a ``torch.save`` archive of tensors: damaged, not written by
+        ``torch.save``, or holding Python objects (a whole pickled model).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
+        if zipfile.is_zipfile(path):
+            why = ("it holds Python objects, not only tensors (a whole saved model? give it as "
+                   "the model, not as its weights)")
+        else:
+            why = "not a file written by torch.save, or it is damaged"
+        raise WeightsMismatchError(f"cannot read weights file {path}: {why}") from e
+
+
+def load_weights(model: nn.Module, weights: Union[str, os.PathLike, Mapping[str, torch.Tensor]],
+                 *, label: str = "the model",
+                 map_location: Union[str, torch.device] = "cpu") -> nn.Module:
+    """Load a state dict (a file or in memory) into ``model``, all keys and shapes checked.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Loaded in place.
+    weights : path or state dict
+        As for :func:`load_model`.
+    label : str
+        How error messages name the model (e.g. ``"model 'simple_cnn'"``).
+    map_location : str or torch.device
+
+    Returns
+    -------
+    nn.Module
+        ``model`` itself (its train / eval mode unchanged).
+
+    Raises
+    ------
+    FileNotFoundError, WeightsMismatchError
+        See :func:`load_model`.
+    """
+    if isinstance(weights, Mapping):
+        source, obj = "weights", weights
+    else:
+        source, obj = str(weights), _read_weights(weights, map_location)
+    state = extract_state_dict(obj, source)
+    problem = _first_mismatch(model.state_dict(), state)
+    if problem is not None:
+        raise WeightsMismatchError(f"weights {source} do not match {label}: {problem}")
+    model.load_state_dict(state, strict=True)
+    return model
+
+
 def load_model(name: str, weights: Optional[Union[str, os.PathLike, Mapping[str, torch.Tensor]]] = None,
                num_classes: int = 10, *, map_location: Union[str, torch.device] = "cpu",
                **build_kwargs: Any) -> nn.Module:
@@ -312,22 +375,7 @@ def load_model(name: str, weights: Optional[Union[str, os.PathLike, Mapping[str,
     """
     model = build(name, num_classes, **build_kwargs)
     if weights is not None:
-        if isinstance(weights, Mapping):
-            source, obj = "weights", weights
-        else:
-            path = Path(weights)
-            source = str(path)
-            if not path.is_file():
-                raise FileNotFoundError(f"weights file not found: {path}")
-            try:
-                obj = torch.load(path, map_location=map_location, weights_only=True)
-            except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
-                raise WeightsMismatchError(f"cannot read weights file {path}: {e}") from e
-        state = extract_state_dict(obj, source)
-        problem = _first_mismatch(model.state_dict(), state)
-        if problem is not None:
-            raise WeightsMismatchError(f"weights {source} do not match model {name!r}: {problem}")
-        model.load_state_dict(state, strict=True)
+        load_weights(model, weights, label=f"model {name!r}", map_location=map_location)
     return model.eval()
 
 

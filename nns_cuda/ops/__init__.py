@@ -1,7 +1,7 @@
 """Thin wrappers over the compiled ``torch.ops.nns_cuda.*`` ops (C++ on CPU, CUDA on GPU).
 
 Every function has the signature and the semantics of its pure-PyTorch twin in
-:mod:`nns_cuda.reference.ops` (read that module for the patch layout and the anchors); the
+:mod:`nns_cuda.ops.reference.ops` (read that module for the patch layout and the anchors); the
 compiled kernels validate their arguments and raise ``ValueError`` (shapes, devices, windows
 that do not fit) or ``TypeError`` (dtypes) with messages that name the op and the argument.
 Fake (meta) kernels are registered for every op, so they work under ``torch.compile`` /
@@ -34,15 +34,14 @@ multiply in the patch dtype (tensor cores on CUDA), with the weights rounded to 
 """
 from __future__ import annotations
 
-import importlib
 import warnings
 from typing import Dict, Optional, Sequence
 
 import torch
 
 from nns_cuda import _extension
+from nns_cuda.ops import _fakes
 from nns_cuda.ops.reference import ops as _ref
-from nns_cuda.ops.reference.stats import NUM_STATS
 
 __all__ = [
     "conv_li",
@@ -107,7 +106,7 @@ def conv_li(patches: torch.Tensor, ay_in: torch.Tensor, ax_in: torch.Tensor,
 
     ``out[b, o, y, x] = gate[b, o, y, x] · scale[o] · Σ_{i, ky, kx} W[o, i, ky, kx] ·
     place(patches[b, i, y·s + ky·d − p, x·s + kx·d − p])``; see
-    :func:`nns_cuda.reference.ops.conv_li`. Gated-off outputs (``gate · scale == 0``) and input
+    :func:`nns_cuda.ops.reference.ops.conv_li`. Gated-off outputs (``gate · scale == 0``) and input
     neurons with ``in_active == False`` cost nothing.
 
     Parameters
@@ -143,7 +142,7 @@ def conv_li_gemm(patches: torch.Tensor, ay_in: torch.Tensor, ax_in: torch.Tensor
                  ax_out: torch.Tensor, stride: Sequence[int], padding: Sequence[int],
                  dilation: Sequence[int], groups: int, rh_out: int, rw_out: int,
                  max_elems: int = 0) -> torch.Tensor:
-    """:func:`conv_li` as one dense GEMM per image (the tensor-core formulation, DESIGN §2).
+    """:func:`conv_li` as one dense GEMM per image (the tensor-core formulation).
 
     For image ``b``: ``A_b[(i, ky, kx), (y, x, d, r, q)]`` = the patch of input neuron
     ``(i, y·s + ky·d − p, x·s + kx·d − p)`` placed into output window ``(y, x)`` (zero for
@@ -190,7 +189,7 @@ def conv_li_gather(patches: torch.Tensor, ay_in: torch.Tensor, ax_in: torch.Tens
                    dilation: Sequence[int], groups: int, rh_out: int, rw_out: int,
                    max_elems: int = 0) -> torch.Tensor:
     """:func:`conv_li` as batched GEMMs over the *active* (input neuron, tap) pairs of every
-    output position (the gated GEMM of DESIGN §2; ``csrc/conv_gather.cpp``).
+    output position (the gated GEMM; ``csrc/conv_gather.cpp``).
 
     For output position ``p`` of image ``b`` (and group): ``out[b, :, p] = (W[:, J] · gate ·
     scale) @ A`` where ``J`` are the pairs ``(i, ky, kx)`` whose tap is not padding and whose
@@ -238,7 +237,7 @@ def conv_li_implicit(patches: torch.Tensor, ay_in: torch.Tensor, ax_in: torch.Te
                      ax_out: torch.Tensor, stride: Sequence[int], padding: Sequence[int],
                      dilation: Sequence[int], groups: int, rh_out: int, rw_out: int,
                      max_elems: int = 0) -> torch.Tensor:
-    """:func:`conv_li_gather`'s arithmetic as one Triton kernel (``nns_cuda/_triton_conv.py``):
+    """:func:`conv_li_gather`'s arithmetic as one Triton kernel (``nns_cuda/ops/_triton_conv.py``):
     the rows of the active pairs are loaded straight from the placed input inside the GEMM
     (an implicit gather), so nothing of the size of the gathered operand is written, and the
     pair lists are ragged (no padding). CUDA tensors only (on the CPU only under Triton's
@@ -326,7 +325,7 @@ def linear_li(dense: torch.Tensor, weight: torch.Tensor,
 
 def li_stats(patches: torch.Tensor, ay: torch.Tensor, ax: torch.Tensor, x: torch.Tensor,
              fg: torch.Tensor) -> torch.Tensor:
-    """Fused per-neuron statistics (``nns_cuda.reference.stats.STAT_NAMES`` order).
+    """Fused per-neuron statistics (``nns_cuda.ops.reference.stats.STAT_NAMES`` order).
 
     Parameters
     ----------
@@ -347,7 +346,7 @@ def li_stats(patches: torch.Tensor, ay: torch.Tensor, ax: torch.Tensor, x: torch
 
 def filter_fold(patches: torch.Tensor, ay: torch.Tensor, ax: torch.Tensor, act: torch.Tensor,
                 h: int, w: int) -> torch.Tensor:
-    """Filter learned images ``L^k = Σ_{y,x} act[b,k,y,x] · LI_{k,y,x}`` (SPEC §1).
+    """Filter learned images ``L^k = Σ_{y,x} act[b,k,y,x] · LI_{k,y,x}`` (docs/spec.md §1).
 
     Parameters
     ----------
@@ -366,273 +365,5 @@ def filter_fold(patches: torch.Tensor, ay: torch.Tensor, ax: torch.Tensor, act: 
     return torch.ops.nns_cuda.filter_fold(patches, ay, ax, act, int(h), int(w))
 
 
-# ---------------------------------------------------------------- checks for fake kernels
-# Mirror csrc/include/nns_cuda/{checks,validate}.h in the same order and with the same words.
-
-_FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-
-
-def _opmath(dtype: torch.dtype) -> torch.dtype:
-    """``at::opmath_type``: float32 for the 16-bit float dtypes, the dtype itself otherwise."""
-    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
-
-
-def _dim(op: str, name: str, t: torch.Tensor, n: int, layout: str) -> None:
-    torch._check_value(t.dim() == n, lambda: f"{op}: {name} must be {n}-D {layout}, got {list(t.shape)}")
-
-
-def _shape(op: str, name: str, t: torch.Tensor, want: Sequence, layout: str) -> None:
-    torch._check_value(tuple(t.shape) == tuple(want),
-                       lambda: f"{op}: {name} must be {layout} = {list(want)}, got {list(t.shape)}")
-
-
-def _float_or_double(op: str, name: str, t: torch.Tensor) -> None:
-    torch._check_type(t.dtype in _FLOATS,
-                      lambda: f"{op}: {name} must be float32, float64, bfloat16 or float16, got {t.dtype}")
-
-
-def _floating(op: str, name: str, t: torch.Tensor) -> None:
-    torch._check_type(t.dtype.is_floating_point,
-                      lambda: f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
-
-
-def _floating_or_bool(op: str, name: str, t: torch.Tensor) -> None:
-    torch._check_type(t.dtype.is_floating_point or t.dtype == torch.bool,
-                      lambda: f"{op}: {name} must be a floating-point or bool tensor, got {t.dtype}")
-
-
-def _dtype(op: str, name: str, t: torch.Tensor, dtype: torch.dtype) -> None:
-    torch._check_type(t.dtype == dtype, lambda: f"{op}: {name} must be {dtype}, got {t.dtype}")
-
-
-def _same_device(op: str, name: str, t: torch.Tensor, ref: torch.Tensor, what: str = "patches") -> None:
-    torch._check_value(t.device == ref.device,
-                       lambda: f"{op}: {name} must be on the same device as {what} ({ref.device}), got {t.device}")
-
-
-def _anchor(op: str, name: str, t: torch.Tensor, ref: torch.Tensor, n, what: str) -> None:
-    _dim(op, name, t, 1, f"[{what}]")
-    _dtype(op, name, t, torch.int64)
-    _same_device(op, name, t, ref)
-    torch._check_value(t.numel() == n, lambda: f"{op}: {name} must have {what}={n} entries, got {t.numel()}")
-
-
-def _pair(op: str, name: str, v: Sequence[int]) -> None:
-    torch._check_value(len(v) == 2, lambda: f"{op}: {name} must have 2 entries, got {list(v)}")
-
-
-def _out_window(op: str, rh_out: int, rw_out: int) -> None:
-    torch._check_value(rh_out >= 0 and rw_out >= 0,
-                       lambda: f"{op}: rh_out and rw_out must be >= 0, got {rh_out}, {rw_out}")
-
-
-def _check_conv_li(patches, ay_in, ax_in, in_active, weight, scale, gate, ay_out, ax_out,
-                   stride, padding, dilation, groups, rh_out, rw_out, op="conv_li"):
-    _dim(op, "patches", patches, 7, "[B, Ci, Hi, Wi, D, Rhi, Rwi]")
-    _float_or_double(op, "patches", patches)
-    _dim(op, "weight", weight, 4, "[Co, Ci/groups, Kh, Kw]")
-    _floating(op, "weight", weight)
-    _same_device(op, "weight", weight, patches)
-    _pair(op, "stride", stride)
-    _pair(op, "padding", padding)
-    _pair(op, "dilation", dilation)
-    torch._check_value(stride[0] >= 1 and stride[1] >= 1, lambda: f"{op}: stride must be >= 1, got {list(stride)}")
-    torch._check_value(padding[0] >= 0 and padding[1] >= 0, lambda: f"{op}: padding must be >= 0, got {list(padding)}")
-    torch._check_value(dilation[0] >= 1 and dilation[1] >= 1,
-                       lambda: f"{op}: dilation must be >= 1, got {list(dilation)}")
-    torch._check_value(groups >= 1, lambda: f"{op}: groups must be >= 1, got {groups}")
-    B, Ci, Hi, Wi, D, Rhi, Rwi = patches.shape
-    Co, Cig, Kh, Kw = weight.shape
-    torch._check_value(Ci % groups == 0 and Co % groups == 0 and Cig == Ci // groups,
-                       lambda: f"{op}: weight {list(weight.shape)} does not match {Ci} input channels with groups={groups}")
-    _out_window(op, rh_out, rw_out)
-    _anchor(op, "ay_in", ay_in, patches, Hi, "Hi")
-    _anchor(op, "ax_in", ax_in, patches, Wi, "Wi")
-    _anchor(op, "ay_out", ay_out, patches, ay_out.numel(), "Ho")
-    _anchor(op, "ax_out", ax_out, patches, ax_out.numel(), "Wo")
-    Ho, Wo = ay_out.shape[0], ax_out.shape[0]
-    if in_active is not None:
-        _dtype(op, "in_active", in_active, torch.bool)
-        _same_device(op, "in_active", in_active, patches)
-        _shape(op, "in_active", in_active, (B, Ci, Hi, Wi), "[B, Ci, Hi, Wi]")
-    if scale is not None:
-        _floating(op, "scale", scale)
-        _same_device(op, "scale", scale, patches)
-        _shape(op, "scale", scale, (Co,), "[Co]")
-    if gate is not None:
-        _floating_or_bool(op, "gate", gate)
-        _same_device(op, "gate", gate, patches)
-        _shape(op, "gate", gate, (B, Co, Ho, Wo), "[B, Co, Ho, Wo]")
-    return B, Co, Ho, Wo, D
-
-
-def _check_maxpool_li(patches, ay_in, ax_in, indices, ay_out, ax_out, rh_out, rw_out):
-    op = "maxpool_li"
-    _dim(op, "patches", patches, 7, "[B, C, Hi, Wi, D, Rhi, Rwi]")
-    _float_or_double(op, "patches", patches)
-    B, C, Hi, Wi, D, Rhi, Rwi = patches.shape
-    _out_window(op, rh_out, rw_out)
-    _anchor(op, "ay_in", ay_in, patches, Hi, "Hi")
-    _anchor(op, "ax_in", ax_in, patches, Wi, "Wi")
-    _anchor(op, "ay_out", ay_out, patches, ay_out.numel(), "Ho")
-    _anchor(op, "ax_out", ax_out, patches, ax_out.numel(), "Wo")
-    Ho, Wo = ay_out.shape[0], ax_out.shape[0]
-    _dtype(op, "indices", indices, torch.int64)
-    _same_device(op, "indices", indices, patches)
-    _shape(op, "indices", indices, (B, C, Ho, Wo), "[B, C, Ho, Wo]")
-    return B, C, Ho, Wo, D
-
-
-def _check_place_li(patches, ay_in, ax_in, ay_out, ax_out, rh_out, rw_out, accumulate):
-    op = "place_li"
-    _dim(op, "patches", patches, 7, "[B, C, Ho, Wo, D, Rhi, Rwi]")
-    _float_or_double(op, "patches", patches)
-    B, C, Ho, Wo, D, Rhi, Rwi = patches.shape
-    _out_window(op, rh_out, rw_out)
-    _anchor(op, "ay_in", ay_in, patches, Ho, "Ho")
-    _anchor(op, "ax_in", ax_in, patches, Wo, "Wo")
-    _anchor(op, "ay_out", ay_out, patches, Ho, "Ho")
-    _anchor(op, "ax_out", ax_out, patches, Wo, "Wo")
-    if accumulate is not None:
-        _dtype(op, "accumulate", accumulate, patches.dtype)
-        _same_device(op, "accumulate", accumulate, patches)
-        _shape(op, "accumulate", accumulate, (B, C, Ho, Wo, D, rh_out, rw_out),
-               "[B, C, Ho, Wo, D, rh_out, rw_out]")
-    return B, C, Ho, Wo, D
-
-
-def _check_linear_li(dense, weight, gate):
-    op = "linear_li"
-    _dim(op, "dense", dense, 3, "[B, Nin, P]")
-    _float_or_double(op, "dense", dense)
-    B, Nin, P = dense.shape
-    _dim(op, "weight", weight, 2, "[Nout, Nin]")
-    torch._check_value(weight.shape[1] == Nin, lambda: f"{op}: weight must be [Nout, Nin={Nin}], got {list(weight.shape)}")
-    _floating(op, "weight", weight)
-    _same_device(op, "weight", weight, dense, "dense")
-    Nout = weight.shape[0]
-    if gate is not None:
-        _floating_or_bool(op, "gate", gate)
-        _same_device(op, "gate", gate, dense, "dense")
-        _shape(op, "gate", gate, (B, Nout), "[B, Nout]")
-    return B, Nout, P
-
-
-def _check_li_stats(patches, ay, ax, x, fg):
-    op = "li_stats"
-    _dim(op, "patches", patches, 7, "[B, C, Ho, Wo, D, Rh, Rw]")
-    _float_or_double(op, "patches", patches)
-    B, C, Ho, Wo, D, Rh, Rw = patches.shape
-    _anchor(op, "ay", ay, patches, Ho, "Ho")
-    _anchor(op, "ax", ax, patches, Wo, "Wo")
-    torch._check_value(x.dim() == 4 and x.shape[0] == B and x.shape[1] == D,
-                       lambda: f"{op}: x must be [B={B}, D={D}, H, W], got {list(x.shape)}")
-    _floating(op, "x", x)
-    _same_device(op, "x", x, patches)
-    _shape(op, "fg", fg, (B, x.shape[2], x.shape[3]), "[B, H, W]")
-    _floating_or_bool(op, "fg", fg)
-    _same_device(op, "fg", fg, patches)
-    return B, C, Ho, Wo
-
-
-def _check_filter_fold(patches, ay, ax, act, h, w):
-    op = "filter_fold"
-    _dim(op, "patches", patches, 7, "[B, C, Ho, Wo, D, Rh, Rw]")
-    _float_or_double(op, "patches", patches)
-    B, C, Ho, Wo, D, Rh, Rw = patches.shape
-    _anchor(op, "ay", ay, patches, Ho, "Ho")
-    _anchor(op, "ax", ax, patches, Wo, "Wo")
-    _shape(op, "act", act, (B, C, Ho, Wo), "[B, C, Ho, Wo]")
-    _floating_or_bool(op, "act", act)
-    _same_device(op, "act", act, patches)
-    torch._check_value(h >= 0 and w >= 0, lambda: f"{op}: h and w must be >= 0, got {h}, {w}")
-    return B, C, D
-
-
-# ------------------------------------------------------------------------- fake kernels
-
-def _check_gmm_estep(coef, phit):
-    """Argument checks of ``gmm_estep`` (the fused GMM E-step of ``nns_cuda._gmm_em``; CPU only)."""
-    op = "gmm_estep"
-    _dim(op, "coef", coef, 3, "[B, k, 6]")
-    _dim(op, "phit", phit, 3, "[B, 6, S]")
-    _dtype(op, "coef", coef, torch.float64)
-    _dtype(op, "phit", phit, torch.float64)
-    B, k, S = coef.shape[0], coef.shape[1], phit.shape[2]
-    torch._check_value(coef.shape[2] == 6 and phit.shape[0] == B and phit.shape[1] == 6,
-                       lambda: f"{op}: coef must be [B, k, 6] and phit [B, 6, S] with the same B, got "
-                               f"{list(coef.shape)} and {list(phit.shape)}")
-    torch._check_value(1 <= k <= 64, lambda: f"{op}: the number of components k must be in [1, 64], got {k}")
-    torch._check_value(S >= 1, lambda: f"{op}: phit needs at least one point (S >= 1), got S = {S}")
-    torch._check_value(phit.device == coef.device,
-                       lambda: f"{op}: phit must be on the same device as coef ({coef.device}), got {phit.device}")
-    return B, k, S
-
-
-def _register_fakes() -> None:
-    @torch.library.register_fake("nns_cuda::conv_li")
-    def _conv_li_fake(patches, ay_in, ax_in, in_active, weight, scale, gate, ay_out, ax_out,
-                      stride, padding, dilation, groups, rh_out, rw_out):
-        B, Co, Ho, Wo, D = _check_conv_li(patches, ay_in, ax_in, in_active, weight, scale, gate,
-                                          ay_out, ax_out, stride, padding, dilation, groups,
-                                          rh_out, rw_out)
-        return patches.new_empty((B, Co, Ho, Wo, D, rh_out, rw_out))
-
-    @torch.library.register_fake("nns_cuda::conv_li_gemm")
-    def _conv_li_gemm_fake(patches, ay_in, ax_in, in_active, weight, scale, gate, ay_out, ax_out,
-                           stride, padding, dilation, groups, rh_out, rw_out, max_elems=0):
-        B, Co, Ho, Wo, D = _check_conv_li(patches, ay_in, ax_in, in_active, weight, scale, gate,
-                                          ay_out, ax_out, stride, padding, dilation, groups,
-                                          rh_out, rw_out, op="conv_li_gemm")
-        torch._check_value(max_elems >= 0,
-                           lambda: f"conv_li_gemm: max_elems must be >= 0 (0: default), got {max_elems}")
-        return patches.new_empty((B, Co, Ho, Wo, D, rh_out, rw_out))
-
-    @torch.library.register_fake("nns_cuda::conv_li_gather")
-    def _conv_li_gather_fake(patches, ay_in, ax_in, in_active, weight, scale, gate, ay_out, ax_out,
-                             stride, padding, dilation, groups, rh_out, rw_out, max_elems=0):
-        B, Co, Ho, Wo, D = _check_conv_li(patches, ay_in, ax_in, in_active, weight, scale, gate,
-                                          ay_out, ax_out, stride, padding, dilation, groups,
-                                          rh_out, rw_out, op="conv_li_gather")
-        torch._check_value(max_elems >= 0,
-                           lambda: f"conv_li_gather: max_elems must be >= 0 (0: default), got {max_elems}")
-        return patches.new_empty((B, Co, Ho, Wo, D, rh_out, rw_out))
-
-    @torch.library.register_fake("nns_cuda::maxpool_li")
-    def _maxpool_li_fake(patches, ay_in, ax_in, indices, ay_out, ax_out, rh_out, rw_out):
-        B, C, Ho, Wo, D = _check_maxpool_li(patches, ay_in, ax_in, indices, ay_out, ax_out,
-                                            rh_out, rw_out)
-        return patches.new_empty((B, C, Ho, Wo, D, rh_out, rw_out))
-
-    @torch.library.register_fake("nns_cuda::place_li")
-    def _place_li_fake(patches, ay_in, ax_in, ay_out, ax_out, rh_out, rw_out, accumulate=None):
-        B, C, Ho, Wo, D = _check_place_li(patches, ay_in, ax_in, ay_out, ax_out, rh_out, rw_out,
-                                          accumulate)
-        return patches.new_empty((B, C, Ho, Wo, D, rh_out, rw_out))
-
-    @torch.library.register_fake("nns_cuda::linear_li")
-    def _linear_li_fake(dense, weight, gate):
-        B, Nout, P = _check_linear_li(dense, weight, gate)
-        return dense.new_empty((B, Nout, P))
-
-    @torch.library.register_fake("nns_cuda::li_stats")
-    def _li_stats_fake(patches, ay, ax, x, fg):
-        B, C, Ho, Wo = _check_li_stats(patches, ay, ax, x, fg)
-        return patches.new_empty((B, C, Ho, Wo, NUM_STATS), dtype=_opmath(patches.dtype))
-
-    @torch.library.register_fake("nns_cuda::filter_fold")
-    def _filter_fold_fake(patches, ay, ax, act, h, w):
-        B, C, D = _check_filter_fold(patches, ay, ax, act, h, w)
-        return patches.new_empty((B, C, D, h, w))
-
-    if hasattr(torch.ops.nns_cuda, "gmm_estep"):
-        @torch.library.register_fake("nns_cuda::gmm_estep")
-        def _gmm_estep_fake(coef, phit, want_moments, want_labels):
-            B, k, S = _check_gmm_estep(coef, phit)
-            mom = coef.new_empty((B, k, 6) if want_moments else (0,))
-            lab = coef.new_empty((B, S) if want_labels else (0,), dtype=torch.int64)
-            return mom, coef.new_empty((B,)), lab
-
-
 if HAS_OPS:
-    _register_fakes()
+    _fakes.register()

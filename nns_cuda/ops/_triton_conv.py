@@ -23,6 +23,9 @@ patch dtype and run on the tensor cores with float32 accumulation. float64 is no
 Runs on CUDA tensors. On CPU tensors it runs only under Triton's interpreter
 (``TRITON_INTERPRET=1`` set before this module is imported), which is how the CPU test suite
 checks the kernel (``tests/test_conv_li_implicit.py``); otherwise it raises ``ValueError``.
+
+A leaf of ``nns_cuda.ops``: it imports torch, Triton, the extension state and the ops' leaf
+helpers (argument checks, axis geometry, the reference twins), never ``nns_cuda.ops`` itself.
 """
 from __future__ import annotations
 
@@ -30,6 +33,11 @@ import os
 from typing import List, Optional, Tuple
 
 import torch
+
+from nns_cuda import _extension
+from nns_cuda.ops._checks import check_conv_li
+from nns_cuda.ops._geometry import virtual_axis
+from nns_cuda.ops.reference import ops as _ref
 
 try:  # triton ships with the CUDA builds of torch; the CPU-only build may lack it
     import triton
@@ -140,21 +148,23 @@ def conv_li_implicit(patches: torch.Tensor, ay_in: torch.Tensor, ax_in: torch.Te
 @conv_li_implicit.register_fake
 def _conv_li_implicit_fake(patches, ay_in, ax_in, in_active, weight, scale, gate, ay_out, ax_out, stride, padding,
                            dilation, groups, rh_out, rw_out, max_elems=0):
-    from nns_cuda import ops
-
-    B, Co, Ho, Wo, D = ops._check_conv_li(patches, ay_in, ax_in, in_active, weight, scale, gate, ay_out, ax_out,
-                                          stride, padding, dilation, groups, rh_out, rw_out, op=OP)
+    B, Co, Ho, Wo, D = check_conv_li(patches, ay_in, ax_in, in_active, weight, scale, gate, ay_out, ax_out,
+                                     stride, padding, dilation, groups, rh_out, rw_out, op=OP)
     torch._check_value(max_elems >= 0, lambda: f"{OP}: max_elems must be >= 0 (0: default), got {max_elems}")
     return patches.new_empty((B, Co, Ho, Wo, D, rh_out, rw_out))
 
 
+def _place_li(patches, ay_in, ax_in, ay_out, ax_out, rh_out, rw_out) -> torch.Tensor:
+    """``place_li``: the compiled op where the extension registers it, else its reference twin."""
+    if _extension.has_op("place_li"):
+        return torch.ops.nns_cuda.place_li(patches, ay_in, ax_in, ay_out, ax_out, int(rh_out), int(rw_out), None)
+    return _ref.place_li(patches, ay_in, ax_in, ay_out, ax_out, rh_out, rw_out)
+
+
 def _conv_li_implicit(patches, ay_in, ax_in, in_active, weight, scale, gate, ay_out, ax_out, stride, padding,
                       dilation, groups, rh_out, rw_out, max_elems) -> torch.Tensor:
-    from nns_cuda import ops  # the argument checks shared with the compiled ops' fake kernels
-    from nns_cuda.engine.scanner import _virtual_axis as virtual_axis
-
-    B, Co, Ho, Wo, D = ops._check_conv_li(patches, ay_in, ax_in, in_active, weight, scale, gate, ay_out, ax_out,
-                                          stride, padding, dilation, groups, rh_out, rw_out, op=OP)
+    B, Co, Ho, Wo, D = check_conv_li(patches, ay_in, ax_in, in_active, weight, scale, gate, ay_out, ax_out,
+                                     stride, padding, dilation, groups, rh_out, rw_out, op=OP)
     if max_elems < 0:
         raise ValueError(f"{OP}: max_elems must be >= 0 (0: default), got {max_elems}")
     why = available(patches.device)
@@ -223,7 +233,7 @@ def _conv_li_implicit(patches, ay_in, ax_in, in_active, weight, scale, gate, ay_
         if src_y is not None:
             Q = Q.index_select(2, src_y).index_select(3, src_x)
         if not copy_free and Hq and Wq:
-            Q = ops.place_li(Q.contiguous(), *place_args, rh_out, rw_out)
+            Q = _place_li(Q.contiguous(), *place_args, rh_out, rw_out)
         Q = Q.contiguous()
         # valid pairs of the chunk, listed ragged in (image, group, position, pair) order
         valid = tap_ok.unsqueeze(0).expand(nb, G, P, CK)

@@ -3,13 +3,13 @@
 These are the oracle the C++ / CUDA kernels are tested against and the ``reference`` backend
 of the engine. They favour clarity over speed, but are vectorised enough to scan small models.
 
-Patch layout (DESIGN §2)
-------------------------
+Patch layout
+------------
 The learned images of all neurons of a spatial node (conv / pool / BN / ReLU output of shape
 ``[C, Ho, Wo]``) are stored as ``patches [B, C, Ho, Wo, D, Rh, Rw]``: neuron ``(c, y, x)``'s
 image restricted to the window of rows ``[ay[y], ay[y] + Rh)`` and columns
 ``[ax[x], ax[x] + Rw)`` of the ``D × H × W`` input. ``ay [Ho]`` / ``ax [Wo]`` are int64
-*anchors*; the image is zero outside the window (receptive-field locality, SPEC §1).
+*anchors*; the image is zero outside the window (receptive-field locality, docs/spec.md §1).
 The engine chooses ``Rh = min(R, H)`` and ``ay[y] = clamp(y·J − P, 0, H − Rh)`` so that the
 window of every input neuron of a conv / pool tap lies inside the window of its output neuron
 (the ops check this and raise otherwise). Inactive neurons hold zeros.
@@ -227,7 +227,7 @@ def conv_li_implicit(patches: torch.Tensor, ay_in: torch.Tensor, ax_in: torch.Te
                      ax_out: torch.Tensor, stride: Sequence[int], padding: Sequence[int],
                      dilation: Sequence[int], groups: int, rh_out: int, rw_out: int,
                      max_elems: int = 0) -> torch.Tensor:
-    """Twin of the Triton ``conv_li_implicit`` (``nns_cuda/_triton_conv.py``): :func:`conv_li`
+    """Twin of the Triton ``conv_li_implicit`` (``nns_cuda/ops/_triton_conv.py``): :func:`conv_li`
     with 16-bit weights rounded (:func:`_gemm_twin`)."""
     return _gemm_twin("conv_li_implicit", patches, ay_in, ax_in, in_active, weight, scale, gate, ay_out, ax_out, stride,
                       padding, dilation, groups, rh_out, rw_out, max_elems)
@@ -354,7 +354,7 @@ def _window_gather(op: str, img: torch.Tensor, ay: torch.Tensor, ax: torch.Tenso
 
 def li_stats(patches: torch.Tensor, ay: torch.Tensor, ax: torch.Tensor, x: torch.Tensor,
              fg: torch.Tensor) -> torch.Tensor:
-    """Fused per-neuron statistics (``nns_cuda.reference.stats.STAT_NAMES`` order).
+    """Fused per-neuron statistics (``nns_cuda.ops.reference.stats.STAT_NAMES`` order).
 
     Parameters
     ----------
@@ -404,7 +404,7 @@ def li_stats(patches: torch.Tensor, ay: torch.Tensor, ax: torch.Tensor, x: torch
 
 def filter_fold(patches: torch.Tensor, ay: torch.Tensor, ax: torch.Tensor, act: torch.Tensor,
                 h: int, w: int) -> torch.Tensor:
-    """Filter learned images ``L^k = Σ_{y,x} act[b,k,y,x] · LI_{k,y,x}`` (SPEC §1, eq. 5-2).
+    """Filter learned images ``L^k = Σ_{y,x} act[b,k,y,x] · LI_{k,y,x}`` (docs/spec.md §1, eq. 5-2).
 
     Parameters
     ----------

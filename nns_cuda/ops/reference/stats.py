@@ -1,9 +1,9 @@
-"""Per-neuron statistics of learned images (the fused reduction of DESIGN §2).
+"""Per-neuron statistics of learned images (the engine's fused reduction).
 
-The analyses (SPEC §2 knowledge quantity and distances, SPEC §3 FQ) need only these sums
-per neuron and sample, so a data-set scan never stores the images themselves. Every
-backend's ``li_stats`` op returns them in this order along the last dimension; this module
-is the dense pure-PyTorch definition they are all tested against.
+The analyses (knowledge quantity and distances, docs/spec.md §2; FQ, docs/spec.md §3) need
+only these sums per neuron and sample, so a data-set scan never stores the images
+themselves. Every backend's ``li_stats`` op returns them in this order along the last
+dimension; this module is the dense pure-PyTorch definition they are all tested against.
 
 Entries ``t`` run over all ``D·H·W`` input entries; the foreground mask ``[H, W]`` is
 broadcast over the ``D`` channels; ``nz(t) = 1[LI(t) != 0]``.
@@ -16,15 +16,15 @@ __all__ = ["STAT_NAMES", "STAT_INDEX", "NUM_STATS", "li_stats_dense"]
 
 #: Names of the statistics, in the order of the last dimension of every ``li_stats`` result.
 STAT_NAMES = (
-    "nz_fg",      # Σ_{t∈F} nz(t)                       (N^e_x, SPEC §3)
+    "nz_fg",      # Σ_{t∈F} nz(t)                       (N^e_x, docs/spec.md §3)
     "nz_bg",      # Σ_{t∈B} nz(t)                       (N^n_x)
-    "abs_sum",    # Σ_t |LI(t)|                        (strength, SPEC §2)
+    "abs_sum",    # Σ_t |LI(t)|                        (strength, docs/spec.md §2)
     "sum",        # Σ_t LI(t)                          (completeness)
     "sq_sum",     # Σ_t LI(t)²
     "x_dot",      # Σ_t x(t)·LI(t)
     "fg_sum",     # Σ_{t∈F} LI(t)
     "fg_sq_sum",  # Σ_{t∈F} LI(t)²
-    "fg_xnz_sum",  # Σ_{t∈F} x(t)·nz(t)                 (I^fe, SPEC §3)
+    "fg_xnz_sum",  # Σ_{t∈F} x(t)·nz(t)                 (I^fe, docs/spec.md §3)
     "fg_xnz_sq_sum",  # Σ_{t∈F} (x(t)·nz(t))²
     "fg_x_dot",   # Σ_{t∈F} x(t)·LI(t)  (= Σ_F I^fe·I^e since LI=0 where nz=0)
 )
