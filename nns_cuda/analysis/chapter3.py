@@ -156,10 +156,18 @@ class KnowledgeQuantity(ResultEstimator):
     ----------
     batch_size, scan_fn, max_samples
         See the module docstring.
+    out_dir : str, optional
+        Run as a data-set scan into this folder (:class:`nns_cuda.DatasetScan`; ``data`` a
+        map-style data set): resumable, and shared among the ranks under ``torchrun``
+        (``result_`` on rank 0, ``None`` elsewhere). ``scan_fn`` does not apply.
+    scan_options : dict, optional
+        Options of the data-set scan (``block_size``, ``batch_size``, ``backend``, ``progress`` …).
     """
 
-    def __init__(self, *, batch_size: int = 64, scan_fn: Optional[ScanFn] = None, max_samples: Optional[int] = None) -> None:
+    def __init__(self, *, batch_size: int = 64, scan_fn: Optional[ScanFn] = None, max_samples: Optional[int] = None,
+                 out_dir: Optional[str] = None, scan_options: Optional[Dict[str, Any]] = None) -> None:
         self.batch_size, self.scan_fn, self.max_samples = batch_size, scan_fn, max_samples
+        self.out_dir, self.scan_options = out_dir, scan_options
 
     def fit(self, model: nn.Module, data: Any, layers: Sequence[str] | str) -> "KnowledgeQuantity":
         """Per layer the count / strength ratios (all neurons and active only).
@@ -181,6 +189,9 @@ class KnowledgeQuantity(ResultEstimator):
         where = "KnowledgeQuantity.fit"
         layers = check_layers(model, layers, where)
         check_eval(model, where)
+        if self.out_dir is not None:
+            self.result_ = _knowledge_dataset(model, data, layers, self.out_dir, self.scan_options, self.max_samples)
+            return self
         scan = make_scan(model, layers, self.scan_fn, stats=True)
         acc = {l: [NanMean() for _ in range(5)] for l in layers}
         zero: List[int] = []
@@ -194,21 +205,8 @@ class KnowledgeQuantity(ResultEstimator):
             zero += (~ok).nonzero().flatten().add(b.offset).tolist()
             n += B
             res = checked_scan(scan, x, b.fg_mask, layers, where)
-            nanv = torch.full((B,), float("nan"), dtype=torch.float64, device=x.device)
             for l in layers:
-                _, st = res[l]
-                st = st.reshape(B, -1, NUM_STATS)
-                cnt = st[..., _I["nz_fg"]].double() + st[..., _I["nz_bg"]].double()
-                stren = st[..., _I["abs_sum"]].double()
-                act = cnt > 0
-                na = act.sum(1).double()
-                r_c = torch.where(ok, cnt.mean(1) / cx.clamp_min(1), nanv)
-                r_s = torch.where(ok, stren.mean(1) / sx.clamp_min(1e-300), nanv)
-                good = ok & (na > 0)
-                r_ca = torch.where(good, (cnt * act).sum(1) / na.clamp_min(1) / cx.clamp_min(1), nanv)
-                r_sa = torch.where(good, (stren * act).sum(1) / na.clamp_min(1) / sx.clamp_min(1e-300), nanv)
-                frac = na / cnt.shape[1]
-                for a, v in zip(acc[l], (r_c, r_s, r_ca, r_sa, frac)):
+                for a, v in zip(acc[l], _knowledge_per_sample(res[l][1], x).unbind(1)):
                     a.add(v)
         warn_once(ZeroInputWarning, f"{where}: inputs that are zero everywhere have count(x) = strength(x) = 0; "
                   "the ratios are undefined and those samples are left out", len(zero), n, zero)
@@ -218,6 +216,62 @@ class KnowledgeQuantity(ResultEstimator):
             out[l] = KnowledgeLayer(l, a[0].value, a[1].value, a[2].value, a[3].value, a[4].value, a[0].n, a[2].n)
         self.result_ = KnowledgeResult(out, len(zero))
         return self
+
+
+def _knowledge_per_sample(stats: Tensor, x: Tensor) -> Tensor:
+    """Per sample ``[B, 5]``: count ratio, strength ratio, the two over active neurons only, and the
+    active fraction; NaN where undefined (zero input, or no active neuron for the ``*_active``)."""
+    B = x.shape[0]
+    cx, sx = _count_strength(x)
+    ok = cx > 0
+    nanv = torch.full((B,), float("nan"), dtype=torch.float64, device=x.device)
+    st = stats.reshape(B, -1, NUM_STATS)
+    cnt = st[..., _I["nz_fg"]].double() + st[..., _I["nz_bg"]].double()
+    stren = st[..., _I["abs_sum"]].double()
+    act = cnt > 0
+    na = act.sum(1).double()
+    r_c = torch.where(ok, cnt.mean(1) / cx.clamp_min(1), nanv)
+    r_s = torch.where(ok, stren.mean(1) / sx.clamp_min(1e-300), nanv)
+    good = ok & (na > 0)
+    r_ca = torch.where(good, (cnt * act).sum(1) / na.clamp_min(1) / cx.clamp_min(1), nanv)
+    r_sa = torch.where(good, (stren * act).sum(1) / na.clamp_min(1) / sx.clamp_min(1e-300), nanv)
+    return torch.stack([r_c, r_s, r_ca, r_sa, na / cnt.shape[1]], 1)
+
+
+def _knowledge_dataset(model: nn.Module, dataset: Any, layers: List[str], out_dir: str,
+                       scan_options: Optional[Dict[str, Any]], max_samples: Optional[int]) -> Optional["KnowledgeResult"]:
+    """Knowledge quantity through a data-set scan: each per-sample ratio is a measure whose
+    sum over the samples where it is defined, and that number of samples, are accumulated."""
+    from torch.utils.data import Subset
+
+    from nns_cuda.engine.dataset_scan import DatasetScan
+
+    if max_samples is not None:
+        dataset = Subset(dataset, range(min(int(max_samples), len(dataset))))
+
+    def measure(layer, lr, x, fg):
+        v = _knowledge_per_sample(lr.stats, x)
+        return torch.cat([torch.nan_to_num(v, nan=0.0), (~torch.isnan(v)).double()], 1)  # [B, 10]
+
+    opts = dict(scan_options or {})
+    opts.setdefault("progress", True)
+    res = DatasetScan(model, layers, stats=True, measures={"knowledge": measure}, **opts).run(dataset, out_dir,
+                                                                                              resume=True)
+    if res is None:
+        return None
+    n = res.samples
+    out = {}
+    zero = 0
+    for l in layers:
+        tot = res.measure_mean(l, "knowledge") * n  # sums: 5 values, then 5 counts of defined samples
+        vals = [float(tot[j] / tot[5 + j]) if tot[5 + j] > 0 else float("nan") for j in range(5)]
+        counts = [int(round(float(tot[5 + j]))) for j in range(5)]
+        out[l] = KnowledgeLayer(l, vals[0], vals[1], vals[2], vals[3], vals[4], counts[0], counts[2])
+        zero = n - counts[0]
+    if zero:
+        warn_once(ZeroInputWarning, "KnowledgeQuantity.fit: inputs that are zero everywhere have count(x) = "
+                  "strength(x) = 0; the ratios are undefined and those samples are left out", zero, n, [])
+    return KnowledgeResult(out, zero)
 
 
 # ============================================================================================

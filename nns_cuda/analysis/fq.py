@@ -172,6 +172,52 @@ def _fit_fq(model: nn.Module, data: Any, layers: Sequence[str] | str, *, variant
     return out
 
 
+def _fit_fq_dataset(model: nn.Module, dataset: Any, layers: Sequence[str] | str, *, ablate: Optional[str], K: float,
+                    C1: float, C2: float, C3: float, out_dir: str, scan_options: Dict[str, Any],
+                    max_samples: Optional[int], where: str) -> Optional[FQResult]:
+    """FQ through :class:`~nns_cuda.engine.dataset_scan.DatasetScan`: ``F`` is a per-sample
+    measure of the scan, so its maximum, arg-max and mean come from the scan's accumulators
+    (resumable, and distributed under ``torchrun``). ``None`` on ranks other than 0."""
+    from torch.utils.data import Subset
+
+    from nns_cuda.engine.dataset_scan import DatasetScan
+
+    check_params(K, C1, C2, C3, ablate, where)
+    layers = check_layers(model, layers, where)
+    check_eval(model, where)
+    if max_samples is not None:
+        dataset = Subset(dataset, range(min(int(max_samples), len(dataset))))
+
+    def f_measure(layer, lr, x, fg):
+        if fg is None:
+            raise ValueError(f"{where}: FQ needs a foreground mask per sample (docs/spec.md §3), but the data set "
+                             "yields (x, y) items; give (x, y, fg_mask)")
+        return f_from_stats(lr.stats, x, fg, K=K, C1=C1, C2=C2, C3=C3, ablate=ablate, warn=False)
+
+    def sample_flags(layer, lr, x, fg):  # [B, 2]: N_f = 0, and no background; once, on the first layer
+        if layer != layers[0] or fg is None:
+            return None
+        return torch.stack([input_constants(x, fg)[1] == 0, fg.flatten(1).all(1)], 1).double()
+
+    opts = dict(scan_options or {})
+    opts.setdefault("progress", True)
+    res = DatasetScan(model, layers, stats=True, measures={"F": f_measure, "sample_flags": sample_flags},
+                      **opts).run(dataset, out_dir, resume=True)
+    if res is None:
+        return None
+    n = res.samples
+    counts = res.measure_mean(layers[0], "sample_flags") * n
+    first = res.measure_argmax(layers[0], "sample_flags")
+    flagged = [[int(first[j])] if round(float(counts[j])) else [] for j in range(2)]
+    for j, (cat, what) in enumerate(((EmptyForegroundWarning, "no active input entry in the foreground (N_f = 0)"),
+                                     (NoBackgroundWarning, "a foreground mask covering the whole image (N^n = 0)"))):
+        warn_once(cat, f"{where}: samples with {what} get F = 0 for every neuron (docs/spec.md §3)",
+                  int(round(float(counts[j]))), n, flagged[j])
+    out = {L: FQLayerResult(L, res.measure_max(L, "F"), res.measure_argmax(L, "F"), res.measure_mean(L, "F"),
+                            res.mean_activation(L), n) for L in layers}
+    return FQResult(out, dict(K=K, C1=C1, C2=C2, C3=C3, ablate=ablate), n, flagged[0], flagged[1])
+
+
 class FeatureQuantity(ResultEstimator):
     """Data-set feature quantity (eq. 4-7) of every neuron of the given layers, streaming.
 
@@ -188,6 +234,15 @@ class FeatureQuantity(ResultEstimator):
         Default: the engine's ``Scanner(model, layers, stats=True).scan(x, fg_mask=fg_mask)``.
     max_samples : int, optional
         Stop after this many samples.
+    out_dir : str, optional
+        Run as a data-set scan into this folder (:class:`nns_cuda.DatasetScan`): ``data`` is then
+        a map-style data set of ``(x, y, fg_mask)`` items, finished blocks survive an
+        interruption (a rerun continues), and under ``torchrun`` the ranks share the blocks
+        (``result_`` is set on rank 0, ``None`` elsewhere). ``FQ`` is the maximum of ``F`` over
+        the data set, as in memory. ``scan_fn`` does not apply.
+    scan_options : dict, optional
+        Options of the data-set scan (``block_size``, ``batch_size``, ``backend``,
+        ``precision``, ``max_memory``, ``num_workers``, ``progress``, ``top_k``).
 
     Examples
     --------
@@ -197,9 +252,11 @@ class FeatureQuantity(ResultEstimator):
 
     def __init__(self, K: float = K_DEFAULT, C1: float = C1_DEFAULT, C2: float = C2_DEFAULT, C3: float = C3_DEFAULT,
                  ablate: Optional[str] = None, *, batch_size: int = 64, scan_fn: Optional[ScanFn] = None,
-                 max_samples: Optional[int] = None) -> None:
+                 max_samples: Optional[int] = None, out_dir: Optional[str] = None,
+                 scan_options: Optional[Dict[str, Any]] = None) -> None:
         self.K, self.C1, self.C2, self.C3, self.ablate, self.batch_size = K, C1, C2, C3, ablate, batch_size
         self.scan_fn, self.max_samples = scan_fn, max_samples
+        self.out_dir, self.scan_options = out_dir, scan_options
 
     def fit(self, model: nn.Module, data: Any, layers: Sequence[str] | str) -> "FeatureQuantity":
         """Scan ``data`` once: per layer ``fq`` (max), ``argmax``, ``mean_f`` and ``mean_activation``.
@@ -226,6 +283,14 @@ class FeatureQuantity(ResultEstimator):
         KeyError
             For an unknown layer name.
         """
+        if self.out_dir is not None:
+            if self.scan_fn is not None:
+                raise ValueError("FeatureQuantity.fit: scan_fn does not apply to a data-set scan (out_dir=); "
+                                 "pass one of them")
+            self.result_ = _fit_fq_dataset(model, data, layers, ablate=self.ablate, K=self.K, C1=self.C1, C2=self.C2,
+                                           C3=self.C3, out_dir=self.out_dir, scan_options=self.scan_options,
+                                           max_samples=self.max_samples, where="FeatureQuantity.fit")
+            return self
         self.result_ = _fit_fq(model, data, layers, variants=[self.ablate], K=self.K, C1=self.C1, C2=self.C2,
                                C3=self.C3, batch_size=self.batch_size, scan_fn=self.scan_fn,
                                max_samples=self.max_samples, where="FeatureQuantity.fit")[self.ablate]

@@ -62,6 +62,13 @@ class InterpretableProperties:
         the data batches.
     filter_fn : callable ``(model, x [B, D, H, W], layer) -> [B, C, D, H, W]``, optional
         Source of the filter learned images; default :func:`nns_cuda.engine.filter_images`.
+    out_dir : str, optional
+        Run as a data-set scan into this folder (:class:`nns_cuda.DatasetScan` with filter
+        images; ``data`` a map-style data set): resumable, and shared among the ranks under
+        ``torchrun`` (fitted attributes on rank 0; elsewhere ``T_`` is ``None``). ``filter_fn``
+        does not apply.
+    scan_options : dict, optional
+        Options of the data-set scan (``block_size``, ``batch_size``, ``backend``, ``progress`` …).
 
     Attributes
     ----------
@@ -86,10 +93,13 @@ class InterpretableProperties:
 
     def __init__(self, names: Union[None, str, Sequence[str]] = None,
                  region: Union[str, Sequence[str]] = "all", *,
-                 filter_fn: Optional[FilterFn] = None) -> None:
+                 filter_fn: Optional[FilterFn] = None, out_dir: Optional[str] = None,
+                 scan_options: Optional[Dict[str, Any]] = None) -> None:
         self.names = names
         self.region = region
         self.filter_fn = filter_fn
+        self.out_dir = out_dir
+        self.scan_options = scan_options
 
     def fit(self, model: nn.Module, data: Iterable, layers: Union[str, Sequence[str]], *,
             filter_fn: Optional[FilterFn] = None) -> "InterpretableProperties":
@@ -129,6 +139,11 @@ class InterpretableProperties:
             raise ValueError("InterpretableProperties.fit: layers is empty.")
         for l in layers:
             resolve_module(model, split_call(l)[0])
+        if self.out_dir is not None:
+            if (filter_fn or self.filter_fn) is not None:
+                raise ValueError("InterpretableProperties.fit: filter_fn does not apply to a data-set scan (out_dir=); "
+                                 "pass one of them")
+            return self._fit_dataset(model, data, layers, names, regions)
         dev = model_device(model)
         sums: Dict[str, Dict[str, Dict[str, torch.Tensor]]] = {}
         counts = {l: {r: 0 for r in regions} for l in layers}
@@ -205,6 +220,53 @@ class InterpretableProperties:
         self.n_samples_ = counts
         self.n_empty_ = empty
         self.channels_ = channels
+        return self
+
+    def _fit_dataset(self, model: nn.Module, dataset: Any, layers: List[str], names: List[str],
+                     regions: List[str]) -> "InterpretableProperties":
+        """``T`` through a data-set scan: per region, the properties of each sample (0 where the
+        region is empty) and the indicator of a non-empty region are per-sample measures; ``T``
+        is the ratio of their sums."""
+        from nns_cuda.engine.dataset_scan import DatasetScan
+
+        def measure(region):
+            def f(layer, lr, x, fg):
+                if region == "all":
+                    m, ok = None, torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+                else:
+                    if fg is None:
+                        raise ValueError("InterpretableProperties.fit: region foreground/background needs fg_mask; "
+                                         "the data set must yield (x, y, fg_mask [H, W] bool) items.")
+                    m = fg if region == "foreground" else ~fg
+                    ok = m.flatten(1).any(1)
+                L = lr.filter_images
+                P = properties(L, x, names, m)
+                vals = torch.stack([torch.where(ok[:, None], P[n].double(), 0.0) for n in names], 1)  # [B, n, C]
+                return torch.cat([vals, ok[:, None, None].double().expand(-1, 1, L.shape[1])], 1)
+            return f
+
+        opts = dict(self.scan_options or {})
+        opts.setdefault("progress", True)
+        res = DatasetScan(model, layers, stats=False, filter_images=True,
+                          measures={f"tip_{r}": measure(r) for r in regions}, **opts).run(dataset, self.out_dir,
+                                                                                       resume=True)
+        self.names_, self.regions_ = names, regions
+        if res is None:
+            self.T_ = self.n_samples_ = self.n_empty_ = self.channels_ = None
+            return self
+        n = res.samples
+        self.T_, self.n_samples_, self.n_empty_, self.channels_ = {}, {}, {}, {}
+        for l in layers:
+            self.T_[l], self.n_samples_[l], self.n_empty_[l] = {}, {}, {}
+            for r in regions:
+                tot = res.measure_mean(l, f"tip_{r}") * n  # [n_names + 1, C]
+                cnt = int(round(float(tot[-1, 0])))
+                if cnt == 0:
+                    raise ValueError(f"InterpretableProperties.fit: the {r} region is empty in every sample "
+                                     f"(layer {l!r}); no {r} property can be computed.")
+                self.T_[l][r] = {nm: tot[i] / cnt for i, nm in enumerate(names)}
+                self.n_samples_[l][r], self.n_empty_[l][r] = cnt, n - cnt
+            self.channels_[l] = int(tot.shape[-1])
         return self
 
     def T(self, layer: str, name: str = "mean", region: Optional[str] = None) -> torch.Tensor:
