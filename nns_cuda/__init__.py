@@ -27,6 +27,8 @@ from ._extension import ext_info  # noqa: E402
 from ._version import __version__  # noqa: E402
 from .analysis.masking import mask_filters  # noqa: E402
 from .engine import (  # noqa: E402
+    DatasetScan,
+    DatasetScanResult,
     LayerResult,
     ScanGraph,
     ScanResult,
@@ -36,6 +38,7 @@ from .engine import (  # noqa: E402
     filter_images,
     layer_image,
     learned_images,
+    load_scan,
 )
 
 #: Short public names of modules that live inside a layer. ``from nns_cuda import fq`` and
@@ -102,4 +105,7 @@ __all__ = [
     "build_graph",
     "UnsupportedModuleError",
     "mask_filters",
+    "DatasetScan",
+    "DatasetScanResult",
+    "load_scan",
 ]

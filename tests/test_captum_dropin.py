@@ -181,3 +181,190 @@ def _capture(model, mod, x):
 
 def _capture_shape(model, mod, x):
     return _capture(model, mod, x).shape[1:]
+
+
+# ----------------------------------------------------------------------------- Captum's numbers on torchvision models
+# NeuronLearnedImage returns Captum's NeuronGradient x input for every layer, also where the
+# thesis's learned image is gated (a layer feeding a ReLU, the input of a ReLU); gated=True is
+# the learned image. Random weights, non-trivial BN statistics, selected neurons include inactive
+# ones (pre-activation < 0), whose gated image is zero and whose Captum image is not.
+torchvision = pytest.importorskip("torchvision")
+
+TV_TOL = {torch.float32: 1e-6, torch.float64: 1e-10}
+
+
+def _tv_model(name: str, dtype: torch.dtype) -> nn.Module:
+    torch.manual_seed(0)
+    m = getattr(torchvision.models, name)(num_classes=10)
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.running_mean.uniform_(-0.2, 0.2)
+                mod.running_var.uniform_(0.5, 1.5)
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.uniform_(-0.2, 0.2)
+    return m.to(dtype).eval()
+
+
+_TV = {}
+
+
+def _tv(name: str, dtype: torch.dtype):
+    key = (name, dtype)
+    if key not in _TV:
+        g = torch.Generator().manual_seed(3)
+        _TV[key] = (_tv_model(name, dtype), torch.rand(1, 3, 64, 64, generator=g, dtype=torch.float64).to(dtype))
+    return _TV[key]
+
+
+def _module(model: nn.Module, path: str) -> nn.Module:
+    return dict(model.named_modules())[path]
+
+
+def _seen(model, mod, x, to_input):
+    """A clone of what Captum selects from: the module's (last call's) input or output."""
+    seen = {}
+    if to_input:
+        h = mod.register_forward_pre_hook(lambda m, i: seen.__setitem__("v", i[0].detach().clone()))
+    else:
+        h = mod.register_forward_hook(lambda m, i, o: seen.__setitem__("v", o.detach().clone()))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        h.remove()
+    return seen["v"]
+
+
+def _selectors(v: torch.Tensor):
+    """An int tuple at an inactive (negative, else zero) neuron, one at the most active neuron, a
+    slice tuple and a callable, for a layer value ``v`` [1, ...]."""
+    a = v[0]
+    neg = (a < 0).nonzero()
+    low = neg[0] if len(neg) else (a == a.min()).nonzero()[0]
+    high = (a == a.max()).nonzero()[0]
+    as_sel = (lambda t: tuple(int(i) for i in t) if a.dim() > 1 else (int(t[0]),))
+    if a.dim() == 3:
+        sl = (slice(1, 5), slice(None), slice(None, None, 2))
+        fn = (lambda o: o[:, 0].sum((1, 2)) * 2.0 - o[:, 1, :4, :4].sum((1, 2)))
+    else:
+        sl = (slice(2, 9),)
+        fn = (lambda o: o[:, 3] * 2.0 - o[:, 5])
+    return [as_sel(low), as_sel(high), sl, fn]
+
+
+TV_CASES = [
+    ("vgg11_bn", "features.0", False),    # conv before BN
+    ("vgg11_bn", "features.1", False),    # BN before ReLU: gated in the thesis
+    ("vgg11_bn", "features.2", False),    # ReLU output
+    ("vgg11_bn", "features.2", True),     # ReLU input (BN output)
+    ("vgg11_bn", "features.4", True),     # conv after ReLU + pool
+    ("vgg11_bn", "classifier.0", False),  # Linear before ReLU
+    ("vgg11_bn", "classifier.1", True),   # ReLU input (classifier.0's output)
+    ("vgg11_bn", "classifier.3", True),   # Linear whose input is a ReLU (through Dropout)
+    ("resnet18", "bn1", False),           # BN before ReLU
+    ("resnet18", "relu", True),           # ReLU input
+    ("resnet18", "layer1.0.bn1", False),  # BN before the block's ReLU (called twice)
+    ("resnet18", "layer1.0.relu", False),  # the block's ReLU, last call (as Captum)
+    ("resnet18", "layer1.0.relu", True),   # its input at the last call: bn2 + identity
+    ("resnet18", "layer1.0.conv2", True),  # conv after ReLU
+    ("resnet18", "fc", False),             # logits
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("name,path,to_input", TV_CASES)
+def test_torchvision_equals_captum(name, path, to_input, dtype):
+    model, x = _tv(name, dtype)
+    mod = _module(model, path)
+    v = _seen(model, mod, x, to_input)
+    ng = NeuronGradient(model, mod)
+    ours_cls = NeuronLearnedImage(model, mod)
+    nonzero = 0
+    for sel in _selectors(v):
+        ref = ng.attribute(x, neuron_selector=sel, attribute_to_neuron_input=to_input) * x
+        ours = ours_cls.attribute(x, neuron_selector=sel, attribute_to_neuron_input=to_input)
+        assert ours.dtype == x.dtype and ours.shape == x.shape
+        scale = ref.abs().max().item()  # 0 for an inactive neuron after a ReLU: then ours must be 0 too
+        nonzero += scale > 0
+        err = (ours - ref).abs().max().item()
+        assert err <= TV_TOL[dtype] * scale, f"{path} {sel} to_input={to_input}: max |diff| {err:.3e} (scale {scale:.3e})"
+    assert nonzero >= 3, "most selections must have non-zero images, or nothing was compared"
+
+
+@pytest.mark.parametrize("name,path,to_input,act_path", [
+    ("vgg11_bn", "features.1", False, "features.2"),
+    ("vgg11_bn", "classifier.0", False, "classifier.1"),
+    ("vgg11_bn", "features.2", True, "features.2"),
+    ("resnet18", "bn1", False, "relu"),
+])
+def test_gated_is_captum_times_the_relu_gate(name, path, to_input, act_path):
+    """gated=True: the thesis's learned image = Captum's image times the gate S(z_n) of the ReLU
+    the neuron feeds (zero for an inactive neuron, Captum's image for an active one)."""
+    model, x = _tv(name, torch.float64)
+    mod = _module(model, path)
+    z = _seen(model, _module(model, act_path), x, True)  # the ReLU's input: z_n
+    v = _seen(model, mod, x, to_input)
+    assert torch.equal(v, z)
+    ng = NeuronGradient(model, mod)
+    gated = NeuronLearnedImage(model, mod, gated=True)
+    low, high = _selectors(v)[:2]
+    for sel in (low, high):
+        ref = ng.attribute(x, neuron_selector=sel, attribute_to_neuron_input=to_input) * x
+        gate = float(z[(0,) + sel] > 0)
+        ours = gated.attribute(x, neuron_selector=sel, attribute_to_neuron_input=to_input)
+        assert ref.abs().max() > 0
+        assert (ours - gate * ref).abs().max() <= 1e-10 * ref.abs().max(), (path, sel, gate)
+    assert float(z[(0,) + low] > 0) == 0.0 and float(z[(0,) + high] > 0) == 1.0  # both cases were compared
+
+
+def test_gated_option_errors(net, x):
+    with pytest.raises(ValueError, match="gated=True"):
+        NeuronLearnedImage(net, net.relu1, gate_outputs=True)
+    with pytest.raises(ValueError, match="callable selector"):
+        NeuronLearnedImage(net, net.relu1, gated=True).attribute(x, neuron_selector=lambda o: o[:, 0, 0, 0])
+    with pytest.raises(ValueError, match="nn.Module"):
+        NeuronLearnedImage(lambda t: net(t), net.relu1, gated=True).attribute(x, neuron_selector=(0, 0, 0))
+    with pytest.raises(ValueError, match="max_memory"):
+        NeuronLearnedImage(net, net.relu1, max_memory=-5)
+
+
+# ----------------------------------------------------------------------------- threads, no-gradient paths
+@pytest.mark.parametrize("sel", [
+    lambda o: o[:, 2, 1, 0] * 2.0 - o[:, 0, 0, 1],
+    (0, 1, 0),
+    (slice(None), 1, slice(0, 2)),
+], ids=["callable", "int_tuple", "slice_tuple"])
+def test_threads_give_the_sequential_result(net, x, sel):
+    """8 threads x 20 calls on the same module: each call captures its own layer output."""
+    import threading
+
+    nli = NeuronLearnedImage(net, net.relu2)
+    want = nli.attribute(x, neuron_selector=sel)
+    assert want.abs().max() > 0
+    results, errors = [], []
+
+    def work():
+        try:
+            for _ in range(20):
+                results.append(nli.attribute(x, neuron_selector=sel))
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+    assert len(results) == 160
+    bad = sum(not torch.allclose(r, want, rtol=0, atol=1e-12 * want.abs().max().item()) for r in results)
+    assert bad == 0, f"{bad} of 160 threaded results differ from the sequential one"
+
+
+def test_no_gradient_path_raises_instead_of_zeros(net, x):
+    """A selected value that does not depend on the input has no gradient: an error, not zeros."""
+    with pytest.raises(ValueError, match="no gradient path"):
+        NeuronLearnedImage(net, net.relu2).attribute(x, neuron_selector=lambda o: o[:, 0, 0, 0].detach() * net.fc2.bias[0])
+    with pytest.raises(ValueError, match="no gradient path"):
+        NeuronLearnedImage(net, net.relu2).attribute(x, neuron_selector=lambda o: o[:, 0, 0, 0].detach())

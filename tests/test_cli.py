@@ -229,3 +229,171 @@ def test_bench_without_a_checkout_says_so(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(bench, "__file__", str(tmp_path / "site" / "nns_cuda" / "app" / "commands" / "bench.py"))
     rc, _, err = _run(["bench", "--quick"], capsys)
     assert rc == 2 and err.startswith("nns bench: error: nns bench needs a source checkout"), err
+
+
+# ----------------------------------------------------------------------------- consistency of the commands
+def _subparsers():
+    import argparse
+
+    p = cli.build_parser()
+    sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices
+
+
+def test_every_option_has_help_and_out_is_a_folder():
+    import argparse
+    import re
+
+    for name, sp in _subparsers().items():
+        for a in sp._actions:
+            assert a.help and a.help != argparse.SUPPRESS, (name, a.option_strings)
+            words = set(re.findall(r"[a-z0-9]+", a.help.lower()))
+            assert words - set(re.findall(r"[a-z0-9]+", " ".join(a.option_strings + [a.dest]).lower())), \
+                f"nns {name} {a.option_strings}: the help only repeats the name: {a.help!r}"
+            if "--out" in a.option_strings:
+                assert "folder" in a.help and not str(a.default).endswith(".json"), (name, a.help, a.default)
+            if "--max-samples" in a.option_strings:  # one name for the sample count: --samples
+                assert a.dest == "samples" and "deprecated" in a.help and "--samples" in a.help, name
+
+
+@pytest.mark.parametrize("cmd", ["fq", "gmm"])
+def test_max_samples_is_a_deprecated_alias_of_samples(cmd, capsys):
+    sp = _subparsers()[cmd]
+    a = sp.parse_args(["--max-samples", "12"])
+    assert a.samples == 12 and not hasattr(a, "max_samples")
+    err = capsys.readouterr().err
+    assert f"nns {cmd}: --max-samples is deprecated; use --samples" in err
+    assert sp.parse_args(["--samples", "7"]).samples == 7 and capsys.readouterr().err == ""
+
+
+def test_scan_without_weights_says_the_weights_are_random(tmp_path, capsys):
+    args = ["scan", "--model", "simple_cnn", "--samples", "2", "--images", "0", "--layers", "features.relu1",
+            "--no-progress", "--out", str(tmp_path / "a")]
+    rc, _, err = _run(args, capsys)
+    assert rc == 0, err
+    assert "nns scan: no --weights given: simple_cnn has random weights" in err
+    weights = tmp_path / "w.pt"
+    from nns_cuda import models
+
+    torch.save(models.build("simple_cnn", 10, seed=0).state_dict(), weights)
+    rc, _, err = _run(args[:-1] + [str(tmp_path / "b"), "--weights", str(weights)], capsys)
+    assert rc == 0 and "random" not in err, err
+
+
+def test_scan_folder_reports_skipped_files_and_resized_images(tmp_path, capsys):
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, (h, w) in enumerate([(8, 8), (8, 8), (14, 12)]):
+        Image.fromarray((torch.rand(h, w) * 255).to(torch.uint8).numpy(), mode="L").save(folder / f"im{i}.png")
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "labels.csv").write_text("a,b")
+    model_file = tmp_path / "tiny.pt"
+    torch.save(_Tiny().eval(), model_file)
+    out = tmp_path / "out"
+    rc, _, err = _run(["scan", "--model", str(model_file), "--data", str(folder), "--in-channels", "1",
+                       "--layers", "relu", "--images", "0", "--out", str(out), "--no-progress"], capsys)
+    assert rc == 0, err
+    assert "skipped 2 file(s) that are not images: labels.csv, notes.txt" in err, err
+    assert "resized 1 of 3 image(s) to 8x8: im2.png (14x12)" in err, err
+    meta = json.loads((out / "scan.json").read_text())
+    assert "1 resized" in meta["data"] and "2 non-image file(s) skipped" in meta["data"]
+
+
+def _one_line_error(err: str, start: str) -> None:
+    lines = [l for l in err.splitlines() if l.strip() and "%|" not in l and "batch/s" not in l
+             and "not given, using" not in l and "random weights" not in l]
+    assert len(lines) == 1 and lines[0].startswith(start), err
+    assert len(lines[0]) < 250 and "weights_only" not in lines[0] and "miniz" not in lines[0], lines[0]
+
+
+def test_damaged_files_give_one_line_of_ours(tmp_path, capsys):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a torch file")
+    trunc = tmp_path / "trunc.pt"
+    torch.save({"w": torch.zeros(3)}, trunc)
+    trunc.write_bytes(trunc.read_bytes()[:100])
+    objects = tmp_path / "objects.pt"
+    torch.save({"m": _Tiny()}, objects)
+    for f in (bad, trunc, objects):
+        rc, _, err = _run(["scan", "--model", "simple_cnn", "--weights", str(f), "--out", str(tmp_path / "o")], capsys)
+        assert rc == 2
+        _one_line_error(err, f"nns scan: error: cannot read weights file {f}")
+        rc, _, err = _run(["gmm", "--images", str(f), "--out", str(tmp_path / "o")], capsys)
+        assert rc == 2
+        _one_line_error(err, f"nns gmm: error: --images {f}: cannot read it")
+        rc, _, err = _run(["tip", "--model", "simple_cnn", "--checkpoints", str(f), "--samples", "4", "--no-aipc",
+                           "--no-progress", "--out", str(tmp_path / "o")], capsys)
+        assert rc == 2
+        _one_line_error(err, f"nns tip: error: --checkpoints {f}: cannot read it")
+
+
+def test_scan_prints_the_time_the_user_waited(tmp_path, capsys, monkeypatch):
+    """The time printed covers the whole command (figures included) and names its parts."""
+    import re
+    import time
+
+    from nns_cuda.app.commands import scan
+
+    def slow_figures(*a, **k):
+        time.sleep(1.0)
+        return []
+
+    monkeypatch.setattr(scan, "_scan_figures", slow_figures)
+    t0 = time.perf_counter()
+    rc, out, err = _run(["scan", "--model", "simple_cnn", "--samples", "2", "--layers", "features.relu1",
+                         "--no-progress", "--out", str(tmp_path)], capsys)
+    wall = time.perf_counter() - t0
+    assert rc == 0, err
+    m = re.search(r"in ([0-9.]+) s \(start-up and loading ([0-9.]+) s, scan ([0-9.]+) s, tables and figures ([0-9.]+) s\)",
+                  out)
+    assert m, out
+    total, parts = float(m.group(1)), [float(v) for v in m.groups()[1:]]
+    assert wall - 0.3 <= total <= wall + 0.1, (total, wall)
+    assert parts[2] >= 0.95 and abs(sum(parts) - total) <= 0.3, (parts, total)
+    secs = json.loads((tmp_path / "scan.json").read_text())["seconds"]
+    assert set(secs) == {"start-up and loading", "scan", "tables and figures", "total"}
+
+
+def _train_args(tmp_path, *extra):
+    return ["train", "--n-train", "20", "--epochs", "1", "--model", "lenet5", "--optimizer", "adam", "--lr", "1e-3",
+            "--batch-size", "10", "--checkpoint-dir", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache"),
+            "--no-progress", "--num-threads", "1", *extra]
+
+
+def test_train_messages_speak_the_command_line(tmp_path, capsys):
+    rc, _, err = _run(_train_args(tmp_path), capsys)
+    assert rc == 0, err
+    rc, _, err = _run(_train_args(tmp_path), capsys)          # the folder holds checkpoints now
+    assert rc == 2 and err.startswith("nns train: error:") and err.strip().count("\n") == 0, err
+    assert "--resume" in err and "--overwrite" in err and "--checkpoint-dir" in err, err
+    assert "=True" not in err and "checkpoint_dir" not in err, err
+    rc, _, err = _run(_train_args(tmp_path, "--resume", "--epochs", "2", "--batch-size", "5"), capsys)
+    assert rc == 2 and "--batch-size was 10, now 5" in err and "--overwrite" in err and "=True" not in err, err
+
+
+def test_interrupted_training_says_to_rerun_with_resume(tmp_path, capsys, monkeypatch):
+    from nns_cuda.app.commands import train as train_cmd
+
+    real = train_cmd._datasets
+
+    class Interrupted:
+        """The training set, interrupted (Ctrl-C) when the training loop reads it."""
+
+        def __init__(self, ds):
+            self.ds = ds
+
+        def __len__(self):
+            return len(self.ds)
+
+        def __getitem__(self, i):
+            if i == 0:  # the first sample gives the model's input shape
+                return self.ds[0]
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_cmd, "_datasets", lambda args: (Interrupted(real(args)[0]),) + real(args)[1:])
+    rc, _, err = _run(_train_args(tmp_path), capsys)
+    assert rc == 130
+    assert "nns train: interrupted; rerun the same command with --resume" in err, err
+    assert str(tmp_path / "run") in err

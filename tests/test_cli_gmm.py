@@ -49,3 +49,32 @@ def test_gmm_command_on_a_model_and_data(tmp_path):
     assert d["layer"] == "relu2" and d["n_filters"] == 6 and d["n_samples"] == 48
     args = gmm_cmd.add_arguments(argparse.ArgumentParser()).parse_args(["--out", str(tmp_path)])
     assert gmm_cmd.run(args, model=model, data=batches) == 2  # no --layer: an error message
+
+
+def test_progress_bar_and_no_progress(tmp_path, capsys):
+    """``nns gmm`` on a model shows a progress bar over the batches; ``--no-progress`` none;
+    ``GMMAnalysis(progress=False)`` none."""
+    from nns_cuda.analysis import gmm
+
+    model = tiny_cnn(seed=7)
+    batches, _, _ = image_data(n=48, bs=16, seed=3)
+    p = gmm_cmd.add_arguments(argparse.ArgumentParser())
+    for extra, shown in (([], True), (["--no-progress"], False)):
+        capsys.readouterr()
+        assert gmm_cmd.run(p.parse_args(["--layer", "relu2", "--out", str(tmp_path), "--k-max", "3", *extra]),
+                           model=model, data=batches) == 0
+        assert ("GMM filter images" in capsys.readouterr().err) == shown, extra
+    for progress in (True, False):
+        gmm.GMMAnalysis(k_max=3, progress=progress).fit(model, batches, "relu2")
+        assert ("GMM filter images" in capsys.readouterr().err) == progress
+
+
+def test_samples_counts_the_clustered_samples(tmp_path, capsys):
+    """``--samples`` (and its deprecated alias ``--max-samples``) cuts the caller's data."""
+    model = tiny_cnn(seed=7)
+    batches, _, _ = image_data(n=48, bs=16, seed=3)
+    p = gmm_cmd.add_arguments(argparse.ArgumentParser())
+    for opt in ("--samples", "--max-samples"):
+        args = p.parse_args(["--layer", "relu2", "--out", str(tmp_path), "--k-max", "3", opt, "20", "--no-progress"])
+        assert gmm_cmd.run(args, model=model, data=batches) == 0
+        assert json.loads((tmp_path / "gmm.json").read_text())["n_samples"] == 20

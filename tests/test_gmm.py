@@ -22,6 +22,7 @@ from nns_cuda.analysis import _gmm_em
 from nns_cuda.analysis.thesis import chapter6
 
 from conftest import cpu_and_cuda
+from nns_cuda.engine.oracle import autograd_filter_images
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -93,26 +94,6 @@ def tiny_cnn(seed=0, **kw) -> TinyCNN:
             m.bn.weight.uniform_(0.5, 1.5)
             m.bn.bias.uniform_(-0.1, 0.1)
     return m
-
-
-def autograd_filter_images(model: nn.Module, x: torch.Tensor, layer: str) -> torch.Tensor:
-    """Filter learned images of a ReLU layer's output by plain autograd (not the engine):
-    ``L^k = x ⊙ ∂(Σ a^k.detach() · a^k)/∂x``  ->  ``[B, C, *x.shape[1:]]``."""
-    mod = dict(model.named_modules())[layer]
-    store = {}
-    h = mod.register_forward_hook(lambda m, i, o: store.__setitem__("a", o))
-    try:
-        xr = x.detach().clone().requires_grad_(True)
-        model(xr)
-        a = store["a"]
-        imgs = []
-        for k in range(a.shape[1]):
-            ak = a[:, k]
-            (g,) = torch.autograd.grad((ak.detach() * ak).sum(), xr, retain_graph=True)
-            imgs.append(xr.detach() * g)
-    finally:
-        h.remove()
-    return torch.stack(imgs, 1)
 
 
 def image_data(n=60, bs=20, seed=0, hw=8):

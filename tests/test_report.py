@@ -177,11 +177,12 @@ def test_quick_demo_writes_a_complete_folder(quick_demo):
     for stage in ("data", "model", "scan", "chapter3", "fq", "tip", "gmm", "report", "total"):
         assert stage in m["timings"], stage
         assert m["timings"][stage] >= 0
-    # seven findings, each judged yes / no / not computed, a reason whenever not computed
+    # seven findings, each judged reproduced / not reproduced / opposite / not computed, a reason
+    # whenever not computed
     f = m["findings"]
     assert [x["id"] for x in f] == [x["id"] for x in thesis.FINDINGS]
     for x in f:
-        assert x["reproduced"] in ("yes", "no", "not computed")
+        assert x["reproduced"] in thesis.VERDICTS
         if x["reproduced"] == "not computed":
             assert x["reason"], x
         else:
@@ -219,26 +220,26 @@ def _synthetic(**over):
                                        "strength_ratio_active": 0.02, "active_fraction": 0.5},
                                  "b": {"count_ratio": 0.3, "strength_ratio": 0.02, "count_ratio_active": 0.4,
                                        "strength_ratio_active": 0.03, "active_fraction": 0.6}}},
-        "fq": {"table_3_3": {"layers": ["p1", "p2", "p3"], "ours_C_l": [0.5, 0.7, 0.9]},        # rises -> "no"
-               "fig_4_3": {"pearson_r": {"a": -0.2, "b": -0.1, "c": 0.3}},                     # 1/3 > 0 -> "no"
+        "fq": {"table_3_3": {"layers": ["p1", "p2", "p3"], "ours_C_l": [0.5, 0.7, 0.9]},        # rises -> opposite
+               "fig_4_3": {"pearson_r": {"a": -0.2, "b": -0.1, "c": 0.3}},                     # 1/3 > 0 -> opposite
                "fig_4_4": {"layers": ["a", "b"], "fq_mean": [1.0, 2.0], "fq_var": [0.5, 3.0]},
-               "table_4_3": {"pct_change_top": 12.0, "pct_change_bottom": 1.0, "degenerate": False,  # -> "yes"
+               "table_4_3": {"pct_change_top": 12.0, "pct_change_bottom": 1.0, "degenerate": False,  # -> reproduced
                              "n_mask": 2, "n_filters": 8}},
         "tip": {"layer": "b", "aipc": {"mean": {"ratios": [0, 0.5, 1], "drop": [0, 10, 40], "area_top10": 1.0,
                                                 "area": 2.0, "base_accuracy": 90}},
                 "findings": {"layer": "b", "measured": {
-                    "spearman_AVoU_T_m": 0.5,                                                      # < 0.8 -> "no"
+                    "spearman_AVoU_T_m": 0.5,                                        # < 0.8 -> not reproduced
                     "spearman": {"AVoU": {"mean": 0.5, "variance": 0.1}, "SoU": {"mean": 0.2, "variance": None}},
                     "accuracy_drop_masking_HH_vs_LL": [{"checkpoint": "e1", "H-H": 5.0, "L-L": 1.0},
-                                                       {"checkpoint": "e2", "H-H": 7.0, "L-L": 0.0}]},  # -> "yes"
+                                                       {"checkpoint": "e2", "H-H": 7.0, "L-L": 0.0}]},  # reproduced
                     "details": {"types": {"checkpoints": ["e1", "e2"], "per": 30,
                                           "share": [{"H-H": 0.3, "L-L": 0.2}, {"H-H": 0.25, "L-L": 0.3}],
                                           "accuracy_drop": [{"H-H": 5.0, "L-L": 1.0}, {"H-H": 7.0, "L-L": 0.0}],
                                           "base_accuracy": [80, 85]}}}},
         "gmm": {"layer": "b", "n_samples": 20, "well_trained_epoch": 2, "overfitted_epoch": 3,
-                "findings": {"table_6_2": {"WT": 1, "OF": 4, "n_filters": 8},                     # -> "yes"
+                "findings": {"table_6_2": {"WT": 1, "OF": 4, "n_filters": 8},                # -> reproduced
                              "table_6_5": {"anomaly_mean_val_change": -2.0, "random_mean_val_change": -1.0,
-                                           "R": 5}},                                               # -> "no"
+                                           "R": 5}},                                               # -> opposite
                 "scatter": {"layer": "b", "anomaly": {"filter": 1, "points": torch.randn(20, 2, generator=g),
                                                       "labels": torch.arange(20) % 3, "outliers": [0, 3], "k": 3,
                                                       "ch": 10.0},
@@ -253,25 +254,27 @@ def _synthetic(**over):
 
 def test_findings_are_judged_from_the_numbers():
     f = {x["id"]: x for x in thesis.judge_findings(_synthetic())}
-    assert f["fm_li_depth"]["reproduced"] == "no"          # C^l rises with depth here
-    assert f["fq_pearson"]["reproduced"] == "no"           # only 1 of 3 layers positive
-    assert f["diversity_masking"]["reproduced"] == "yes"   # +12 % vs +1 %
-    assert f["avou_tm_spearman"]["reproduced"] == "no"     # 0.5 < 0.8
-    assert f["hh_vs_ll"]["reproduced"] == "yes"
-    assert f["anomaly_overfit"]["reproduced"] == "yes"     # 1 -> 4
-    assert f["anomaly_masking"]["reproduced"] == "no"      # −2 % is worse than −1 %
+    assert f["fm_li_depth"]["reproduced"] == "opposite"           # C^l rises with depth here
+    assert f["fq_pearson"]["reproduced"] == "opposite"            # only 1 of 3 layers positive
+    assert f["diversity_masking"]["reproduced"] == "reproduced"   # +12 % vs +1 %: rises, more
+    assert f["avou_tm_spearman"]["reproduced"] == "not reproduced"  # 0 < 0.5 < 0.8
+    assert f["hh_vs_ll"]["reproduced"] == "reproduced"
+    assert f["anomaly_overfit"]["reproduced"] == "reproduced"     # 1 -> 4
+    assert f["anomaly_masking"]["reproduced"] == "opposite"       # −2 % is worse than −1 %
     # flip every number: every judgement flips
     r = _synthetic()
     r["fq"]["table_3_3"]["ours_C_l"] = [0.9, 0.7, 0.5]
     r["fq"]["fig_4_3"]["pearson_r"] = {"a": 0.2, "b": 0.1, "c": -0.3}
     r["fq"]["table_4_3"].update(pct_change_top=1.0, pct_change_bottom=12.0)
     r["tip"]["findings"]["measured"]["spearman_AVoU_T_m"] = 0.95
-    r["tip"]["findings"]["measured"]["accuracy_drop_masking_HH_vs_LL"][1]["L-L"] = 9.0
+    for row in r["tip"]["findings"]["measured"]["accuracy_drop_masking_HH_vs_LL"]:
+        row["L-L"] = 9.0
     r["gmm"]["findings"]["table_6_2"].update(WT=4, OF=1)
     r["gmm"]["findings"]["table_6_5"].update(anomaly_mean_val_change=0.5)
     g = {x["id"]: x["reproduced"] for x in thesis.judge_findings(r)}
-    assert g == {"fm_li_depth": "yes", "fq_pearson": "yes", "diversity_masking": "no", "avou_tm_spearman": "yes",
-                 "hh_vs_ll": "no", "anomaly_overfit": "no", "anomaly_masking": "yes"}
+    assert g == {"fm_li_depth": "reproduced", "fq_pearson": "reproduced", "diversity_masking": "opposite",
+                 "avou_tm_spearman": "reproduced", "hh_vs_ll": "opposite", "anomaly_overfit": "opposite",
+                 "anomaly_masking": "reproduced"}
 
 
 def test_missing_sections_say_not_computed_with_the_reason(tmp_path):
@@ -313,3 +316,48 @@ def test_synthetic_report_metrics_are_json_without_arrays(tmp_path):
         "array_shape": [R.MAX_JSON_ARRAY + 1], "note": "omitted (large array; see the report's figures)"}
     R.write_metrics({"big": torch.zeros(3, R.MAX_JSON_ARRAY)}, tmp_path)
     assert json.loads((tmp_path / "metrics.json").read_text())["big"]["array_shape"] == [3, R.MAX_JSON_ARRAY]
+
+
+# ----------------------------------------------------------------------------- figures and typesetting
+def _vlines(ax):
+    """``{legend label: (x, colour, line style)}`` of the vertical marker lines of ``ax``."""
+    out = {}
+    for ln in ax.get_lines():
+        xs = set(np.asarray(ln.get_xdata(), dtype=float).tolist())
+        if len(xs) == 1 and not ln.get_label().startswith("_") and ln.get_label() != "anomaly filters":
+            out[ln.get_label()] = (xs.pop(), ln.get_color(), ln.get_linestyle())
+    return out
+
+
+def test_anomaly_count_figure_markers_ticks_and_axis():
+    from nns_cuda.app._report_sections import anomaly_counts_figure
+
+    zero = [{"epoch": e, "n_anomalous": 0} for e in (1, 2, 4)]
+    # the well-trained and over-fitted epochs coincide: one marker that names both
+    ax = anomaly_counts_figure(zero, 4, 4, "relu3").axes[0]
+    assert set(_vlines(ax)) == {"well-trained = over-fitted (epoch 4)"}
+    assert [t.get_text() for t in ax.get_legend().get_texts()][1] == "well-trained = over-fitted (epoch 4)"
+    # all counts zero: the axis starts at 0 and reaches 1 (not -0.04 … 0.04); integer ticks on both axes
+    lo, hi = ax.get_ylim()
+    assert lo <= 0 and hi >= 1 and lo > -0.5
+    ax.figure.canvas.draw()
+    for ticks, (a, b) in ((ax.get_yticks(), ax.get_ylim()), (ax.get_xticks(), ax.get_xlim())):
+        shown = [t for t in ticks if a <= t <= b]
+        assert shown and all(float(t).is_integer() for t in shown), ticks
+    assert {0.0, 1.0} <= set(t for t in ax.get_yticks() if lo <= t <= hi)
+    # distinct epochs: two markers, told apart by colour and line style
+    rows = [{"epoch": e, "n_anomalous": n} for e, n in ((1, 0), (2, 3), (3, 5))]
+    v = _vlines(anomaly_counts_figure(rows, 2, 3).axes[0])
+    assert set(v) == {"well-trained (epoch 2)", "over-fitted (epoch 3)"}
+    (x1, c1, s1), (x2, c2, s2) = v["well-trained (epoch 2)"], v["over-fitted (epoch 3)"]
+    assert (x1, x2) == (2, 3) and c1 != c2 and s1 != s2
+
+
+def test_superscripts_are_typeset_not_careted(tmp_path):
+    from nns_cuda.app._report_sections import rich
+
+    assert rich("C^l falls; T^k <b>") == "C<sup>l</sup> falls; T<sup>k</sup> &lt;b&gt;"
+    R.write_report(_synthetic(), tmp_path)
+    html = (tmp_path / "report.html").read_text()
+    body = html.split("<body", 1)[1]
+    assert "C<sup>l</sup>" in body and "C^l" not in body

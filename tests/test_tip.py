@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from nns_cuda.analysis import tip
 from nns_cuda.analysis.thesis import chapter5
 from nns_cuda.analysis.masking import mask_filters
+from nns_cuda.engine.oracle import autograd_filter_images
 
 BUILTINS = ["mean", "variance", "covariance", "correlation"]
 
@@ -29,24 +30,6 @@ BUILTINS = ["mean", "variance", "covariance", "correlation"]
 # --------------------------------------------------------------------------------------------
 # independent oracles
 # --------------------------------------------------------------------------------------------
-def autograd_filter_images(model: nn.Module, x: torch.Tensor, layer: str) -> torch.Tensor:
-    """L^k = x ⊙ ∂(Σ a^k.detach() · a^k)/∂x with plain autograd (docs/spec.md §1 identity 1), [B, C, D, H, W]."""
-    x = x.detach().clone().requires_grad_(True)
-    module = dict(model.named_modules())[layer]
-    acts = []
-    h = module.register_forward_hook(lambda m, i, o: acts.append(o))
-    try:
-        model(x)
-    finally:
-        h.remove()
-    a = acts[0]
-    imgs = []
-    for k in range(a.shape[1]):
-        (g,) = torch.autograd.grad((a[:, k].detach() * a[:, k]).sum(), x, retain_graph=True)
-        imgs.append(x.detach() * g)
-    return torch.stack(imgs, 1)
-
-
 def np_properties(L, x, mask=None):
     """numpy, per sample and filter, on the selected entries (mask broadcast over D)."""
     L, x = np.asarray(L, dtype=np.float64), np.asarray(x, dtype=np.float64)

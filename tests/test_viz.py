@@ -99,3 +99,26 @@ def test_no_pyplot_state():
         import matplotlib.pyplot as plt
 
         assert plt.get_fignums() == []
+
+
+def test_heat_maps_have_a_colour_scale():
+    """``colorbar=True`` puts a colour scale beside every heat map (not beside the inputs), with
+    ticks at the limits and at zero, so each panel's values can be read off."""
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.rand(3, 8, 8, generator=g) for _ in range(2)]
+    rows = [{"a": torch.randn(3, 8, 8, generator=g), "b": 5 * torch.randn(3, 8, 8, generator=g)} for _ in range(2)]
+    fig = viz.layer_grid(xs, rows, colorbar=True)
+    bars = [a for a in fig.axes if a.get_label() == "<colorbar>"]
+    assert len(fig.axes) == 2 * 3 + len(bars) and len(bars) == 2 * 2
+    im = fig.axes[1].images[0]
+    vmin, vmax = im.get_clim()
+    ticks = sorted(bars[0].get_yticks())
+    np.testing.assert_allclose(ticks, [vmin, 0.0, vmax])
+    assert [t.get_text() for t in bars[0].get_yticklabels()][1] == "0"
+    L = torch.randn(5, 3, 8, 8, generator=g)
+    for fig in (viz.filter_rows(xs[0], {"a": (L[:2], ["k=0", "k=1"])}, colorbar=True),
+                viz.filter_grid(xs[0], L, indices=[0, 3], colorbar=True),
+                viz.learned_image_figure(xs[0], {"conv1": L[0]}, colorbar=True)):
+        n_maps = sum(1 for a in fig.axes if a.images and a.images[0].get_cmap().name == viz.DEFAULT_CMAP)
+        assert sum(a.get_label() == "<colorbar>" for a in fig.axes) == n_maps > 0
+    assert not any(a.get_label() == "<colorbar>" for a in viz.layer_grid(xs, rows).axes)

@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as TF
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from nns_cuda.analysis._toolkit import (
     FilterFn,
@@ -124,8 +125,9 @@ class _MapMeasure(ResultEstimator):
         check_eval(model, where)
         acc = {l: _FilterAcc() for l in layers}
         n = 0
-        for b in iter_batches(data, where, batch_size=self.batch_size, device=model_device(model),
-                              max_samples=self.max_samples):
+        batches = iter_batches(data, where, batch_size=self.batch_size, device=model_device(model),
+                               max_samples=self.max_samples)
+        for b in tqdm(batches, desc=where.split(".")[0], unit="batch", leave=False, disable=not self.progress):
             with torch.no_grad():
                 _, acts = layer_outputs(model, b.x, layers)
             for l in layers:
@@ -169,15 +171,16 @@ class FeatureMapCorrelation(_MapMeasure):
 
     Parameters
     ----------
-    batch_size, filter_fn, max_samples
+    batch_size, filter_fn, max_samples, progress
         See :mod:`nns_cuda.analysis.chapter3`.
     """
 
     _LAYER, _RESULT = CorrelationLayer, CorrelationResult
 
     def __init__(self, *, batch_size: int = 64, filter_fn: Optional[FilterFn] = None,
-                 max_samples: Optional[int] = None) -> None:
+                 max_samples: Optional[int] = None, progress: bool = True) -> None:
         self.batch_size, self.filter_fn, self.max_samples = batch_size, filter_fn, max_samples
+        self.progress = progress
 
     def fit(self, model: nn.Module, data: Any, layers: Sequence[str] | str) -> "FeatureMapCorrelation":
         """Compute ``C^l`` per layer over ``data``.
@@ -244,7 +247,7 @@ class Top2IoU(_MapMeasure):
 
     Parameters
     ----------
-    batch_size, li_fn, max_samples
+    batch_size, li_fn, max_samples, progress
         See :mod:`nns_cuda.analysis.chapter3`.
     max_neurons_per_call : int
         The neurons differ per sample, so one learned-image call covers a group of consecutive
@@ -256,9 +259,9 @@ class Top2IoU(_MapMeasure):
     _LAYER, _RESULT = Top2Layer, Top2Result
 
     def __init__(self, *, batch_size: int = 64, li_fn: Optional[LiFn] = None, max_samples: Optional[int] = None,
-                 max_neurons_per_call: int = 64) -> None:
+                 max_neurons_per_call: int = 64, progress: bool = True) -> None:
         self.batch_size, self.li_fn, self.max_samples = batch_size, li_fn, max_samples
-        self.max_neurons_per_call = max_neurons_per_call
+        self.max_neurons_per_call, self.progress = max_neurons_per_call, progress
 
     def fit(self, model: nn.Module, data: Any, layers: Sequence[str] | str) -> "Top2IoU":
         """Compute ``IoU^l`` per layer over ``data``.

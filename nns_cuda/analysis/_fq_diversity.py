@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as TF
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from nns_cuda.analysis._fq_score import FQLayerResult, FQResult
 from nns_cuda.analysis._toolkit import (
@@ -101,7 +102,7 @@ def _default_loss(logits: Tensor, y: Tensor) -> Tensor:
 @torch.no_grad()
 def mean_loss(model: nn.Module, data: Any, *, loss_fn: Optional[LossFn] = None,
               masks: Optional[Mapping[str, Sequence[int]]] = None, batch_size: int = 64,
-              max_samples: Optional[int] = None) -> float:
+              max_samples: Optional[int] = None, progress: bool = True) -> float:
     """Mean per-sample loss of ``model`` on ``data``, optionally with filters masked (docs/spec.md §6).
 
     Parameters
@@ -119,6 +120,8 @@ def mean_loss(model: nn.Module, data: Any, *, loss_fn: Optional[LossFn] = None,
         Used only when ``data`` is a map-style ``Dataset``.
     max_samples : int, optional
         Stop after this many samples.
+    progress : bool
+        A progress bar on stderr over the batches.
 
     Returns
     -------
@@ -132,8 +135,9 @@ def mean_loss(model: nn.Module, data: Any, *, loss_fn: Optional[LossFn] = None,
     total, n = 0.0, 0
     ctx = mask_filters(model, masks) if masks else contextlib.nullcontext(model)
     with ctx:
-        for b in iter_batches(data, where, batch_size=batch_size, device=dev, need_labels=True, max_samples=max_samples,
-                              input_dims=(2, 3, 4, 5)):
+        batches = iter_batches(data, where, batch_size=batch_size, device=dev, need_labels=True,
+                               max_samples=max_samples, input_dims=(2, 3, 4, 5))
+        for b in tqdm(batches, desc="loss", unit="batch", leave=False, disable=not progress):
             losses = loss_fn(model(b.x), b.y)
             if losses.dim() == 0:
                 raise ValueError(f"{where}: loss_fn must return per-sample losses [B] (reduction='none').")
@@ -227,13 +231,15 @@ class FilterDiversity(ResultEstimator):
         Used only when ``eval_data`` is a map-style ``Dataset``.
     max_samples : int, optional
         Samples of ``eval_data`` used for each loss.
+    progress : bool
+        A progress bar on stderr over the batches of each of the three losses (default True).
     """
 
     def __init__(self, eps: float = 0.3, min_samples: int = 6, n_mask: int = 20, *,
                  loss_fn: Optional[LossFn] = None, batch_size: int = 64,
-                 max_samples: Optional[int] = None) -> None:
+                 max_samples: Optional[int] = None, progress: bool = True) -> None:
         self.eps, self.min_samples, self.n_mask, self.loss_fn = eps, min_samples, n_mask, loss_fn
-        self.batch_size, self.max_samples = batch_size, max_samples
+        self.batch_size, self.max_samples, self.progress = batch_size, max_samples, progress
 
     def fit(self, model: nn.Module, fq: FQResult | FQLayerResult | Tensor, layer: str, eval_data: Any) -> "FilterDiversity":
         """Cluster each filter's FQ values, mask the top / bottom ``n_mask`` filters of ``layer``, measure the loss.
@@ -273,7 +279,7 @@ class FilterDiversity(ResultEstimator):
         if 2 * len(top) > fq.shape[0]:
             warnings.warn(f"{where}: {layer!r} has {fq.shape[0]} filters, fewer than 2 x n_mask = {2 * self.n_mask}: "
                           "the most and least diverse sets overlap.", FQWarning, stacklevel=2)
-        kw = dict(loss_fn=self.loss_fn, batch_size=self.batch_size, max_samples=self.max_samples)
+        kw = dict(loss_fn=self.loss_fn, batch_size=self.batch_size, max_samples=self.max_samples, progress=self.progress)
         base = mean_loss(model, eval_data, **kw)
         lt = mean_loss(model, eval_data, masks={layer: top}, **kw)
         lb = mean_loss(model, eval_data, masks={layer: bottom}, **kw)

@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from nns_cuda.analysis._fq_score import C1_DEFAULT, C2_DEFAULT, C3_DEFAULT, K_DEFAULT, check_params, f_from_stats
 from nns_cuda.analysis._toolkit import (
@@ -201,14 +202,17 @@ class LocalisationIoU(ResultEstimator):
         As :class:`nns_cuda.analysis.fq.FeatureQuantity`.
     li_fn : callable, optional
         ``li_fn(model, x, layer, neurons) -> [B, n, D, H, W]`` (default: the engine's ``learned_images``).
+    progress : bool
+        A progress bar on stderr over the batches (default True).
     """
 
     def __init__(self, threshold: float = 0.5, methods: Sequence[str] = _METHODS, *,
                  output_layer: Optional[str] = None, gradcam_layer: Optional[str] = None, target: str = "pred",
                  K: float = K_DEFAULT, C1: float = C1_DEFAULT, C2: float = C2_DEFAULT, C3: float = C3_DEFAULT,
                  batch_size: int = 64, scan_fn: Optional[ScanFn] = None, li_fn: Optional[LiFn] = None,
-                 max_samples: Optional[int] = None) -> None:
+                 max_samples: Optional[int] = None, progress: bool = True) -> None:
         self.threshold, self.methods, self.target = threshold, methods, target
+        self.progress = progress
         self.output_layer, self.gradcam_layer = output_layer, gradcam_layer
         self.K, self.C1, self.C2, self.C3 = K, C1, C2, C3
         self.batch_size, self.scan_fn, self.li_fn, self.max_samples = batch_size, scan_fn, li_fn, max_samples
@@ -252,8 +256,9 @@ class LocalisationIoU(ResultEstimator):
         gap = None
         empty: List[int] = []
         n = 0
-        for b in iter_batches(data, where, batch_size=self.batch_size, device=dev, need_mask=True,
-                              need_labels=self.target == "label", max_samples=self.max_samples):
+        batches = iter_batches(data, where, batch_size=self.batch_size, device=dev, need_mask=True,
+                               need_labels=self.target == "label", max_samples=self.max_samples)
+        for b in tqdm(batches, desc="localisation IoU", unit="batch", leave=False, disable=not self.progress):
             x, m = b.x, b.fg_mask
             if scan is None:  # first batch: resolve layers from the model's structure
                 calls = trace_calls(model, x[:1])

@@ -14,6 +14,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from nns_cuda.analysis._toolkit import (
     eval_mode,
@@ -226,13 +227,15 @@ class MaskedAccuracy:
     max_rows : int
         Upper bound of ``G·B`` rows per replicated forward pass.
     where : str
-        Prefix of error messages.
+        Prefix of error messages (and the progress bar's label).
+    progress : bool
+        A progress bar on stderr over the batches of each evaluation run.
     """
 
     def __init__(self, model: nn.Module, data: Iterable, layer: str, channels: int, *,
-                 vectorize: bool = True, max_rows: int = 2048, where: str = "tip") -> None:
+                 vectorize: bool = True, max_rows: int = 2048, where: str = "tip", progress: bool = True) -> None:
         self.model, self.data, self.layer, self.K = model, data, layer, channels
-        self.vectorize, self.max_rows, self.where = vectorize, max_rows, where
+        self.vectorize, self.max_rows, self.where, self.progress = vectorize, max_rows, where, progress
         self.cache: Dict[Tuple[int, ...], float] = {}
         self.mode: Optional[str] = None
 
@@ -261,8 +264,10 @@ class MaskedAccuracy:
         dev = model_device(self.model)
         correct = torch.zeros(len(masks), dtype=torch.float64)
         total = 0
+        bar = tqdm(self.data, desc=f"{self.where}: {len(masks)} masked accuracies", unit="batch", leave=False,
+                   disable=not self.progress)
         with torch.no_grad(), eval_mode(self.model):
-            for batch in self.data:
+            for batch in bar:
                 x, y, _ = unpack_batch(batch, self.where)
                 if y is None:
                     raise ValueError(f"{self.where}: accuracy needs labels; batches must be (x, y[, fg_mask]).")

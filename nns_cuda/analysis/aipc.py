@@ -159,7 +159,8 @@ class AIPCResult(DictResult):
 
 def aipc_curves(model: nn.Module, data: Iterable, layer: str,
                 rankings: Mapping[str, Union[torch.Tensor, Sequence[float]]],
-                ratios: Optional[Sequence[float]] = None, *, vectorize: bool = True) -> Dict[str, AIPCResult]:
+                ratios: Optional[Sequence[float]] = None, *, vectorize: bool = True,
+                progress: bool = True) -> Dict[str, AIPCResult]:
     """AIPC for several rankings of the same layer, sharing every identical masked evaluation.
 
     Parameters
@@ -176,6 +177,8 @@ def aipc_curves(model: nn.Module, data: Iterable, layer: str,
         Fractions in ``[0, 1]`` (default ``0, 0.01, …, 1``).
     vectorize : bool
         Evaluate several masks per forward pass by replicating the layer's output.
+    progress : bool
+        A progress bar on stderr over the batches.
 
     Returns
     -------
@@ -195,7 +198,7 @@ def aipc_curves(model: nn.Module, data: Iterable, layer: str,
         if not bool(torch.isfinite(s).all()):
             raise ValueError(f"aipc: ranking {name!r} contains NaN or Inf.")
         orders[name] = _order_desc(s)
-    ev = MaskedAccuracy(model, data, layer, K, vectorize=vectorize, where="aipc")
+    ev = MaskedAccuracy(model, data, layer, K, vectorize=vectorize, where="aipc", progress=progress)
     n_masked = [n_top(r, K) for r in ratios]
     all_masks = [()] + [tuple(o[:n]) for o in orders.values() for n in n_masked]
     ev(all_masks)  # one evaluation run for all distinct masks
@@ -212,7 +215,7 @@ def aipc_curves(model: nn.Module, data: Iterable, layer: str,
 
 
 def aipc(model: nn.Module, data: Iterable, layer: str, ranking: Union[torch.Tensor, Sequence[float]],
-         ratios: Optional[Sequence[float]] = None, *, vectorize: bool = True) -> AIPCResult:
+         ratios: Optional[Sequence[float]] = None, *, vectorize: bool = True, progress: bool = True) -> AIPCResult:
     """Accuracy–interpretable-property curve (AIPC, §5.3.1) of one layer.
 
     Filters are ranked by ``ranking`` (descending; ties by the lower index); for each mask ratio
@@ -233,6 +236,8 @@ def aipc(model: nn.Module, data: Iterable, layer: str, ranking: Union[torch.Tens
     vectorize : bool
         Replicate the layer output to evaluate many masks per forward pass (falls back to one
         pass per mask when the model cannot run on a replicated batch).
+    progress : bool
+        A progress bar on stderr over the batches.
 
     Returns
     -------
@@ -248,4 +253,5 @@ def aipc(model: nn.Module, data: Iterable, layer: str, ranking: Union[torch.Tens
     TypeError
         For one-shot ``data`` (a generator).
     """
-    return aipc_curves(model, data, layer, {"ranking": ranking}, ratios, vectorize=vectorize)["ranking"]
+    return aipc_curves(model, data, layer, {"ranking": ranking}, ratios, vectorize=vectorize,
+                       progress=progress)["ranking"]

@@ -25,6 +25,7 @@ Parameters every class takes:
 
 * ``batch_size`` (int) — used only when ``data`` is a map-style ``Dataset``;
 * ``max_samples`` (int, optional) — stop after this many samples;
+* ``progress`` (bool, default True) — a progress bar on stderr over the batches;
 * the injected engine function it needs, replacing the engine's default:
   ``scan_fn(model, x, fg_mask, layers) -> {layer: (activations [B, *shape], stats [B, *shape, NUM_STATS])}``
   (default: ``Scanner(..., stats=True)``), ``li_fn(model, x, layer, neurons) -> [B, n, D, H, W]``
@@ -51,6 +52,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from nns_cuda.analysis import _chapter3_maps
 from nns_cuda.analysis._chapter3_maps import (
@@ -154,8 +156,9 @@ class KnowledgeQuantity(ResultEstimator):
 
     Parameters
     ----------
-    batch_size, scan_fn, max_samples
-        See the module docstring.
+    batch_size, scan_fn, max_samples, progress
+        See the module docstring (``progress`` is also the data-set scan's unless
+        ``scan_options`` sets it).
     out_dir : str, optional
         Run as a data-set scan into this folder (:class:`nns_cuda.DatasetScan`; ``data`` a
         map-style data set): resumable, and shared among the ranks under ``torchrun``
@@ -165,9 +168,11 @@ class KnowledgeQuantity(ResultEstimator):
     """
 
     def __init__(self, *, batch_size: int = 64, scan_fn: Optional[ScanFn] = None, max_samples: Optional[int] = None,
-                 out_dir: Optional[str] = None, scan_options: Optional[Dict[str, Any]] = None) -> None:
+                 out_dir: Optional[str] = None, scan_options: Optional[Dict[str, Any]] = None,
+                 progress: bool = True) -> None:
         self.batch_size, self.scan_fn, self.max_samples = batch_size, scan_fn, max_samples
         self.out_dir, self.scan_options = out_dir, scan_options
+        self.progress = progress
 
     def fit(self, model: nn.Module, data: Any, layers: Sequence[str] | str) -> "KnowledgeQuantity":
         """Per layer the count / strength ratios (all neurons and active only).
@@ -190,14 +195,16 @@ class KnowledgeQuantity(ResultEstimator):
         layers = check_layers(model, layers, where)
         check_eval(model, where)
         if self.out_dir is not None:
-            self.result_ = _knowledge_dataset(model, data, layers, self.out_dir, self.scan_options, self.max_samples)
+            self.result_ = _knowledge_dataset(model, data, layers, self.out_dir,
+                                              {"progress": self.progress, **(self.scan_options or {})}, self.max_samples)
             return self
         scan = make_scan(model, layers, self.scan_fn, stats=True)
         acc = {l: [NanMean() for _ in range(5)] for l in layers}
         zero: List[int] = []
         n = 0
-        for b in iter_batches(data, where, batch_size=self.batch_size, device=model_device(model), max_samples=self.max_samples,
-                              input_dims=(2, 3, 4, 5)):
+        batches = iter_batches(data, where, batch_size=self.batch_size, device=model_device(model),
+                               max_samples=self.max_samples, input_dims=(2, 3, 4, 5))
+        for b in tqdm(batches, desc="knowledge quantity", unit="batch", leave=False, disable=not self.progress):
             x = b.x
             B = x.shape[0]
             cx, sx = _count_strength(x)
@@ -353,16 +360,16 @@ class InputDistance(ResultEstimator):
         Seed of the neuron subset.
     chunk : int
         Neurons per dense learned-image call.
-    batch_size, scan_fn, li_fn, max_samples
+    batch_size, scan_fn, li_fn, max_samples, progress
         See the module docstring.
     """
 
     def __init__(self, *, unrelated: bool = True, n_reference: int = 100, max_neurons: Optional[int] = 256, seed: int = 0,
                  chunk: int = 64, batch_size: int = 64, scan_fn: Optional[ScanFn] = None, li_fn: Optional[LiFn] = None,
-                 max_samples: Optional[int] = None) -> None:
+                 max_samples: Optional[int] = None, progress: bool = True) -> None:
         self.unrelated, self.n_reference, self.max_neurons = unrelated, n_reference, max_neurons
         self.seed, self.chunk, self.batch_size, self.scan_fn = seed, chunk, batch_size, scan_fn
-        self.li_fn, self.max_samples = li_fn, max_samples
+        self.li_fn, self.max_samples, self.progress = li_fn, max_samples, progress
 
     def fit(self, model: nn.Module, data: Any, layers: Sequence[str] | str) -> "InputDistance":
         """Own and unrelated distances per layer over ``data``.
@@ -412,8 +419,9 @@ class InputDistance(ResultEstimator):
                     mean_d = torch.where(cnt > 0, (d * w).sum(2) / cnt.clamp_min(1), torch.full_like(cnt, float("nan")))
                     unrel[l].add(mean_d)
 
-        for b in iter_batches(data, where, batch_size=self.batch_size, device=model_device(model), max_samples=self.max_samples,
-                              input_dims=(2, 3, 4, 5)):
+        batches = iter_batches(data, where, batch_size=self.batch_size, device=model_device(model),
+                               max_samples=self.max_samples, input_dims=(2, 3, 4, 5))
+        for b in tqdm(batches, desc="distances", unit="batch", leave=False, disable=not self.progress):
             x = b.x
             B = x.shape[0]
             res = checked_scan(scan, x, b.fg_mask, layers, where)
@@ -512,14 +520,14 @@ class WinnerDistance(ResultEstimator):
     ----------
     output_layer : str, optional
         A layer with ``C`` output neurons (default: the last leaf module called).
-    batch_size, scan_fn, max_samples
+    batch_size, scan_fn, max_samples, progress
         See the module docstring.
     """
 
     def __init__(self, *, output_layer: Optional[str] = None, batch_size: int = 64, scan_fn: Optional[ScanFn] = None,
-                 max_samples: Optional[int] = None) -> None:
+                 max_samples: Optional[int] = None, progress: bool = True) -> None:
         self.output_layer, self.batch_size, self.scan_fn = output_layer, batch_size, scan_fn
-        self.max_samples = max_samples
+        self.max_samples, self.progress = max_samples, progress
 
     def fit(self, model: nn.Module, data: Any) -> "WinnerDistance":
         """The DIST matrix over ``data``.
@@ -542,8 +550,9 @@ class WinnerDistance(ResultEstimator):
         scan = None
         layer = self.output_layer
         C = None
-        for b in iter_batches(data, where, batch_size=self.batch_size, device=dev, need_labels=True, max_samples=self.max_samples,
-                              input_dims=(2, 3, 4, 5)):
+        batches = iter_batches(data, where, batch_size=self.batch_size, device=dev, need_labels=True,
+                               max_samples=self.max_samples, input_dims=(2, 3, 4, 5))
+        for b in tqdm(batches, desc="winner distances", unit="batch", leave=False, disable=not self.progress):
             x, y = b.x, b.y
             if scan is None:
                 if layer is None:

@@ -172,7 +172,7 @@ class FgBgTypesResult(DictResult):
 def fg_bg_types(model: nn.Module, data: Iterable, layer: str,
                 checkpoints: Union[None, Sequence[Any], Mapping[str, Any]] = None, *,
                 property: str = "mean", per: float = 30.0, filter_fn: Optional[FilterFn] = None,
-                vectorize: bool = True) -> FgBgTypesResult:
+                vectorize: bool = True, progress: bool = True) -> FgBgTypesResult:
     """Foreground / background filter types, their share and the accuracy change when each type
     is masked, for each checkpoint (§5.3.3, Tables 5-3 … 5-6).
 
@@ -195,6 +195,8 @@ def fg_bg_types(model: nn.Module, data: Iterable, layer: str,
         Filter images (default the engine's).
     vectorize : bool
         Evaluate several masks per forward pass (see :func:`nns_cuda.analysis.aipc.aipc`).
+    progress : bool
+        Progress bars on stderr over the batches of each pass over ``data``.
 
     Returns
     -------
@@ -234,11 +236,11 @@ def fg_bg_types(model: nn.Module, data: Iterable, layer: str,
         for lab, sd in states:
             if sd is not None:
                 model.load_state_dict(sd, strict=True)
-            ip = InterpretableProperties(property, ["foreground", "background"], filter_fn=filter_fn)
+            ip = InterpretableProperties(property, ["foreground", "background"], filter_fn=filter_fn, progress=progress)
             ip.fit(model, data, layer)
             tf, tb = ip.T(layer, property, "foreground"), ip.T(layer, property, "background")
             types = filter_types(tf, tb, per)
-            ev = MaskedAccuracy(model, data, layer, K, vectorize=vectorize, where="fg_bg_types")
+            ev = MaskedAccuracy(model, data, layer, K, vectorize=vectorize, where="fg_bg_types", progress=progress)
             accs = ev([()] + [tuple(types[t]) for t in FILTER_TYPES])
             res.checkpoints.append(lab)
             res.types.append(types)

@@ -44,6 +44,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from nns_cuda.analysis._fq_diversity import DiversityResult, FilterDiversity, filter_diversity, mean_loss, rank_filters
 from nns_cuda.analysis._fq_localisation import LocalisationIoU, LocalisationResult, mask_iou, saliency_mask
@@ -136,7 +137,7 @@ class _LayerAcc:
 
 def _fit_fq(model: nn.Module, data: Any, layers: Sequence[str] | str, *, variants: Sequence[Optional[str]], K: float,
             C1: float, C2: float, C3: float, batch_size: int, scan_fn: Optional[ScanFn], max_samples: Optional[int],
-            where: str) -> Dict[Optional[str], FQResult]:
+            where: str, progress: bool = True) -> Dict[Optional[str], FQResult]:
     """One streaming pass over ``data``: ``{variant: FQResult}`` for every ablation variant."""
     for v in variants:
         check_params(K, C1, C2, C3, v, where)
@@ -148,7 +149,8 @@ def _fit_fq(model: nn.Module, data: Any, layers: Sequence[str] | str, *, variant
     empty: List[int] = []
     nobg: List[int] = []
     n = 0
-    for batch in iter_batches(data, where, batch_size=batch_size, device=dev, need_mask=True, max_samples=max_samples):
+    batches = iter_batches(data, where, batch_size=batch_size, device=dev, need_mask=True, max_samples=max_samples)
+    for batch in tqdm(batches, desc="FQ", unit="batch", leave=False, disable=not progress):
         x, m = batch.x, batch.fg_mask
         consts = input_constants(x, m)
         empty += (consts[1] == 0).nonzero().flatten().add(batch.offset).tolist()
@@ -243,6 +245,9 @@ class FeatureQuantity(ResultEstimator):
     scan_options : dict, optional
         Options of the data-set scan (``block_size``, ``batch_size``, ``backend``,
         ``precision``, ``max_memory``, ``num_workers``, ``progress``, ``top_k``).
+    progress : bool
+        A progress bar on stderr over the batches (default True); also the data-set scan's
+        unless ``scan_options`` sets ``progress``.
 
     Examples
     --------
@@ -253,10 +258,11 @@ class FeatureQuantity(ResultEstimator):
     def __init__(self, K: float = K_DEFAULT, C1: float = C1_DEFAULT, C2: float = C2_DEFAULT, C3: float = C3_DEFAULT,
                  ablate: Optional[str] = None, *, batch_size: int = 64, scan_fn: Optional[ScanFn] = None,
                  max_samples: Optional[int] = None, out_dir: Optional[str] = None,
-                 scan_options: Optional[Dict[str, Any]] = None) -> None:
+                 scan_options: Optional[Dict[str, Any]] = None, progress: bool = True) -> None:
         self.K, self.C1, self.C2, self.C3, self.ablate, self.batch_size = K, C1, C2, C3, ablate, batch_size
         self.scan_fn, self.max_samples = scan_fn, max_samples
         self.out_dir, self.scan_options = out_dir, scan_options
+        self.progress = progress
 
     def fit(self, model: nn.Module, data: Any, layers: Sequence[str] | str) -> "FeatureQuantity":
         """Scan ``data`` once: per layer ``fq`` (max), ``argmax``, ``mean_f`` and ``mean_activation``.
@@ -288,19 +294,20 @@ class FeatureQuantity(ResultEstimator):
                 raise ValueError("FeatureQuantity.fit: scan_fn does not apply to a data-set scan (out_dir=); "
                                  "pass one of them")
             self.result_ = _fit_fq_dataset(model, data, layers, ablate=self.ablate, K=self.K, C1=self.C1, C2=self.C2,
-                                           C3=self.C3, out_dir=self.out_dir, scan_options=self.scan_options,
+                                           C3=self.C3, out_dir=self.out_dir,
+                                           scan_options={"progress": self.progress, **(self.scan_options or {})},
                                            max_samples=self.max_samples, where="FeatureQuantity.fit")
             return self
         self.result_ = _fit_fq(model, data, layers, variants=[self.ablate], K=self.K, C1=self.C1, C2=self.C2,
                                C3=self.C3, batch_size=self.batch_size, scan_fn=self.scan_fn,
-                               max_samples=self.max_samples, where="FeatureQuantity.fit")[self.ablate]
+                               max_samples=self.max_samples, where="FeatureQuantity.fit", progress=self.progress)[self.ablate]
         return self
 
 
 def fit_variants(model: nn.Module, data: Any, layers: Sequence[str] | str,
                  ablations: Sequence[Optional[str]] = ABLATIONS, *, K: float = K_DEFAULT, C1: float = C1_DEFAULT,
                  C2: float = C2_DEFAULT, C3: float = C3_DEFAULT, batch_size: int = 64, scan_fn: Optional[ScanFn] = None,
-                 max_samples: Optional[int] = None) -> Dict[str, FQResult]:
+                 max_samples: Optional[int] = None, progress: bool = True) -> Dict[str, FQResult]:
     """FQ for several ablation variants (§4.4.4) from **one** scan of the data.
 
     Parameters
@@ -309,7 +316,7 @@ def fit_variants(model: nn.Module, data: Any, layers: Sequence[str] | str,
         As :meth:`FeatureQuantity.fit`.
     ablations : sequence of {None, "l", "c", "s", "vf", "nf"}
         The variants (default: all six).
-    K, C1, C2, C3, batch_size, scan_fn, max_samples
+    K, C1, C2, C3, batch_size, scan_fn, max_samples, progress
         As :class:`FeatureQuantity`.
 
     Returns
@@ -318,5 +325,5 @@ def fit_variants(model: nn.Module, data: Any, layers: Sequence[str] | str,
         ``"full" | "l" | "c" | "s" | "vf" | "nf" -> FQResult`` (``"full"`` is ``ablate=None``).
     """
     res = _fit_fq(model, data, layers, variants=list(ablations), K=K, C1=C1, C2=C2, C3=C3, batch_size=batch_size,
-                  scan_fn=scan_fn, max_samples=max_samples, where="fq.fit_variants")
+                  scan_fn=scan_fn, max_samples=max_samples, where="fq.fit_variants", progress=progress)
     return {("full" if k is None else k): v for k, v in res.items()}

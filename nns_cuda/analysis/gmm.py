@@ -57,6 +57,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from nns_cuda._modules import eval_mode, model_device, resolve_module, split_call
 from nns_cuda.analysis._gmm_anomaly import PRESETS, AnomalyResult, anomaly_filters, resolve_params
@@ -247,6 +248,8 @@ class GMMAnalysis(ResultEstimator):
         Filter learned images of a batch; default ``nns_cuda.engine.filter_images``.
     reg_covar, tol, max_iter : float, float, int
         GMM settings (:func:`select_k`).
+    progress : bool
+        A progress bar on stderr over the batches whose filter images are computed.
 
     Attributes
     ----------
@@ -274,6 +277,7 @@ class GMMAnalysis(ResultEstimator):
         reg_covar: float = 1e-6,
         tol: float = 1e-3,
         max_iter: int = 100,
+        progress: bool = True,
     ):
         self.k_max = k_max
         self.preset = preset
@@ -290,6 +294,7 @@ class GMMAnalysis(ResultEstimator):
         self.reg_covar = reg_covar
         self.tol = tol
         self.max_iter = max_iter
+        self.progress = progress
 
     def _check_params(self) -> Tuple[float, float, float, float]:
         """Check the hyper-parameters; return the resolved ``(λ, α, β, θ)``."""
@@ -326,7 +331,8 @@ class GMMAnalysis(ResultEstimator):
         ys: List[Tensor] = []
         has_y = True
         with _ActivationMean(model, layer) as act, eval_mode(model):
-            for x, y, _fg in iter_raw_batches(data, "GMMAnalysis.fit", max_samples=self.max_samples):
+            batches = iter_raw_batches(data, "GMMAnalysis.fit", max_samples=self.max_samples)
+            for x, y, _fg in tqdm(batches, desc="GMM filter images", unit="batch", leave=False, disable=not self.progress):
                 xd = x.to(dev)
                 act.recording = True
                 try:

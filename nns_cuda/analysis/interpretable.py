@@ -18,6 +18,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from nns_cuda.analysis._tip_eval import probe_layer
 from nns_cuda.analysis._toolkit import (
@@ -69,6 +70,9 @@ class InterpretableProperties:
         does not apply.
     scan_options : dict, optional
         Options of the data-set scan (``block_size``, ``batch_size``, ``backend``, ``progress`` …).
+    progress : bool
+        A progress bar on stderr over the batches (default True); also the data-set scan's
+        unless ``scan_options`` sets ``progress``.
 
     Attributes
     ----------
@@ -94,12 +98,13 @@ class InterpretableProperties:
     def __init__(self, names: Union[None, str, Sequence[str]] = None,
                  region: Union[str, Sequence[str]] = "all", *,
                  filter_fn: Optional[FilterFn] = None, out_dir: Optional[str] = None,
-                 scan_options: Optional[Dict[str, Any]] = None) -> None:
+                 scan_options: Optional[Dict[str, Any]] = None, progress: bool = True) -> None:
         self.names = names
         self.region = region
         self.filter_fn = filter_fn
         self.out_dir = out_dir
         self.scan_options = scan_options
+        self.progress = progress
 
     def fit(self, model: nn.Module, data: Iterable, layers: Union[str, Sequence[str]], *,
             filter_fn: Optional[FilterFn] = None) -> "InterpretableProperties":
@@ -151,7 +156,7 @@ class InterpretableProperties:
         channels: Dict[str, int] = {}
         seen = 0
         with eval_mode(model):
-            for batch in data:
+            for batch in tqdm(data, desc="TIP properties", unit="batch", leave=False, disable=not self.progress):
                 x, _, fg = unpack_batch(batch, "InterpretableProperties.fit")
                 x = x.to(dev)
                 if fg is not None:
@@ -246,7 +251,7 @@ class InterpretableProperties:
             return f
 
         opts = dict(self.scan_options or {})
-        opts.setdefault("progress", True)
+        opts.setdefault("progress", self.progress)
         res = DatasetScan(model, layers, stats=False, filter_images=True,
                           measures={f"tip_{r}": measure(r) for r in regions}, **opts).run(dataset, self.out_dir,
                                                                                        resume=True)

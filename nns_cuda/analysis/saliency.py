@@ -21,6 +21,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from nns_cuda.analysis._tip_eval import DictResult, first_x, probe_layer
 from nns_cuda.analysis._toolkit import (
@@ -35,7 +36,7 @@ from nns_cuda.analysis._toolkit import (
 __all__ = ["avou", "sou", "spearman_table", "SaliencyResult", "saliency"]
 
 
-def avou(model: nn.Module, data: Iterable, layer: str) -> torch.Tensor:
+def avou(model: nn.Module, data: Iterable, layer: str, *, progress: bool = True) -> torch.Tensor:
     """Average value of unit (AVoU, eq. 5-8): mean of ``a^k`` over positions and samples.
 
     Parameters
@@ -45,6 +46,8 @@ def avou(model: nn.Module, data: Iterable, layer: str) -> torch.Tensor:
     data : re-iterable of ``(x [B, D, H, W], ...)`` batches
     layer : str
         Module (``name`` or ``name:i``) whose output ``[B, K, *spatial]`` holds ``a^k``.
+    progress : bool
+        A progress bar on stderr over the batches.
 
     Returns
     -------
@@ -63,7 +66,7 @@ def avou(model: nn.Module, data: Iterable, layer: str) -> torch.Tensor:
         n[0] += out.shape[0]
 
     with torch.no_grad(), eval_mode(model), layer_hook(model, layer, grab):
-        for batch in data:
+        for batch in tqdm(data, desc="AVoU", unit="batch", leave=False, disable=not progress):
             x, _, _ = unpack_batch(batch, "avou")
             model(x.to(dev))
     return total / n[0]
@@ -116,7 +119,7 @@ def _weight_param(model: nn.Module, layer: str, weight_layer: Optional[str], x0:
 
 def sou(model: nn.Module, data: Iterable, layer: str, method: str = "taylor", *,
         weight_layer: Optional[str] = None, loss_fn: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
-        chunk_size: int = 64) -> torch.Tensor:
+        chunk_size: int = 64, progress: bool = True) -> torch.Tensor:
     """Sensitivity of unit (SoU, eqs. 5-9, 5-10): mean over samples and over the filter's weights
     ``w`` of ``|loss(θ) − loss(θ with w = 0)|``.
 
@@ -142,6 +145,8 @@ def sou(model: nn.Module, data: Iterable, layer: str, method: str = "taylor", *,
         Per-sample loss (default cross-entropy).
     chunk_size : int
         Perturbed weights (exact) or samples (taylor) per vectorised call.
+    progress : bool
+        A progress bar on stderr over the batches.
 
     Returns
     -------
@@ -170,7 +175,7 @@ def sou(model: nn.Module, data: Iterable, layer: str, method: str = "taylor", *,
     total = torch.zeros(K, per if method == "exact" else 1, dtype=torch.float64)
     S = 0
     with eval_mode(model):
-        for batch in data:
+        for batch in tqdm(data, desc=f"SoU ({method})", unit="batch", leave=False, disable=not progress):
             x, y, _ = unpack_batch(batch, "sou")
             if y is None:
                 raise ValueError("sou: the loss needs labels; batches must be (x, y[, fg_mask]).")
@@ -265,7 +270,15 @@ def _per_sample_weight_grads(model: nn.Module, mod: nn.Module, x: torch.Tensor, 
             loss = loss_fn(model(x.detach().requires_grad_(True)), y)
             if loss.shape != (x.shape[0],):
                 raise ValueError(f"sou: loss_fn must return per-sample losses [B] = [{x.shape[0]}], got {list(loss.shape)}.")
+            if not caps:
+                raise ValueError(f"sou: module {type(mod).__name__} did not run in the model's forward pass")
+            # allow_unused: a call whose output does not reach the loss contributes exactly 0 to ∂loss/∂W;
+            # when no call reaches it the saliency is undefined and raises (never read as zeros)
             gouts = torch.autograd.grad(loss.sum(), [o for _, o in caps], allow_unused=True)
+            if all(go is None for go in gouts):
+                raise ValueError(f"sou: the output of module {type(mod).__name__} does not reach the loss (no "
+                                 "gradient path), so its weight gradients are undefined; pick a module on the "
+                                 "path to the logits")
     finally:
         h.remove()
     K = mod.weight.shape[0]
@@ -346,7 +359,8 @@ class SaliencyResult(DictResult):
 
 
 def saliency(model: nn.Module, data: Iterable, layer: str, T: Mapping[str, torch.Tensor], *,
-             sou_method: str = "taylor", weight_layer: Optional[str] = None, **sou_kwargs: Any) -> SaliencyResult:
+             sou_method: str = "taylor", weight_layer: Optional[str] = None, progress: bool = True,
+             **sou_kwargs: Any) -> SaliencyResult:
     """AVoU, SoU and the Spearman table against the properties ``T`` (§5.3.2, Table 5-2).
 
     Parameters
@@ -358,6 +372,8 @@ def saliency(model: nn.Module, data: Iterable, layer: str, T: Mapping[str, torch
     sou_method : "taylor" or "exact"
     weight_layer : str, optional
         Passed to :func:`sou`.
+    progress : bool
+        Progress bars on stderr over the batches of AVoU and SoU.
     **sou_kwargs
         Passed to :func:`sou` (``loss_fn``, ``chunk_size``).
 
@@ -366,6 +382,6 @@ def saliency(model: nn.Module, data: Iterable, layer: str, T: Mapping[str, torch
     SaliencyResult
     """
     check_reiterable(data, "saliency")
-    a = avou(model, data, layer)
-    s = sou(model, data, layer, sou_method, weight_layer=weight_layer, **sou_kwargs)
+    a = avou(model, data, layer, progress=progress)
+    s = sou(model, data, layer, sou_method, weight_layer=weight_layer, progress=progress, **sou_kwargs)
     return SaliencyResult(layer, a.tolist(), s.tolist(), sou_method, spearman_table({"AVoU": a, "SoU": s}, T))

@@ -1,12 +1,16 @@
 """What the ``nns`` commands and the demo share: the one-line user error, the engine options,
-loading a model or the data a command analyses, and cutting samples into batches."""
+the ``--samples`` option, loading a model, a file or the data a command analyses, and cutting
+samples into batches."""
 from __future__ import annotations
 
+import argparse
 import os
 import sys
+import zipfile
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
-__all__ = ["CLIError", "BAD_INPUT", "error_line", "guarded", "engine_options", "model_options", "load_model", "load_data", "take", "batches",
+__all__ = ["CLIError", "BAD_INPUT", "error_line", "guarded", "note", "engine_options", "samples_option",
+           "DeprecatedAlias", "model_options", "load_model", "read_torch_file", "load_data", "take", "batches",
            "IMAGE_EXTENSIONS"]
 
 #: Exceptions that mean "the input was wrong" (exit status 2); anything else exits with 1.
@@ -44,6 +48,32 @@ def guarded(command: str, args: Any, fn: Callable[[], Optional[int]]) -> int:
         return 2
 
 
+def note(who: str, message: str) -> None:
+    """Print ``"<who>: <message>"`` on stderr: what a command tells the user besides its results."""
+    print(f"{who}: {message}", file=sys.stderr)
+
+
+class DeprecatedAlias(argparse.Action):
+    """An old option name that still works: it stores into the new option's ``dest`` and says on
+    stderr that it is deprecated (``help`` names the new option)."""
+
+    def __init__(self, option_strings, dest, new: str = "", **kw):
+        self.new = new
+        kw.setdefault("help", f"deprecated alias of {new}")
+        super().__init__(option_strings, dest, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        note(parser.prog, f"{option_string} is deprecated; use {self.new} (same meaning)")
+        setattr(namespace, self.dest, values)
+
+
+def samples_option(p, *, default: Optional[int], help: str) -> None:
+    """Add ``--samples N`` to the parser (or group) ``p``, with ``--max-samples`` as its deprecated alias."""
+    p.add_argument("--samples", type=int, default=default, metavar="N", help=help)
+    p.add_argument("--max-samples", type=int, action=DeprecatedAlias, dest="samples", new="--samples",
+                   default=argparse.SUPPRESS, metavar="N")
+
+
 def engine_options(p, *, batch: Optional[int] = 64, batch_help: str = "samples per batch (default %(default)s)") -> None:
     """Add the engine's options (``--device``, ``--backend``, ``--batch-size``, ``--max-memory``)
     to the parser ``p``, as a group."""
@@ -54,8 +84,9 @@ def engine_options(p, *, batch: Optional[int] = 64, batch_help: str = "samples p
                         "C++ kernels on the CPU, else pure PyTorch)")
     g.add_argument("--batch-size", type=int, default=batch, help=batch_help)
     g.add_argument("--max-memory", default=None, metavar="SIZE",
-                   help="memory budget of the engine, e.g. 2G or 512M (default: 25%% of RAM up to 8 GiB, "
-                        "or 60%% of free GPU memory); larger work is chunked")
+                   help="memory budget of the engine, e.g. 2G or 512M; larger work is chunked (default: on the "
+                        "CPU 2 GiB, or 25%% of the RAM if less, and up to 8 GiB for one sample before the reverse "
+                        "strategy is chosen; on CUDA 60%% of the free GPU memory)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -71,7 +102,7 @@ def model_options(p) -> None:
 
 
 def load_model(spec: Optional[str], weights: Optional[str] = None, *, num_classes: int = 10, in_channels: int = 3,
-               input_size: Optional[int] = None, which: str = "best"):
+               input_size: Optional[int] = None, which: str = "best", who: str = "nns"):
     """A model and its one-line description.
 
     Parameters
@@ -86,6 +117,8 @@ def load_model(spec: Optional[str], weights: Optional[str] = None, *, num_classe
         Zoo models only.
     which : "best" or "last"
         The demo model's well-trained (best validation accuracy) or over-fitted (last) checkpoint.
+    who : str
+        The command, for the note on stderr that a zoo model without ``weights`` has random weights.
 
     Returns
     -------
@@ -101,10 +134,45 @@ def load_model(spec: Optional[str], weights: Optional[str] = None, *, num_classe
         m = models.load_model(demo.name, weights=weights or ck)
         return m, f"demo model {demo.name} ({'well-trained' if which == 'best' else 'over-fitted'}: {ck})"
     try:
-        return models.from_spec(spec, weights, num_classes=num_classes, in_channels=in_channels,
-                                input_size=input_size)
+        out = models.from_spec(spec, weights, num_classes=num_classes, in_channels=in_channels, input_size=input_size)
     except models.ModelSpecError as e:
         raise CLIError(str(e)) from None
+    if weights is None and spec in models.available():
+        note(who, f"no --weights given: {spec} has random weights, so the results describe an untrained network")
+    return out
+
+
+def read_torch_file(path: str, option: str, *, weights_only: bool = True) -> Any:
+    """``torch.load(path)`` on the CPU, with one line of ours instead of torch's advice on errors.
+
+    Parameters
+    ----------
+    path : str
+    option : str
+        The option that named the file (``"--images"``), for the message.
+    weights_only : bool
+        Only tensors and plain containers (True), or any pickled object of the user's own file.
+
+    Raises
+    ------
+    CLIError
+        The file is missing, damaged, not written by ``torch.save``, or (``weights_only``) holds
+        Python objects.
+    """
+    import torch
+
+    if not os.path.isfile(path):
+        raise CLIError(f"{option} {path}: no such file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except Exception as e:
+        if weights_only and zipfile.is_zipfile(path):
+            why = "it holds Python objects, not only tensors and lists / dicts of them"
+        elif zipfile.is_zipfile(path):
+            why = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+        else:
+            why = "not a file written by torch.save, or it is damaged"
+        raise CLIError(f"{option} {path}: cannot read it: {why}") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -136,7 +204,7 @@ def batches(x, y, m, batch_size: int, device: Any = None) -> List[Tuple[Any, Any
 
 
 def load_data(spec: str, *, split: str = "test", samples: int = 16, in_channels: int = 3,
-              input_size: Optional[int] = None):
+              input_size: Optional[int] = None, who: str = "nns"):
     """The first ``samples`` images of the embedded digits or of a folder.
 
     Parameters
@@ -145,6 +213,8 @@ def load_data(spec: str, *, split: str = "test", samples: int = 16, in_channels:
         ``"digits"``: the embedded cluttered digits, split ``split`` (labels and boxes); a
         folder: its image files in sorted order (the whole image is the foreground, no labels),
         with ``in_channels`` channels, resized to ``input_size`` (or the first image's size).
+        Files that are not images (by their ending) are skipped and resized images are
+        counted; both are said on stderr, prefixed by ``who``.
 
     Returns
     -------
@@ -169,16 +239,31 @@ def load_data(spec: str, *, split: str = "test", samples: int = 16, in_channels:
         raise CLIError(f"--data {spec!r}: neither 'digits' nor an existing folder of images")
     from nns_cuda.data import load_image
 
-    files = sorted(os.path.join(r, f) for r, _, fs in os.walk(spec) for f in fs
-                   if f.lower().endswith(IMAGE_EXTENSIONS))
+    every = sorted(os.path.relpath(os.path.join(r, f), spec) for r, _, fs in os.walk(spec) for f in fs)
+    files = [f for f in every if f.lower().endswith(IMAGE_EXTENSIONS)]
+    skipped = [f for f in every if not f.lower().endswith(IMAGE_EXTENSIONS)]
     if not files:
         raise CLIError(f"--data {spec!r}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in the folder")
+    if skipped:
+        note(who, f"--data {spec}: skipped {len(skipped)} file(s) that are not images: {_first_few(skipped)}")
+    n_all = len(files)
     files = files[:samples]
-    imgs = [load_image(f, channels=in_channels) for f in files]
+    imgs = [load_image(os.path.join(spec, f), channels=in_channels) for f in files]
     size = (input_size, input_size) if input_size else tuple(imgs[0].shape[-2:])
+    resized = [f"{f} ({im.shape[-2]}x{im.shape[-1]})" for f, im in zip(files, imgs) if tuple(im.shape[-2:]) != size]
+    if resized:
+        note(who, f"--data {spec}: resized {len(resized)} of {len(files)} image(s) to {size[0]}x{size[1]}: "
+                  f"{_first_few(resized)}")
     imgs = [im if tuple(im.shape[-2:]) == size else
             F.interpolate(im[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0].clamp(0, 1)
             for im in imgs]
     x = torch.stack(imgs)
     m = torch.ones(x.shape[0], *size, dtype=torch.bool)
-    return x, None, m, f"{len(files)} image(s) from {spec} at {size[0]}x{size[1]} (whole image = foreground)"
+    of = f" (the first {len(files)} of {n_all})" if n_all > len(files) else ""
+    return x, None, m, (f"{len(files)} image(s){of} from {spec} at {size[0]}x{size[1]} (whole image = foreground"
+                        f"{f'; {len(resized)} resized' if resized else ''}"
+                        f"{f'; {len(skipped)} non-image file(s) skipped' if skipped else ''})")
+
+
+def _first_few(names: Sequence[str], n: int = 3) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")

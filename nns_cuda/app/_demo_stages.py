@@ -22,10 +22,12 @@ __all__ = ["Engine", "one_line", "need", "data_batches", "model_stage", "scan_st
 # ----------------------------------------------------------------------------- engine options
 @dataclass
 class Engine:
-    """Backend / memory options passed to every analysis through its injection points."""
+    """Backend / memory options passed to every analysis through its injection points, and
+    whether the analyses show progress bars."""
 
     backend: str = "auto"
     max_memory: Optional[int] = None
+    progress: bool = True
     used: Dict[str, str] = field(default_factory=dict)
 
     def _note(self, res) -> None:
@@ -203,7 +205,8 @@ def tip_stage(cfg, ctx: Dict[str, Any], eng: Engine) -> Dict[str, Any]:
         n = int(round(1 / cfg.aipc_step))
         ratios = [round(i * cfg.aipc_step, 10) for i in range(n + 1)]
         curves = need(tip, "aipc_curves")(ctx["wt"], ctx["eval"], layer,
-                                          {k: torch.as_tensor(v, dtype=torch.float64) for k, v in T.items()}, ratios)
+                                          {k: torch.as_tensor(v, dtype=torch.float64) for k, v in T.items()}, ratios,
+                                          progress=eng.progress)
         out["aipc"] = {k: c.to_dict() for k, c in curves.items()}
     else:
         out["aipc_error"] = "chapter5.findings returned no per-filter T values"
@@ -250,7 +253,7 @@ def gmm_stage(cfg, ctx: Dict[str, Any], eng: Engine) -> Dict[str, Any]:
     adata = data_batches(tr, list(range(S)), max(cfg.batch_size, 50), dev)
     train_all = data_batches(tr, list(range(len(tr))), 100, dev)
     val_all = data_batches(ctx["val"], list(range(len(ctx["val"]))), 100, dev)
-    analysis = _Memo(need(gmm, "GMMAnalysis")(k_max=cfg.k_max, seed=0, filter_fn=eng.filter_fn))
+    analysis = _Memo(need(gmm, "GMMAnalysis")(k_max=cfg.k_max, seed=0, filter_fn=eng.filter_fn, progress=eng.progress))
     out: Dict[str, Any] = {"layer": layer, "n_samples": S, "samples": "training samples (the thesis clusters "
                                                                        "training samples)"}
     with warnings.catch_warnings():

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import html
 import os
+import re
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
-from nns_cuda.analysis.thesis import NO, YES
+from nns_cuda.analysis.thesis import NOT_COMPUTED, NOT_REPRODUCED, OPPOSITE, REPRODUCED
 from nns_cuda.analysis.thesis import as_number as _num
 from nns_cuda.analysis.thesis import checkpoint_label as _short
 from nns_cuda.analysis.thesis import format_number as _fmt
@@ -20,12 +21,17 @@ from nns_cuda.analysis.thesis import lookup as _get
 from nns_cuda.analysis.thesis import missing_reason as _why
 from nns_cuda.app import viz
 
-__all__ = ["Figures", "RENDER", "escape", "not_computed"]
+__all__ = ["Figures", "RENDER", "escape", "rich", "not_computed", "anomaly_counts_figure"]
 
 
 def escape(s: Any) -> str:
     """``s`` as HTML text (quotes escaped too)."""
     return html.escape(str(s), quote=True)
+
+
+def rich(s: Any) -> "_Raw":
+    """``s`` as HTML text with the thesis's superscripts set as such: ``C^l`` -> C<sup>l</sup>."""
+    return _Raw(re.sub(r"\b([A-Za-z]+)\^([A-Za-z0-9]+)", r"\1<sup>\2</sup>", escape(s)))
 
 
 
@@ -49,7 +55,7 @@ def _img(name: str, alt: str, width: Optional[int] = None) -> str:
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], cls: str = "") -> str:
-    h = "".join(f"<th>{escape(c)}</th>" for c in header)
+    h = "".join(f"<th>{c if isinstance(c, _Raw) else escape(c)}</th>" for c in header)
     body = "".join("<tr>" + "".join(f"<td>{c if isinstance(c, _Raw) else escape(c)}</td>" for c in r) + "</tr>"
                    for r in rows)
     c = f' class="{cls}"' if cls else ""
@@ -94,20 +100,58 @@ def _sec_overview(r, figs) -> str:
     return intro + (_table(["", ""], rows, "kv") if rows else "")
 
 
+#: CSS class of each verdict.
+_VERDICT_CLS = {REPRODUCED: "yes", OPPOSITE: "no", NOT_REPRODUCED: "nc", NOT_COMPUTED: "nc"}
+
+
+def _verdict(v: str, reason: str = "") -> "_Raw":
+    return _Raw(f'<span class="{_VERDICT_CLS.get(v, "nc")}">{escape(v)}</span>'
+                + (f"<br><small>{escape(reason)}</small>" if reason else ""))
+
+
+def _counts(verdicts: Sequence[str]) -> str:
+    return ", ".join(f"{v}: <b>{sum(x == v for x in verdicts)}</b>"
+                     for v in (REPRODUCED, NOT_REPRODUCED, OPPOSITE, NOT_COMPUTED))
+
+
+def _reproduction(rep: Mapping[str, Any]) -> str:
+    """The multi-seed reproduction (``nns reproduce``, docs/reproduction.md) as a table."""
+    fs = rep.get("findings") or []
+    n = len(rep.get("seeds") or [])
+    head = (f"<p>The declared protocol (docs/reproduction.md), run by <code>nns reproduce</code> on "
+            f"{escape(str(rep.get('finished', '?'))[:10])}: {n} seed(s), commit "
+            f"{escape(str(rep.get('commit') or '?')[:10])}, {_fmt((rep.get('seconds') or 0) / 60, 1)} min. "
+            f"Findings {_counts([f['verdict'] for f in fs])}.</p>")
+    if rep.get("quick") or rep.get("deviations"):
+        head += f'<p class="note">Not the declared protocol: {escape("; ".join(rep.get("deviations") or []))}</p>'
+    rows = []
+    for i, f in enumerate(fs, 1):
+        for k, b in enumerate(f["by_model"].values()):
+            seeds = "; ".join(f"{p['seed']}: " + (", ".join(_fmt(v, 2) for v in p["values"].values())
+                                                   if p.get("values") else "–") for p in b["per_seed"])
+            rows.append((i if k == 0 else "", rich(f"{f['claim']} ({f['where']})") if k == 0 else "", b["label"],
+                         rich(b["thesis"]), rich(b["ours"]), _Raw(f"{b['n_holds']}/{b['n_seeds']}<br><small>{escape(seeds)}</small>"),
+                         _verdict(b["verdict"], b.get("reason", "")), _verdict(f["verdict"]) if k == 0 else ""))
+    return head + _table(["#", "finding", "model", "thesis", "ours: mean ± sd over seeds", "seeds holding (per seed)",
+                          "verdict", "overall"], rows, "findings")
+
+
 def _sec_findings(r, figs) -> str:
     f = r.get("findings") or judge_findings(r)
-    rows = []
-    for i, x in enumerate(f, 1):
-        cls = {"yes": "yes", "no": "no"}.get(x["reproduced"], "nc")
-        rep = _Raw(f'<span class="{cls}">{escape(x["reproduced"])}</span>'
-                   + (f'<br><small>{escape(x["reason"])}</small>' if x.get("reason") else ""))
-        rows.append((i, x["claim"], f'{x["where"]}: {x["thesis"]}', x["ours"], rep))
-    n_yes = sum(x["reproduced"] == YES for x in f)
-    n_no = sum(x["reproduced"] == NO for x in f)
-    n_nc = len(f) - n_yes - n_no
-    head = (f"<p>Reproduced: <b>{n_yes}</b>, not reproduced: <b>{n_no}</b>, not computed: <b>{n_nc}</b> "
-            "(judged from the measured numbers only; the thesis's numbers are quoted).</p>")
-    return head + _table(["#", "finding", "thesis", "ours", "reproduced"], rows, "findings")
+    rows = [(i, rich(x["claim"]), rich(f'{x["where"]}: {x["thesis"]}'), rich(x["ours"]),
+             _verdict(x["reproduced"], x.get("reason", ""))) for i, x in enumerate(f, 1)]
+    rep = r.get("reproduction")
+    if rep is None:  # the full protocol's JSON (docs/results/reproduction.json) when there is one
+        from nns_cuda.analysis.thesis.reproduce import load_reproduction
+
+        rep = load_reproduction()
+    intro = (_reproduction(rep) + "<h3>This run</h3>") if isinstance(rep, Mapping) and rep.get("findings") else (
+        '<p class="note">No reproduction results yet: the full protocol (two models, five seeds, a verdict rule '
+        "declared before the run; docs/reproduction.md) is <code>nns reproduce</code>.</p>")
+    head = (f"<p>One model, one seed: {_counts([x['reproduced'] for x in f])} (judged from this run's numbers only; "
+            "the thesis's numbers are quoted). One run has no spread; the full protocol is "
+            "<code>nns reproduce</code>.</p>")
+    return intro + head + _table(["#", "finding", "thesis", "ours", "verdict"], rows, "findings")
 
 
 def _sec_training(r, figs) -> str:
@@ -125,7 +169,10 @@ def _sec_training(r, figs) -> str:
     a2.plot(ep, [np.nan if v is None else 100 * v for v in h.get("val_acc", [])], "s-", ms=3, label="validation")
     a2.set_xlabel("epoch"); a2.set_ylabel("accuracy (%)")  # noqa: E702
     b = h.get("best_epoch")
+    from matplotlib.ticker import MaxNLocator
+
     for ax in (a1, a2):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         if b is not None:
             ax.axvline(b, color="grey", ls="--", lw=0.8, label=f"well-trained (epoch {b})")
         ax.grid(alpha=0.3)
@@ -155,13 +202,14 @@ def _sec_learned_images(r, figs) -> str:
             row["winner neuron"] = s["winner"]
         rows.append(row)
         titles.append(f"label {s.get('label')}, pred {s.get('pred')}")
-    fig = viz.layer_grid([s["x"] for s in samples], rows, row_titles=titles)
+    fig = viz.layer_grid([s["x"] for s in samples], rows, row_titles=titles, colorbar=True)
     parts.append(_img(figs.save(fig, "learned_images_layers.png"), "learned images per layer"))
-    fig = viz.layer_grid([s["x"] for s in samples], rows, row_titles=titles, cmap="jet")
+    fig = viz.layer_grid([s["x"] for s in samples], rows, row_titles=titles, cmap="jet", colorbar=True)
     jet = figs.save(fig, "learned_images_layers_jet.png")
     parts.append("<p>Each row: an input, then the layer learned image Σ<sub>k</sub> L<sup>k</sup> of each layer "
                  "(L<sup>k</sup> = Σ<sub>i,j</sub> LI<sub>k,i,j</sub> · a<sup>k</sup><sub>i,j</sub>) and the learned image "
-                 "of the winner (predicted-class) output neuron. Diverging colours centred at zero; "
+                 "of the winner (predicted-class) output neuron. Diverging colours centred at zero, each panel "
+                 "with its own colour scale (the bar beside it); "
                  f'the same figure with the thesis\'s "jet" colours: <a href="{escape(jet)}">{escape(jet)}</a>.</p>')
     s0 = samples[0]
     fl = {}
@@ -170,7 +218,7 @@ def _sec_learned_images(r, figs) -> str:
         if f:
             fl[l] = (f["images"], [f"k={k}" for k in f["indices"]])
     if fl:
-        fig = viz.filter_rows(s0["x"], fl)
+        fig = viz.filter_rows(s0["x"], fl, colorbar=True)
         parts.append("<p>Filter learned images L<sup>k</sup> of the most active filters of each layer "
                      "(first sample; k = filter index):</p>")
         parts.append(_img(figs.save(fig, "filter_images.png"), "filter learned images per layer"))
@@ -220,13 +268,14 @@ def _sec_fm_li(r, figs) -> str:
     if not isinstance(vals, list):
         return not_computed(_why(r, "fq", "fq.table_3_3"))
     layers = _get(t, "layers") or [str(i) for i in range(len(vals))]
-    fig = viz.line_plot(layers, {"ours": vals}, xticklabels=layers, ylabel="C^l", title="feature-map ↔ learned-image "
+    fig = viz.line_plot(layers, {"ours": vals}, xticklabels=layers, ylabel="$C^l$", title="feature-map ↔ learned-image "
                         "correlation")
     rows = [(l, _fmt(v)) for l, v in zip(layers, vals)]
     th = _get(t, "thesis") or {}
     thesis_rows = [(k, ", ".join(_fmt(x) for x in v)) for k, v in th.items() if isinstance(v, list)]
-    return (_img(figs.save(fig, "fm_li_correlation.png"), "C^l per layer") + _table(["layer", "C^l (ours)"], rows)
-            + (_table(["thesis model", "C^l layers 1–5"], thesis_rows) if thesis_rows else ""))
+    return (_img(figs.save(fig, "fm_li_correlation.png"), "feature-map / learned-image correlation per layer")
+            + _table(["layer", rich("C^l (ours)")], rows)
+            + (_table(["thesis model", rich("C^l, layers 1–5")], thesis_rows) if thesis_rows else ""))
 
 
 def _sec_pearson(r, figs) -> str:
@@ -366,15 +415,8 @@ def _sec_anomaly_counts(r, figs) -> str:
     parts = []
     rows = _get(r, "gmm", "counts")
     if isinstance(rows, list) and rows:
-        ep = [x.get("epoch") for x in rows]
-        fig = viz.line_plot(ep, {"anomaly filters": [x.get("n_anomalous") for x in rows]}, xlabel="epoch",
-                            ylabel="anomaly filters", title=f"anomaly filters per epoch ({_get(r, 'gmm', 'layer')})")
         g = r.get("gmm") or {}
-        ax = fig.axes[0]
-        for e, lab in ((g.get("well_trained_epoch"), "well-trained"), (g.get("overfitted_epoch"), "over-fitted")):
-            if e is not None:
-                ax.axvline(e, color="grey", ls="--", lw=0.8)
-                ax.annotate(lab, (e, ax.get_ylim()[1]), fontsize=7, ha="center", va="bottom")
+        fig = anomaly_counts_figure(rows, g.get("well_trained_epoch"), g.get("overfitted_epoch"), g.get("layer"))
         parts.append(_img(figs.save(fig, "anomaly_counts.png"), "anomaly filters per epoch"))
         parts.append(_table(["epoch", "anomaly filters", "filters", "outlier samples"],
                             [(x.get("epoch"), x.get("n_anomalous"), x.get("n_filters"), x.get("n_outlier_samples"))
@@ -396,6 +438,53 @@ def _sec_anomaly_counts(r, figs) -> str:
     else:
         parts.append(not_computed(_why(r, "gmm", "gmm.findings")))
     return "".join(parts)
+
+
+def anomaly_counts_figure(rows: Sequence[Mapping[str, Any]], well_trained: Optional[int], overfitted: Optional[int],
+                          layer: Optional[str] = None):
+    """Fig. 6-4: anomaly filters per epoch, with the well-trained and over-fitted epochs marked.
+
+    Parameters
+    ----------
+    rows : sequence of mappings with ``"epoch"`` (int) and ``"n_anomalous"`` (int or None)
+    well_trained, overfitted : int or None
+        Epochs marked by a vertical line each (distinct colour, style and legend entry; one line
+        labelled with both names when they coincide).
+    layer : str, optional
+        Named in the title.
+
+    Returns
+    -------
+    Figure
+        Integer ticks on both axes; the count axis starts at 0 and reaches at least 1, so
+        all-zero counts lie on a visible floor.
+    """
+    from matplotlib.ticker import MaxNLocator
+
+    ep = [int(x["epoch"]) for x in rows]
+    n = [np.nan if _num(x.get("n_anomalous")) is None else float(x["n_anomalous"]) for x in rows]
+    fig = viz.new_figure(5.5, 3.4)
+    ax = fig.subplots()
+    ax.plot(ep, n, "o-", ms=4, color="C0", label="anomaly filters")
+    marks = [(well_trained, "well-trained", "C2", "--"), (overfitted, "over-fitted", "C3", ":")]
+    if well_trained is not None and well_trained == overfitted:
+        marks = [(well_trained, "well-trained = over-fitted", "C4", "-.")]
+    for e, name, colour, style in marks:
+        if e is not None:
+            ax.axvline(e, color=colour, ls=style, lw=1.4, label=f"{name} (epoch {e})")
+    top = max([1.0] + [v for v in n if np.isfinite(v)])
+    ax.set_ylim(-0.05 * top, 1.15 * top)
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    span = [e for e in ep + [well_trained, overfitted] if e is not None]
+    ax.set_xlim(min(span) - 0.5, max(span) + 0.5)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("anomaly filters")
+    ax.set_title(f"anomaly filters per epoch{f' ({layer})' if layer else ''}", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
 
 
 def _sec_timings(r, figs) -> str:

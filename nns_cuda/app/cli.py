@@ -20,6 +20,7 @@ import argparse
 import importlib
 import sys
 import textwrap
+import time
 from typing import List, Optional, Sequence, Tuple
 
 from nns_cuda.app._common import BAD_INPUT, CLIError, error_line
@@ -30,7 +31,7 @@ PROG = "nns"
 
 #: The command table, in the order ``nns --help`` lists them: ``nns <name>`` runs the module
 #: ``nns_cuda.app.commands.<name with "-" as "_">``.
-COMMANDS: Tuple[str, ...] = ("demo", "scan", "scan-dataset", "merge", "show", "fq", "tip", "gmm", "train", "bench")
+COMMANDS: Tuple[str, ...] = ("demo", "reproduce", "scan", "scan-dataset", "merge", "show", "fq", "tip", "gmm", "train", "bench")
 
 #: Commands that pass everything after their name on unparsed (in ``args.bench_args``).
 _PASS_THROUGH = ("bench",)
@@ -99,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EPILOG)
     p.add_argument("--version", action="version", version=f"nns_cuda {__version__}")
     _debug_flag(p, True)
-    sub = p.add_subparsers(dest="command", metavar="<command>")
+    sub = p.add_subparsers(dest="command", metavar="<command>", help="the command to run (`nns <command> --help`)")
     for name in COMMANDS:
         _add_command(sub, name)
     return p
@@ -136,7 +137,11 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the ``nns`` command line; returns the exit status (also used by ``python -m nns_cuda``)."""
+    """Run the ``nns`` command line; returns the exit status (also used by ``python -m nns_cuda``).
+
+    ``args.started`` is the ``time.perf_counter()`` of this call, so that a command can time what
+    the user waits for."""
+    started = time.perf_counter()
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     split = _split_pass_through(argv)
@@ -150,6 +155,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
+    args.started = started
     debug = bool(getattr(args, "debug", False))
     try:
         return _run(args)

@@ -48,6 +48,7 @@ from nns_cuda.app._demo_stages import (
     scan_stage,
     tip_stage,
 )
+from nns_cuda.engine.memory import parse_bytes  # the one parser of sizes (re-exported here)
 
 __all__ = ["DemoConfig", "run_demo", "parse_bytes", "scan_layers", "last_conv_activation"]
 
@@ -93,24 +94,6 @@ class DemoConfig:
                 raise ValueError(f"--batch-size must be positive, got {batch_size}")
             c.batch_size = int(batch_size)
         return c
-
-
-def parse_bytes(s: Union[None, int, str]) -> Optional[int]:
-    """``"2G"``, ``"512M"``, ``"64k"``, ``"1.5GiB"`` or a plain number of bytes -> int (None stays None)."""
-    if s is None or isinstance(s, int):
-        return s
-    t = str(s).strip().lower().replace("ib", "").replace("b", "")
-    mult = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    try:
-        if t and t[-1] in mult:
-            v = float(t[:-1]) * mult[t[-1]]
-        else:
-            v = float(t)
-    except ValueError:
-        raise ValueError(f"memory size {s!r} not understood; write e.g. 2G, 512M or a number of bytes") from None
-    if v <= 0:
-        raise ValueError(f"memory size must be positive, got {s!r}")
-    return int(v)
 
 
 # ----------------------------------------------------------------------------- model helpers
@@ -236,7 +219,7 @@ def run_demo(out_dir: Union[str, "os.PathLike[str]"] = "nns_output/demo", quick:
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
-    eng = Engine(backend=backend, max_memory=parse_bytes(max_memory))
+    eng = Engine(backend=backend, max_memory=parse_bytes(max_memory), progress=progress)
     from nns_cuda.engine.scanner import resolve_backend
 
     resolve_backend(backend, dev)  # fail early on an impossible backend

@@ -6,7 +6,9 @@ builds, or any dict with some of the keys below) into figures and tables next to
 ========================  ==================================================================
 section                   from ``results``
 ========================  ==================================================================
-Findings                  judged from the analyses (:func:`nns_cuda.analysis.thesis.judge_findings`)
+Findings                  judged from the analyses (:func:`nns_cuda.analysis.thesis.judge_findings`);
+                          above them the multi-seed verdicts of ``reproduction`` or, without that
+                          key, of docs/results/reproduction.json (``nns reproduce``) when it exists
 Training curves           ``training.history`` (``TrainingHistory.to_dict()``)
 Learned images (Fig 3-7)  ``learned_images.samples[*]``: ``x``, ``layer_images``, ``filters``
 Knowledge (Fig 3-8)       ``knowledge`` (``chapter3.KnowledgeQuantity(...).fit(...).to_dict()``)

@@ -119,7 +119,8 @@ def heatmap(ax, image: ArrayLike, *, cmap: str = DEFAULT_CMAP, center: Optional[
     cmap : colour-map name (default diverging ``"RdBu_r"``; ``"jet"`` for the thesis's look)
     center : symmetric limits around zero (default: True except for ``"jet"``)
     reduce : channel reduction, see :func:`heat`
-    title, colorbar, fontsize : decoration
+    title, fontsize : decoration
+    colorbar : a colour scale beside the heat map (its limits and zero, if inside them)
 
     Returns
     -------
@@ -133,7 +134,11 @@ def heatmap(ax, image: ArrayLike, *, cmap: str = DEFAULT_CMAP, center: Optional[
     if title:
         ax.set_title(title, fontsize=fontsize)
     if colorbar:
-        ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+        cb = ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
+        ticks = [vmin, 0.0, vmax] if vmin < 0 < vmax else [vmin, vmax]
+        cb.set_ticks(ticks)
+        cb.set_ticklabels(["0" if v == 0 else f"{v:.3g}" for v in ticks])
+        cb.ax.tick_params(labelsize=max(4, fontsize - 2), length=2, pad=1)
     return im
 
 
@@ -184,24 +189,25 @@ def save(fig, path: Union[str, "os.PathLike[str]"], dpi: Optional[int] = None) -
 
 def learned_image_figure(x: ArrayLike, images: Mapping[str, ArrayLike], *, cmap: str = DEFAULT_CMAP,
                          center: Optional[bool] = None, reduce: Optional[str] = "sum", title: Optional[str] = None,
-                         size: float = 1.7):
+                         size: float = 1.7, colorbar: bool = False):
     """The input beside a row of learned images (Fig. 3-7 style).
 
     Parameters
     ----------
     x : input [D, H, W]
     images : mapping caption -> learned image [D, H, W] (e.g. layer name -> layer image)
+    colorbar : a colour scale beside each heat map (each has its own limits)
 
     Returns
     -------
     Figure
     """
     n = 1 + len(images)
-    fig = new_figure(size * n, size * 1.15)
+    fig = new_figure(size * n * (1.25 if colorbar else 1), size * 1.15)
     axes = fig.subplots(1, n, squeeze=False)[0]
     show_input(axes[0], x)
     for ax, (cap, img) in zip(axes[1:], images.items()):
-        heatmap(ax, img, cmap=cmap, center=center, reduce=reduce, title=cap)
+        heatmap(ax, img, cmap=cmap, center=center, reduce=reduce, title=cap, colorbar=colorbar)
     if title:
         fig.suptitle(title, fontsize=9)
     return fig
@@ -209,7 +215,8 @@ def learned_image_figure(x: ArrayLike, images: Mapping[str, ArrayLike], *, cmap:
 
 def layer_grid(xs: Sequence[ArrayLike], rows: Sequence[Mapping[str, ArrayLike]], *, cmap: str = DEFAULT_CMAP,
                center: Optional[bool] = None, reduce: Optional[str] = "sum",
-               row_titles: Optional[Sequence[str]] = None, size: float = 1.7, fontsize: int = 7):
+               row_titles: Optional[Sequence[str]] = None, size: float = 1.7, fontsize: int = 7,
+               colorbar: bool = False):
     """Fig. 3-7: one row per sample — its input, then one learned image per layer.
 
     Parameters
@@ -217,23 +224,25 @@ def layer_grid(xs: Sequence[ArrayLike], rows: Sequence[Mapping[str, ArrayLike]],
     xs : inputs [D, H, W], one per row
     rows : per row, mapping layer name -> learned image [D, H, W] (same keys in every row)
     row_titles : optional caption of each row's input (e.g. "label 3")
+    colorbar : a colour scale beside each heat map (each has its own limits)
     """
     if len(xs) != len(rows) or not rows:
         raise ValueError("layer_grid: need one mapping of images per input (and at least one)")
     cols = list(rows[0].keys())
-    fig = new_figure(size * (1 + len(cols)), size * 1.1 * len(rows))
+    fig = new_figure(size * (1 + len(cols)) * (1.2 if colorbar else 1), size * 1.1 * len(rows))
     axes = fig.subplots(len(rows), 1 + len(cols), squeeze=False)
     for i, (x, r) in enumerate(zip(xs, rows)):
         show_input(axes[i, 0], x, title=row_titles[i] if row_titles else "input", fontsize=fontsize)
         for j, c in enumerate(cols):
             heatmap(axes[i, j + 1], r[c], cmap=cmap, center=center, reduce=reduce, title=c if i == 0 else None,
-                    fontsize=fontsize)
+                    fontsize=fontsize, colorbar=colorbar)
     return fig
 
 
 def filter_grid(x: ArrayLike, filter_images: ArrayLike, *, indices: Optional[Sequence[int]] = None,
                 captions: Optional[Sequence[str]] = None, cmap: str = DEFAULT_CMAP, center: Optional[bool] = None,
-                reduce: Optional[str] = "sum", ncols: int = 8, title: Optional[str] = None, size: float = 1.3):
+                reduce: Optional[str] = "sum", ncols: int = 8, title: Optional[str] = None, size: float = 1.3,
+                colorbar: bool = False):
     """The input and a grid of filter learned images ``L^k`` of one layer.
 
     Parameters
@@ -242,6 +251,7 @@ def filter_grid(x: ArrayLike, filter_images: ArrayLike, *, indices: Optional[Seq
     filter_images : [K, D, H, W]
     indices : which filters to draw (default all, at most 32)
     captions : per drawn filter (default ``"k=<index>"``)
+    colorbar : a colour scale beside each heat map (each has its own limits)
     """
     L = to_numpy(filter_images)
     if L.ndim < 2:
@@ -250,12 +260,12 @@ def filter_grid(x: ArrayLike, filter_images: ArrayLike, *, indices: Optional[Seq
     n = 1 + len(idx)
     ncols = max(1, min(ncols, n))
     nrows = math.ceil(n / ncols)
-    fig = new_figure(size * ncols, size * 1.15 * nrows)
+    fig = new_figure(size * ncols * (1.3 if colorbar else 1), size * 1.15 * nrows)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     show_input(axes[0], x)
     for a, k in enumerate(idx):
         cap = captions[a] if captions else f"k={k}"
-        heatmap(axes[a + 1], L[k], cmap=cmap, center=center, reduce=reduce, title=cap)
+        heatmap(axes[a + 1], L[k], cmap=cmap, center=center, reduce=reduce, title=cap, colorbar=colorbar)
     for ax in axes[n:]:
         ax.axis("off")
     if title:
@@ -264,18 +274,20 @@ def filter_grid(x: ArrayLike, filter_images: ArrayLike, *, indices: Optional[Seq
 
 
 def filter_rows(x: ArrayLike, layers: Mapping[str, Tuple[ArrayLike, Sequence[str]]], *, cmap: str = DEFAULT_CMAP,
-                center: Optional[bool] = None, reduce: Optional[str] = "sum", size: float = 1.25):
+                center: Optional[bool] = None, reduce: Optional[str] = "sum", size: float = 1.25,
+                colorbar: bool = False):
     """One row per layer: the input, then that layer's chosen filter learned images.
 
     Parameters
     ----------
     x : input [D, H, W]
     layers : mapping layer name -> (filter images [k, D, H, W], captions of the k images)
+    colorbar : a colour scale beside each heat map (each has its own limits)
     """
     if not layers:
         raise ValueError("filter_rows: no layers given")
     ncols = 1 + max(len(to_numpy(L)) for L, _ in layers.values())
-    fig = new_figure(size * ncols, size * 1.2 * len(layers))
+    fig = new_figure(size * ncols * (1.3 if colorbar else 1), size * 1.2 * len(layers))
     axes = fig.subplots(len(layers), ncols, squeeze=False)
     for i, (name, (L, caps)) in enumerate(layers.items()):
         L = to_numpy(L)
@@ -284,7 +296,8 @@ def filter_rows(x: ArrayLike, layers: Mapping[str, Tuple[ArrayLike, Sequence[str
         for j in range(ncols - 1):
             ax = axes[i, j + 1]
             if j < len(L):
-                heatmap(ax, L[j], cmap=cmap, center=center, reduce=reduce, title=caps[j] if caps else None, fontsize=7)
+                heatmap(ax, L[j], cmap=cmap, center=center, reduce=reduce, title=caps[j] if caps else None, fontsize=7,
+                        colorbar=colorbar)
             else:
                 ax.axis("off")
     return fig

@@ -6,27 +6,33 @@ VJPs → :class:`ScanResult`. The functional API (:func:`learned_images`, :func:
 
 Modules, in the order a scan uses them:
 
-==============  ===============================================================================
-``graph``       the model traced into nodes with receptive-field geometry (:class:`ScanGraph`)
-``options``     backends, strategies, precisions, conv algorithms and their resolution
-``inputs``      image shape of an input; checks of inputs and foreground masks
-``memory``      default budgets, bytes per sample, chunk bounds of the GEMM conv ops
-``forward``     the recorded forward pass: every node's value, activation gates, arg-max indices
-``patches``     :class:`~nns_cuda.engine.patches.Patches`, the patch representation, and its
-                reductions to dense images and filter images
-``rules``       the forward rule of every node kind (``RULES``: ``{kind: rule}``)
-``propagate``   :class:`~nns_cuda.engine.propagate.PatchPropagator`, forward patch propagation
-``reverse``     the reverse strategy: batched vector–Jacobian products
-``results``     :class:`LayerResult`, :class:`ScanResult`
-``scanner``     :class:`Scanner`
-``functional``  :func:`learned_images`, :func:`filter_images`, :func:`layer_image`
-``oracle``      dense autograd oracles, independent of the engine (tests, cross-checks)
-==============  ===============================================================================
+===================  ===========================================================================
+``graph``            the model traced into nodes (:class:`ScanGraph`), their kinds and shapes
+``receptive_field``  the receptive-field geometry of every spatial node, per axis
+``options``          backends, strategies, precisions, conv algorithms and their resolution
+``inputs``           image shape of an input; checks of inputs and foreground masks
+``memory``           default budgets, bytes per sample, chunk bounds of the GEMM conv ops
+``forward``          the recorded forward pass: node values, activation gates, arg-max indices
+``patches``          ``Patches`` (the patch representation); dense images, filter images
+``rules``            the forward rule of every node kind (``RULES``: ``{kind: rule}``)
+``propagate``        ``PatchPropagator``: forward patch propagation
+``reverse``          the reverse strategy: batched vector–Jacobian products
+``results``          :class:`LayerResult`, :class:`ScanResult`
+``scanner``          :class:`Scanner`
+``functional``       :func:`learned_images`, :func:`filter_images`, :func:`layer_image`
+``dataset_scan``     :class:`DatasetScan`: per-neuron accumulators over whole data sets (resumable,
+                     distributed), :func:`merge_scan`
+``dataset_result``   :class:`DatasetScanResult`, :func:`load_scan`
+``oracle``           dense autograd oracles, independent of the engine (tests, cross-checks)
+===================  ===========================================================================
 """
+from nns_cuda.engine.dataset_result import DatasetScanResult, load_scan
+from nns_cuda.engine.dataset_scan import DatasetScan, ScanDirError, merge_scan
 from nns_cuda.engine.functional import filter_images, layer_image, learned_images
 from nns_cuda.engine.graph import ScanGraph, UnsupportedModuleError, build_graph
 from nns_cuda.engine.results import LayerResult, ScanResult
 from nns_cuda.engine.scanner import Scanner
 
 __all__ = ["Scanner", "ScanResult", "LayerResult", "learned_images", "filter_images", "layer_image",
-           "ScanGraph", "build_graph", "UnsupportedModuleError"]
+           "ScanGraph", "build_graph", "UnsupportedModuleError", "DatasetScan", "DatasetScanResult", "load_scan",
+           "merge_scan", "ScanDirError"]

@@ -18,12 +18,13 @@ import fcntl
 import hashlib
 import json
 import os
-import tempfile
 from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
 
 import torch
 from safetensors.torch import load_file, save, save_file
 from torch import Tensor, nn
+
+from nns_cuda._files import atomic_write_bytes
 
 __all__ = ["MANIFEST", "RESULT", "FORMAT", "ScanDirError", "block_path", "write_atomic", "sha256_file",
            "weights_hash", "item_fingerprint", "read_manifest", "update_manifest", "write_state", "read_state",
@@ -44,19 +45,7 @@ def block_path(out_dir: str, block: int) -> str:
 
 def write_atomic(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(data, path)
 
 
 def sha256_bytes(data: bytes) -> str:

@@ -34,6 +34,7 @@ from nns_cuda.engine import _scan_state as S
 from nns_cuda.engine import _scan_store as F
 from nns_cuda.engine._scan_store import ScanDirError
 from nns_cuda.engine.dataset_result import DatasetScanResult, load_scan
+from nns_cuda.engine.memory import parse_bytes
 
 __all__ = ["DatasetScan", "DatasetScanResult", "load_scan", "merge_scan", "ScanDirError"]
 
@@ -218,7 +219,7 @@ class DatasetScan:
         self.batch_size = batch_size
         self.backend = backend
         self.precision = precision
-        self.max_memory = max_memory
+        self.max_memory = parse_bytes(max_memory)
         self.num_workers = num_workers
         self.stats = stats
         self.filter_images = filter_images

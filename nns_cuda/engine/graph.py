@@ -11,11 +11,18 @@ Addressing (docs/spec.md §0): a node is addressed by its module's qualified nam
 residual block ``layer1.0``, a ``Sequential`` ``features``) addresses its output. Functional
 operations (``torch.flatten``, ``+``, ``torch.cat``) are addressed by their ``torch.fx`` node
 names (``flatten``, ``add_1``, ``cat``), listed by :meth:`ScanGraph.layer_names`.
+
+An operation the scanner cannot linearise becomes an ``unsupported`` node: it blocks only the
+layers computed from it (:meth:`ScanGraph.resolve` raises :class:`UnsupportedModuleError`,
+naming the module whose forward holds it), so the layers before it, or on another branch,
+can still be scanned.
 """
 from __future__ import annotations
 
+import builtins
 import difflib
 import operator
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -39,7 +46,8 @@ SUPPORTED_MODULES = (
     "Conv2d (stride, padding, dilation, groups), Linear, ReLU, LeakyReLU, ReLU6 / Hardtanh, "
     "MaxPool2d, AvgPool2d, AdaptiveAvgPool2d (and their F. / torch. functions), global mean over H, W, "
     "BatchNorm1d/2d (eval), Dropout, Flatten / torch.flatten / view / reshape, Identity, "
-    "residual +, torch.cat / concat along channels (dim 1), channel ranges x[:, a:b] / torch.split / chunk"
+    "residual +, torch.cat / concat along channels (dim 1), channel ranges x[:, a:b] / torch.split / chunk; "
+    "sizes read from tensors (x.shape, x.size(i), len(x)) as view / reshape arguments"
 )
 
 _GRADIENT_ACTIVATIONS = {
@@ -64,6 +72,10 @@ def call_out_of_place(mod: nn.Module, z: torch.Tensor) -> torch.Tensor:
 
 class UnsupportedModuleError(TypeError):
     """Raised when a model holds a module or operation the scanner cannot linearise."""
+
+
+class _InputMismatch(ValueError):
+    """The example input does not run through the model."""
 
 
 @dataclass
@@ -123,7 +135,7 @@ class ScanGraph:
         self.linearize = linearize
         self.input_shape = tuple(example.shape[1:])
         try:
-            self.gm = fx.symbolic_trace(model)
+            self.gm = _trace(model)
         except Exception as e:
             raise UnsupportedModuleError(
                 f"torch.fx could not trace {type(model).__name__}: {e}. The scanner needs a "
@@ -156,9 +168,8 @@ class ScanGraph:
                 g = GNode(idx, "input", "input", [], n)
             elif n.op == "output":
                 args = n.args[0]
-                if not isinstance(args, fx.Node):
-                    raise UnsupportedModuleError("the model must return a single tensor")
-                self.output_idx = fx2idx[args]
+                # a model returning several tensors can still be scanned up to its layers
+                self.output_idx = fx2idx.get(args) if isinstance(args, fx.Node) else None
                 continue
             elif n.op == "get_attr":
                 g = GNode(idx, n.name, "aux", [], n)
@@ -167,15 +178,54 @@ class ScanGraph:
                 k = seen.get(name, 0)
                 seen[name] = k + 1
                 addr = f"{name}:{k}" if calls[name] > 1 else name
-                g = self._module_node(idx, addr, n, self.modules[name], tensor_inputs)
+                g = self._unsupported_or(idx, addr, n, tensor_inputs, self._module_node, idx, addr, n,
+                                         self.modules[name], tensor_inputs)
             else:
-                g = self._function_node(idx, n, tensor_inputs)
+                g = self._unsupported_or(idx, n.name, n, tensor_inputs, self._function_node, idx, n, tensor_inputs)
             g.scopes = scopes
             self.nodes.append(g)
             fx2idx[n] = idx
         for g in self.nodes:
             for i in g.inputs:
                 self.nodes[i].users.append(g.idx)
+
+    def _unsupported_or(self, idx, name, n, tin, make, *args) -> GNode:
+        """``make(*args)``, or an ``unsupported`` node holding the error: it blocks only the
+        layers computed from it (:meth:`blocker`), not the whole model."""
+        try:
+            return make(*args)
+        except UnsupportedModuleError as e:
+            return GNode(idx, name, "unsupported", list(tin), n, attrs=dict(error=self._in_module(n, str(e))))
+
+    def _in_module(self, n: fx.Node, why: str) -> str:
+        """``why`` prefixed with the module whose forward holds fx node ``n`` (its nn.Module path)."""
+        if n.op == "call_module":
+            return why  # the message already names the module
+        stack = n.meta.get("nn_module_stack") or {}
+        if not stack:
+            return f"in the forward of the model ({type(self.model).__name__}): {why}"
+        path, cls = list(stack.values())[-1]
+        return f"in module {path!r} ({getattr(cls, '__name__', cls)}): {why}"
+
+    def _mark_unsupported(self, g: GNode, why: str) -> None:
+        g.attrs["error"] = self._in_module(g.fx_node, why)
+        g.kind = "unsupported"
+
+    def blocker(self, node: GNode) -> Optional[GNode]:
+        """The first unsupported node on the way from the input to ``node`` (itself included),
+        or None when ``node`` can be scanned."""
+        i = self._blocked.get(node.idx)
+        return None if i is None else self.nodes[i]
+
+    def ancestors(self, idxs) -> set:
+        """Indices of the nodes in ``idxs`` and of every node they are computed from."""
+        seen, todo = set(), list(idxs)
+        while todo:
+            i = todo.pop()
+            if i not in seen:
+                seen.add(i)
+                todo.extend(self.nodes[i].inputs)
+        return seen
 
     def _module_node(self, idx, addr, n, mod, tin) -> GNode:
         def one_input():
@@ -238,6 +288,10 @@ class ScanGraph:
     def _function_node(self, idx, n, tin) -> GNode:
         t = n.target
         name = n.name
+        if (t is getattr and len(n.args) == 2 and n.args[1] in _SHAPE_ATTRS) or t is _BUILTIN_LEN:
+            return GNode(idx, name, "aux", [], n)  # x.shape, x.ndim, len(x): sizes, no learned image
+        if not tin and not self._is_split_item(n):
+            return GNode(idx, name, "aux", [], n)  # computed from sizes / constants only (h.size(1) * 4)
         if n.op == "call_method":
             if t in ("view", "reshape", "flatten"):
                 return GNode(idx, name, "reshape", tin[:1], n)
@@ -245,7 +299,7 @@ class ScanGraph:
                 return GNode(idx, name, "identity", tin[:1], n)
             if t in ("relu", "relu_"):
                 return GNode(idx, name, "relu", tin[:1], n)
-            if t in ("size", "dim"):
+            if t in ("size", "dim", "numel"):
                 return GNode(idx, name, "aux", [], n)
             if t in ("add", "add_", "__add__", "__iadd__"):
                 return self._add_node(idx, n, tin)
@@ -308,6 +362,12 @@ class ScanGraph:
             return GNode(idx, name, "aux", [], n)
         raise UnsupportedModuleError(
             f"function {getattr(t, '__name__', t)!r} at fx node {name!r} is not supported. Supported: {SUPPORTED_MODULES}.")
+
+    def _is_split_item(self, n: fx.Node) -> bool:
+        """Whether ``n`` is ``pieces[i]`` of a ``torch.split`` / ``chunk`` node."""
+        src = n.args[0] if n.target is operator.getitem and n.args else None
+        return (isinstance(src, fx.Node) and src in self._fx2idx
+                and bool(self.nodes[self._fx2idx[src]].attrs.get("split")))
 
     def _tensor_operands(self, args) -> List[int]:
         """Node indices of the tensor operands among ``args``, in order, repeats kept (``x + x``,
@@ -402,32 +462,48 @@ class ScanGraph:
         try:
             values = self.run(example, record=False)
         except (RuntimeError, ValueError, IndexError) as e:
-            raise ValueError(f"input of shape {list(example.shape)} does not fit the model: {e}") from e
+            raise _InputMismatch(f"input of shape {list(example.shape)} does not fit the model: {e}") from e
+        self._blocked: Dict[int, int] = {}
         for g in self.nodes:
             v = values[g.idx]
             if g.kind == "aux":
                 continue
-            if not isinstance(v, torch.Tensor):
-                raise UnsupportedModuleError(f"node {g.name!r} does not produce a tensor")
-            if g.kind == "cat":
-                if not _is_channel_dim(g.attrs["dim"], v.dim()):
-                    raise UnsupportedModuleError(
-                        f"torch.cat at fx node {g.name!r} joins {v.dim()}-d tensors along dim {g.attrs['dim']}: only "
-                        "channels of [B, C, H, W] maps or features of [B, N] vectors (dim 1) can be concatenated")
-            if g.kind == "slice":
-                self._slice_bounds(g, values)
-            if g.kind == "global_mean":
-                src = values[g.inputs[0]]
-                dims = g.attrs["dims"]
-                dd = None if dims is None else sorted(d + src.dim() if d < 0 else d for d in dims)
-                if src.dim() != 4 or dd != [2, 3]:
-                    raise UnsupportedModuleError(
-                        f"mean at fx node {g.name!r} over dims {dims} of a {src.dim()}-d tensor: only the global "
-                        "average over H, W of a [B, C, H, W] map (dims (2, 3)) is supported")
-            if v.dim() == 0 or v.shape[0] != example.shape[0]:
-                raise UnsupportedModuleError(
-                    f"node {g.name!r} changes the batch dimension (shape {list(v.shape)}); reshapes must keep dim 0")
+            cause = next((self._blocked[i] for i in g.inputs if i in self._blocked), None)
+            if cause is None and g.kind != "unsupported":
+                try:
+                    self._check_node(g, v, values, example)
+                except UnsupportedModuleError as e:
+                    self._mark_unsupported(g, str(e))
+            if g.kind == "unsupported":
+                cause = g.idx if cause is None else cause
+            if cause is not None:  # never scanned: its shape only for the memory model
+                self._blocked[g.idx] = cause
+                g.shape = tuple(v.shape[1:]) if isinstance(v, torch.Tensor) and v.dim() > 0 else ()
+                continue
             g.shape = tuple(v.shape[1:])
+
+    def _check_node(self, g: GNode, v, values: Dict[Any, Any], example: torch.Tensor) -> None:
+        """Raise ``UnsupportedModuleError`` unless node ``g``'s value ``v`` can be linearised."""
+        if not isinstance(v, torch.Tensor):
+            raise UnsupportedModuleError(f"node {g.name!r} does not produce a tensor")
+        if g.kind == "cat":
+            if not _is_channel_dim(g.attrs["dim"], v.dim()):
+                raise UnsupportedModuleError(
+                    f"torch.cat at fx node {g.name!r} joins {v.dim()}-d tensors along dim {g.attrs['dim']}: only "
+                    "channels of [B, C, H, W] maps or features of [B, N] vectors (dim 1) can be concatenated")
+        if g.kind == "slice":
+            self._slice_bounds(g, values)
+        if g.kind == "global_mean":
+            src = values[g.inputs[0]]
+            dims = g.attrs["dims"]
+            dd = None if dims is None else sorted(d + src.dim() if d < 0 else d for d in dims)
+            if src.dim() != 4 or dd != [2, 3]:
+                raise UnsupportedModuleError(
+                    f"mean at fx node {g.name!r} over dims {dims} of a {src.dim()}-d tensor: only the global "
+                    "average over H, W of a [B, C, H, W] map (dims (2, 3)) is supported")
+        if v.dim() == 0 or v.shape[0] != example.shape[0]:
+            raise UnsupportedModuleError(
+                f"node {g.name!r} changes the batch dimension (shape {list(v.shape)}); reshapes must keep dim 0")
 
     def run(self, x: torch.Tensor, record: bool = True) -> Dict[int, Any]:
         """Run the model node by node (non-inplace). Returns ``{node index: value}``;
@@ -438,6 +514,8 @@ class ScanGraph:
             n = g.fx_node
             args = fx.graph.map_arg(n.args, lambda a: env[a])
             kwargs = fx.graph.map_arg(n.kwargs, lambda a: env[a])
+            if g.kind == "unsupported":  # it may work in place: keep the recorded values intact
+                args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
             if g.kind == "input":
                 v = x
             elif n.op == "get_attr":
@@ -503,18 +581,24 @@ class ScanGraph:
                     last = g.idx
             if last is not None and len(list(mod.children())) > 0:
                 self.by_name[mname] = last
-        self.by_name[""] = self.output_idx
+        if self.output_idx is not None:
+            self.by_name[""] = self.output_idx
 
     def layer_names(self) -> List[str]:
-        """All addresses that :meth:`resolve` accepts (modules, calls, containers, fx ops)."""
-        return [n for n in self.by_name if n]
+        """All addresses that :meth:`resolve` accepts (modules, calls, containers, fx ops):
+        the nodes that can be scanned (no unsupported operation on the way to them)."""
+        return [n for n, i in self.by_name.items() if n and i not in self._blocked]
 
     def resolve(self, name: str) -> GNode:
         """The node addressed by ``name`` (docs/spec.md §0); errors name close matches."""
         if not isinstance(name, str):
             raise TypeError(f"layer must be a module name (str), got {type(name).__name__}")
         if name in self.by_name:
-            return self.nodes[self.by_name[name]]
+            node = self.nodes[self.by_name[name]]
+            bad = self.blocker(node)
+            if bad is not None:
+                raise UnsupportedModuleError(f"layer {name!r} cannot be scanned: {bad.attrs['error']}")
+            return node
         if name in self.ambiguous:
             raise KeyError(
                 f"layer {name!r} is called {len(self.ambiguous[name])} times in one forward pass; "
@@ -538,6 +622,8 @@ class ScanGraph:
 
     @property
     def output(self) -> GNode:
+        if self.output_idx is None:
+            raise UnsupportedModuleError("the model does not return a single tensor")
         return self.nodes[self.output_idx]
 
 
@@ -566,6 +652,31 @@ def _is_channel_dim(dim: int, rank: int) -> bool:
 
 _CAT_FUNCTIONS = tuple(f for f in (torch.cat, getattr(torch, "concat", None), getattr(torch, "concatenate", None))
                        if f is not None)
+
+
+_SHAPE_ATTRS = ("shape", "ndim", "dtype", "device")
+_BUILTIN_LEN = builtins.len
+_TRACE_LOCK = threading.RLock()
+
+
+def _traced_len(obj):
+    """``len`` during tracing: ``len(proxy)`` becomes a graph node (sizes used in view / reshape)."""
+    if isinstance(obj, fx.Proxy):
+        return obj.tracer.create_proxy("call_function", _BUILTIN_LEN, (obj,), {})
+    return _BUILTIN_LEN(obj)
+
+
+def _trace(model: nn.Module) -> fx.GraphModule:
+    """``torch.fx.symbolic_trace(model)``, with ``len(tensor)`` recorded (builtins.len is
+    swapped for the trace; traces are serialised, torch.fx patches global state anyway)."""
+    with _TRACE_LOCK:
+        builtins.len = _traced_len
+        try:
+            tracer = fx.Tracer()
+            graph = tracer.trace(model)
+        finally:
+            builtins.len = _BUILTIN_LEN
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
 def _fetch_attr(mod: nn.Module, target: str):
@@ -598,7 +709,8 @@ def build_graph(model: nn.Module, example: torch.Tensor, linearize: Optional[str
     model : nn.Module
         In eval mode.
     example : Tensor [B, *input_shape]
-        Only its non-batch shape, dtype and device are used.
+        The batch (or any part of it): only its non-batch shape, dtype and device are used,
+        the model runs on one sample.
     linearize : None or "gradient"
         As :class:`ScanGraph`.
 
@@ -606,13 +718,27 @@ def build_graph(model: nn.Module, example: torch.Tensor, linearize: Optional[str
     -------
     ScanGraph
         Cached per (model, input shape, linearize) while the model object lives.
+
+    Raises
+    ------
+    ValueError
+        ``example`` does not fit the model (for a 3-d ``example``: "x must be [B, C, H, W]").
     """
     _check_eval(model)
+    shape = list(example.shape)
+    # one sample (an empty batch: one zero sample of the same shape)
+    example = example[:1] if example.shape[0] else example.new_zeros((1, *example.shape[1:]))
     key = (id(model), tuple(example.shape[1:]), linearize)
     g = _GRAPH_CACHE.get(key)
     if g is not None and g.model is model:
         return g
-    g = ScanGraph(model, example, linearize)
+    try:
+        g = ScanGraph(model, example, linearize)
+    except _InputMismatch as e:
+        if len(shape) == 3:
+            raise ValueError(f"x must be [B, C, H, W], got {shape}; add the missing dimension: x.unsqueeze(0) for one "
+                             "image [C, H, W], x.unsqueeze(1) for a batch of one-channel images [B, H, W]") from e
+        raise
     if len(_GRAPH_CACHE) > 32:
         _GRAPH_CACHE.clear()
     _GRAPH_CACHE[key] = g

@@ -7,8 +7,10 @@ its batch so that ``chunk × forward_bytes_per_sample`` stays within the budget,
 from __future__ import annotations
 
 import math
+import numbers
 import os
-from typing import Any, Dict
+import re
+from typing import Any, Dict, Optional, Union
 
 import torch
 
@@ -16,7 +18,122 @@ from nns_cuda.engine.graph import GNode, ScanGraph
 from nns_cuda.engine.inputs import image_dims
 from nns_cuda.ops._geometry import virtual_axis
 
-__all__ = ["default_budget", "gemm_max_elems", "forward_bytes_per_sample", "gather_fits"]
+__all__ = ["default_budget", "gemm_max_elems", "forward_bytes_per_sample", "gather_fits", "parse_bytes",
+           "format_bytes", "reverse_fallback_message", "available_bytes", "check_dense_result"]
+
+
+_SIZE = re.compile(r"^([+-]?(?:\d+\.?\d*|\.\d+)(?:e[+-]?\d+)?)\s*([kmgt]?)(?:i?b)?$")
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_bytes(value: Union[None, int, float, str], name: str = "max_memory") -> Optional[int]:
+    """A memory size in bytes, from a number or a string such as ``"2G"``, ``"512M"``,
+    ``"64k"``, ``"1.5GiB"``, ``"2GB"`` (binary units: k = 2**10, M = 2**20, G = 2**30,
+    T = 2**40; case and a trailing ``B`` / ``iB`` ignored). The one parser of the package:
+    ``Scanner``, the functional API, the Captum-style classes and the ``--max-memory``
+    option of the command line all use it.
+
+    Parameters
+    ----------
+    value : None, int, float or str
+        None stays None (the default budget).
+    name : str
+        The option's name, for the error message.
+
+    Returns
+    -------
+    int or None
+
+    Raises
+    ------
+    ValueError
+        Zero, a negative size, or a string that is not a size.
+    TypeError
+        Any other type (a bool included).
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, str)):
+        raise TypeError(f"{name} must be a number of bytes or a size such as '2G' or '512M', got "
+                        f"{type(value).__name__} {value!r}")
+    if isinstance(value, str):
+        m = _SIZE.match(value.strip().lower())
+        if m is None:
+            raise ValueError(f"{name}={value!r} is not a memory size; write a number of bytes or a size such as "
+                             "2G, 512M or 64k")
+        v = float(m.group(1)) * _UNITS[m.group(2)]
+    else:
+        v = float(value)
+    if not math.isfinite(v) or v < 1:
+        raise ValueError(f"{name} must be a positive number of bytes (e.g. 2G, 512M), got {value!r}")
+    return int(v)
+
+
+def format_bytes(n: float) -> str:
+    """``n`` bytes in binary units with three significant figures (``"1.80 TiB"``, ``"512 MiB"``)."""
+    for unit, size in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{int(n)} B"
+
+
+def available_bytes(device: torch.device) -> int:
+    """Memory a new tensor on ``device`` may take: on CUDA the free memory plus what torch's
+    caching allocator holds unused; on the CPU ``MemAvailable`` of ``/proc/meminfo`` (else the
+    physical RAM)."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:  # pragma: no cover - not Linux
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover
+        return 1 << 62
+
+
+def check_dense_result(shape, dtype: torch.dtype, device: torch.device, what: str) -> None:
+    """Raise ``MemoryError`` before allocating a dense result of ``shape`` that cannot fit.
+
+    Parameters
+    ----------
+    shape : sequence of int
+        The result's shape.
+    dtype : torch.dtype
+    device : torch.device
+    what : str
+        What the result is, for the message (``"the learned images of layer 'conv1'"``).
+
+    Raises
+    ------
+    MemoryError
+        When the result alone exceeds :func:`available_bytes`; the message gives its size and
+        what to ask for instead.
+    """
+    need = math.prod(int(v) for v in shape) * torch.empty((), dtype=dtype).element_size()
+    avail = available_bytes(device)
+    if need > avail:
+        raise MemoryError(
+            f"{what} would be a dense tensor {list(shape)} of {format_bytes(need)} ({dtype}), more than the "
+            f"{format_bytes(avail)} available on {device}; ask for less: filter_images() (one image per channel, "
+            "[B, C, ...]), Scanner(..., stats=True) without keep_images (per-neuron statistics, no images), "
+            "neurons=[...] (a few neurons) or fewer samples")
+
+
+def reverse_fallback_message(per_sample: int, fit_budget: int) -> str:
+    """The warning of ``strategy="auto"`` falling back to the reverse strategy: why, and the
+    ``max_memory`` that would keep the forward strategy."""
+    gib = math.ceil(per_sample / (1 << 30))
+    suggest = f"{gib}G" if per_sample >= (1 << 30) else f"{math.ceil(per_sample / (1 << 20))}M"
+    return (f"strategy='auto' fell back to the reverse strategy (one backward pass per neuron, up to 10^4 times "
+            f"slower than the forward sweep): the forward strategy needs about {format_bytes(per_sample)} per sample "
+            f"for these layers, over max_memory={format_bytes(fit_budget)}. Raise max_memory (e.g. "
+            f"max_memory='{suggest}') if the device has that memory, or pass strategy='reverse' to silence this warning")
 
 
 def default_budget(device: torch.device, fit: bool = False) -> int:

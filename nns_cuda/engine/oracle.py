@@ -80,9 +80,8 @@ def autograd_filter_images(model: nn.Module, x: Tensor, layer: str) -> Tensor:
 
     Parameters
     ----------
-    model : nn.Module
-        In eval mode.
-    x : Tensor [B, D, H, W]
+    model, x
+        As :func:`autograd_learned_images`.
     layer : str
         A module with channels (output ``[B, C, ...]``); ``name:k`` as :func:`autograd_learned_images`.
 
@@ -107,9 +106,8 @@ def autograd_scan(model: nn.Module, x: Tensor, fg_mask: Optional[Tensor], layers
 
     Parameters
     ----------
-    model : nn.Module
-        In eval mode.
-    x : Tensor [B, D, H, W]
+    model, x
+        As :func:`autograd_learned_images`.
     fg_mask : bool Tensor [B, H, W] or None
         Foreground for the statistics (None: the whole image).
     layers : sequence of str

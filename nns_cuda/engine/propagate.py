@@ -210,14 +210,16 @@ class PatchPropagator:
         """
         graph = self.graph
         alive: Dict[int, Patches] = {}
-        users_left = {g.idx: len(g.users) for g in graph.nodes}
+        # only the requested nodes and what they are computed from (other branches are skipped)
+        needed = graph.ancestors(self.requested)
+        users_left = {g.idx: sum(1 for u in g.users if u in needed) for g in graph.nodes}
         out: Dict[int, Patches] = {}
         self.fused, self.gated_by_fusion = {}, set()
         last_needed = max(self.requested) if self.requested else -1
         for node in graph.nodes:
             if node.idx > last_needed:
                 break
-            if node.kind == "aux":
+            if node.kind == "aux" or node.idx not in needed:
                 continue
             if node.idx in self.fused:
                 p = alive[node.inputs[0]]  # a fused chain shares one set of patches

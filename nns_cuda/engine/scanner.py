@@ -15,22 +15,26 @@ Every result records the backend, strategy, precision and conv algorithm that ra
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+import math
+import warnings
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
+from nns_cuda.engine.backward import ReverseRequest, reverse_scan
 from nns_cuda.engine.forward import ForwardPass
 from nns_cuda.engine.graph import GNode, ScanGraph, build_graph
 from nns_cuda.engine.inputs import check_input, check_mask, image_dims
-from nns_cuda.engine.memory import default_budget, forward_bytes_per_sample, gemm_max_elems
+from nns_cuda.engine.memory import (check_dense_result, default_budget, forward_bytes_per_sample, gemm_max_elems,
+                                    parse_bytes, reverse_fallback_message)
 from nns_cuda.engine.options import (ScanPlan, check_options, matmul_precision, resolve_backend,
                                      resolve_conv_algorithm, resolve_precision, reverse_supports)
 from nns_cuda.engine.patches import dense_images, fold_filter_images
-from nns_cuda.engine.propagate import PatchPropagator
-from nns_cuda.engine.results import LayerResult, ScanResult, concat_batches
-from nns_cuda.engine.reverse import reverse_filter_images, reverse_learned_images
-from nns_cuda.ops.reference.stats import NUM_STATS, li_stats_dense
+from nns_cuda.engine.propagate import PatchPropagator, ops_for_backend
+from nns_cuda.engine.results import LayerResult, ScanResult, concat_batches, empty_layer_result
+from nns_cuda.engine.reverse import _progress_bar
+from nns_cuda.ops.reference.stats import NUM_STATS
 
 __all__ = ["Scanner"]
 
@@ -49,8 +53,9 @@ class Scanner:
         See :func:`~nns_cuda.engine.options.resolve_backend`.
     strategy : {"auto", "forward", "reverse"}
         ``"auto"``: forward when one sample fits ``max_memory``, else reverse.
-    max_memory : int or None
-        Bytes the scan may use for its working set (None: 60 % of free GPU memory; on the CPU
+    max_memory : int, str or None
+        Bytes (or a size such as ``"2G"``, ``"512M"``: :func:`~nns_cuda.engine.memory.parse_bytes`)
+        the scan may use for its working set (None: 60 % of free GPU memory; on the CPU
         2 GiB, or 25 % of RAM if less). Larger work is chunked over the batch; when one sample
         does not fit the forward strategy, ``"auto"`` switches to ``"reverse"``.
     stats : bool
@@ -68,6 +73,12 @@ class Scanner:
         See *Precision* in the notes.
     conv_algorithm : {"auto", "direct", "gemm", "gather", "implicit"}
         See *Conv algorithms* in the notes.
+    progress : bool or None
+        Progress bar (stderr) of the reverse strategy's per-neuron loop: True always, False
+        never, None (default) only for a loop that runs longer than 2 s
+        (:data:`~nns_cuda.engine.reverse.PROGRESS_DELAY_S`). When ``strategy="auto"`` falls
+        back to the reverse strategy, a ``UserWarning`` says so once per Scanner (why, and
+        which ``max_memory`` the forward strategy would need).
 
     Notes
     -----
@@ -112,12 +123,12 @@ class Scanner:
     """
 
     def __init__(self, model: nn.Module, layers: Optional[Sequence[str]] = None, *, backend: str = "auto",
-                 strategy: str = "auto", max_memory: Optional[int] = None, stats: bool = True,
+                 strategy: str = "auto", max_memory: Union[None, int, str] = None, stats: bool = True,
                  filter_images: bool = False, keep_images: bool = False, gate_outputs: bool = False,
-                 linearize: Optional[str] = None, precision: str = "auto", conv_algorithm: str = "auto"):
+                 linearize: Optional[str] = None, precision: str = "auto", conv_algorithm: str = "auto",
+                 progress: Optional[bool] = None):
         check_options(backend, strategy, precision, conv_algorithm)
-        if max_memory is not None and max_memory <= 0:
-            raise ValueError(f"max_memory must be a positive number of bytes, got {max_memory}")
+        max_memory = parse_bytes(max_memory)
         if isinstance(layers, str):
             layers = [layers]
         self.model = model
@@ -132,10 +143,12 @@ class Scanner:
         self.linearize = linearize
         self.precision = precision
         self.conv_algorithm = conv_algorithm
+        self.progress = progress
+        self._warned_reverse = False
 
     def graph(self, x: torch.Tensor) -> ScanGraph:
         """The :class:`~nns_cuda.engine.graph.ScanGraph` of the model for inputs shaped like ``x`` [B, ...]."""
-        return build_graph(self.model, x[:1], self.linearize)
+        return build_graph(self.model, x, self.linearize)
 
     def layer_nodes(self, graph: ScanGraph) -> List[GNode]:
         """The graph nodes of the requested layers (in the order given; all scannable nodes in
@@ -181,6 +194,9 @@ class Scanner:
         strategy = self.strategy
         if strategy == "auto":
             strategy = "forward" if per_sample <= fit_budget else "reverse"
+            if strategy == "reverse" and not self._warned_reverse and reverse_supports(self.precision, prec, x.dtype):
+                self._warned_reverse = True
+                warnings.warn(reverse_fallback_message(per_sample, fit_budget), UserWarning, stacklevel=3)
         if strategy == "reverse":
             if not reverse_supports(self.precision, prec, x.dtype):
                 why = "" if self.strategy == "reverse" else (
@@ -189,7 +205,7 @@ class Scanner:
                 raise ValueError(f"precision={self.precision!r} needs the forward strategy: the reverse strategy runs "
                                  f"autograd in the input's dtype ({x.dtype}){why}")
             plan = ScanPlan(prec, x.dtype, x.dtype, "autograd", 0)
-            chunk = x.shape[0]
+            chunk = max(1, x.shape[0])
         else:
             if per_sample > fit_budget:
                 raise MemoryError(
@@ -197,6 +213,10 @@ class Scanner:
                     f"max_memory={fit_budget / 2**20:.0f} MiB; raise max_memory or use strategy='reverse'")
             plan = ScanPlan(prec, storage, out_dtype, algo, gemm_max_elems(budget, storage))
             chunk = max(1, budget // max(per_sample, 1))
+        if self.keep_images:  # dense images: refuse before allocating what cannot fit
+            for name, g in zip(layer_names, nodes):
+                check_dense_result((x.shape[0], *g.shape, *graph.input_shape), plan.out_dtype, x.device,
+                                   f"keep_images=True: the learned images of layer {name!r}")
         parts: List[Dict[str, LayerResult]] = []
         conv_ops_used: Dict[str, str] = {}
         with matmul_precision(prec if self.precision != "auto" else "auto", x.device):
@@ -205,7 +225,13 @@ class Scanner:
                 if strategy == "forward":
                     parts.append(self._scan_forward(graph, nodes, layer_names, xb, fb, backend, plan, conv_ops_used))
                 else:
-                    parts.append(self._scan_reverse(graph, nodes, layer_names, xb, fb, budget, plan))
+                    parts.append(self._scan_reverse(graph, nodes, layer_names, xb, fb, budget, plan, backend))
+        if x.shape[0] == 0:  # an empty batch: no chunk ran; empty results of the right shapes
+            parts.append({n: empty_layer_result(
+                n, g.shape, tuple(graph.input_shape), x.dtype, plan.out_dtype, x.device, stats=self.stats,
+                filter_images=self.want_filters, images=self.keep_images,
+                backend=backend if strategy == "forward" else "autograd", strategy=strategy,
+                precision=plan.precision, conv_algorithm=plan.conv_algorithm) for n, g in zip(layer_names, nodes)})
         layers = {n: concat_batches([p[n] for p in parts]) for n in layer_names}
         return ScanResult(layers, backend if strategy == "forward" else "autograd", strategy, tuple(graph.input_shape),
                           precision=plan.precision, conv_algorithm=plan.conv_algorithm, conv_algorithms=conv_ops_used)
@@ -250,23 +276,44 @@ class Scanner:
         return res
 
     def _scan_reverse(self, graph: ScanGraph, nodes: List[GNode], names: List[str], x: torch.Tensor,
-                      fg: torch.Tensor, budget: int, plan: ScanPlan) -> Dict[str, LayerResult]:
-        """One batch chunk by batched VJPs."""
-        fwd = ForwardPass(graph, x, self.gate_outputs)
-        D, H, W = image_dims(graph.input_shape)
+                      fg: torch.Tensor, budget: int, plan: ScanPlan, backend: str = "reference",
+                      fwd: Optional[ForwardPass] = None, cut: Optional[int] = None,
+                      cut_patches=None) -> Dict[str, LayerResult]:
+        """One batch chunk by batched VJPs of one forward pass: every layer's rows in shared
+        sweeps (:func:`~nns_cuda.engine.backward.reverse_scan`), statistics reduced per sweep."""
+        fwd = ForwardPass(graph, x, self.gate_outputs) if fwd is None else fwd
         B = x.shape[0]
+        D, H, W = image_dims(graph.input_shape)
+        requests, seen = [], set()
+        for name, node in zip(names, nodes):
+            if name not in seen:
+                seen.add(name)
+                requests.append(ReverseRequest(name, node, filters=self.want_filters, stats=self.stats,
+                                               images=self.keep_images))
+        rows = sum((q.node.shape[0] if q.filters and q.node.shape else 0)
+                   + (int(math.prod(q.node.shape)) if q.stats or q.images else 0) for q in requests)
+        ops = ops_for_backend(backend)
+        zero = torch.zeros(1, dtype=torch.long, device=x.device)
+
+        def stats_fn(li: torch.Tensor, x4: torch.Tensor, fgm: torch.Tensor) -> torch.Tensor:
+            n = li.shape[1]
+            return ops.li_stats(li.reshape(B, n, 1, 1, D, H, W), zero, zero, x4, fgm.to(li.dtype)).reshape(B, n, -1)
+
+        bar = _progress_bar(rows, "reverse " + ", ".join(q.name for q in requests), "row", self.progress)
+        try:
+            out = reverse_scan(graph, fwd, x, fg, requests, budget, stats_fn, cut=cut, cut_patches=cut_patches,
+                               on_rows=bar.update)
+        finally:
+            bar.close()
         res: Dict[str, LayerResult] = {}
         for name, node in zip(names, nodes):
             lr = self._layer_result(name, node, fwd, "autograd", "reverse", plan)
-            if self.stats or self.keep_images:
-                imgs = reverse_learned_images(graph, x, node, None, self.gate_outputs, budget)
-                if self.stats:
-                    lr.stats = li_stats_dense(imgs.reshape(B, -1, D, H, W), x.reshape(B, D, H, W), fg) \
-                        .reshape(B, *node.shape, NUM_STATS)
-                if self.keep_images:
-                    lr.images = imgs
-                del imgs
+            o = out[name]
+            if self.stats:
+                lr.stats = o["stats"].reshape(B, *node.shape, NUM_STATS)
             if self.want_filters:
-                lr.filter_images = reverse_filter_images(graph, x, node, self.gate_outputs, budget)
+                lr.filter_images = o["filter_images"]
+            if self.keep_images:
+                lr.images = o["images"].reshape(B, *node.shape, *graph.input_shape)
             res[name] = lr
         return res

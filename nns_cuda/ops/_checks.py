@@ -65,6 +65,13 @@ def _anchor(op: str, name: str, t: torch.Tensor, ref: torch.Tensor, n, what: str
     torch._check_value(t.numel() == n, lambda: f"{op}: {name} must have {what}={n} entries, got {t.numel()}")
 
 
+def _patches(op: str, patches: torch.Tensor, layout: str):
+    """The 7-D patch argument in one of the four patch dtypes; returns its shape."""
+    _dim(op, "patches", patches, 7, layout)
+    _float_or_double(op, "patches", patches)
+    return patches.shape
+
+
 def _windows(op: str, patches: torch.Tensor, ay_in, ax_in, ay_out, ax_out, rh_out: int, rw_out: int,
              same_grid: bool = False):
     """The output window size and the four anchors of a windowed op: input anchors one per row /
@@ -97,8 +104,7 @@ def check_conv_li(patches, ay_in, ax_in, in_active, weight, scale, gate, ay_out,
     -------
     (B, Co, Ho, Wo, D) : the sizes of the result ``[B, Co, Ho, Wo, D, rh_out, rw_out]``
     """
-    _dim(op, "patches", patches, 7, "[B, Ci, Hi, Wi, D, Rhi, Rwi]")
-    _float_or_double(op, "patches", patches)
+    _patches(op, patches, "[B, Ci, Hi, Wi, D, Rhi, Rwi]")
     _dim(op, "weight", weight, 4, "[Co, Ci/groups, Kh, Kw]")
     _floating(op, "weight", weight)
     _same_device(op, "weight", weight, patches)
@@ -132,9 +138,7 @@ def check_conv_li(patches, ay_in, ax_in, in_active, weight, scale, gate, ay_out,
 
 def check_maxpool_li(patches, ay_in, ax_in, indices, ay_out, ax_out, rh_out, rw_out):
     op = "maxpool_li"
-    _dim(op, "patches", patches, 7, "[B, C, Hi, Wi, D, Rhi, Rwi]")
-    _float_or_double(op, "patches", patches)
-    B, C, Hi, Wi, D, Rhi, Rwi = patches.shape
+    B, C, Hi, Wi, D, Rhi, Rwi = _patches(op, patches, "[B, C, Hi, Wi, D, Rhi, Rwi]")
     Ho, Wo = _windows(op, patches, ay_in, ax_in, ay_out, ax_out, rh_out, rw_out)
     _dtype(op, "indices", indices, torch.int64)
     _same_device(op, "indices", indices, patches)
@@ -144,9 +148,7 @@ def check_maxpool_li(patches, ay_in, ax_in, indices, ay_out, ax_out, rh_out, rw_
 
 def check_place_li(patches, ay_in, ax_in, ay_out, ax_out, rh_out, rw_out, accumulate):
     op = "place_li"
-    _dim(op, "patches", patches, 7, "[B, C, Ho, Wo, D, Rhi, Rwi]")
-    _float_or_double(op, "patches", patches)
-    B, C, Ho, Wo, D, Rhi, Rwi = patches.shape
+    B, C, Ho, Wo, D, Rhi, Rwi = _patches(op, patches, "[B, C, Ho, Wo, D, Rhi, Rwi]")
     _windows(op, patches, ay_in, ax_in, ay_out, ax_out, rh_out, rw_out, same_grid=True)
     if accumulate is not None:
         _dtype(op, "accumulate", accumulate, patches.dtype)
@@ -175,9 +177,7 @@ def check_linear_li(dense, weight, gate):
 
 def check_li_stats(patches, ay, ax, x, fg):
     op = "li_stats"
-    _dim(op, "patches", patches, 7, "[B, C, Ho, Wo, D, Rh, Rw]")
-    _float_or_double(op, "patches", patches)
-    B, C, Ho, Wo, D, Rh, Rw = patches.shape
+    B, C, Ho, Wo, D, Rh, Rw = _patches(op, patches, "[B, C, Ho, Wo, D, Rh, Rw]")
     _anchor(op, "ay", ay, patches, Ho, "Ho")
     _anchor(op, "ax", ax, patches, Wo, "Wo")
     torch._check_value(x.dim() == 4 and x.shape[0] == B and x.shape[1] == D,
@@ -192,9 +192,7 @@ def check_li_stats(patches, ay, ax, x, fg):
 
 def check_filter_fold(patches, ay, ax, act, h, w):
     op = "filter_fold"
-    _dim(op, "patches", patches, 7, "[B, C, Ho, Wo, D, Rh, Rw]")
-    _float_or_double(op, "patches", patches)
-    B, C, Ho, Wo, D, Rh, Rw = patches.shape
+    B, C, Ho, Wo, D, Rh, Rw = _patches(op, patches, "[B, C, Ho, Wo, D, Rh, Rw]")
     _anchor(op, "ay", ay, patches, Ho, "Ho")
     _anchor(op, "ax", ax, patches, Wo, "Wo")
     _shape(op, "act", act, (B, C, Ho, Wo), "[B, C, Ho, Wo]")

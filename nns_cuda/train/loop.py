@@ -207,7 +207,8 @@ def load_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cp
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise ValueError(f"cannot read checkpoint {path}: {e}") from e
+        raise ValueError(f"cannot read checkpoint {path}: not a file written by torch.save, or it is "
+                         f"damaged ({type(e).__name__}); delete it and resume from the one before") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not an nns_cuda training checkpoint "
                          f"(format {CHECKPOINT_FORMAT!r})")

@@ -7,6 +7,13 @@ directional findings (:data:`FINDINGS`) and :func:`judge_findings`, which judges
 results dict of measured numbers only (the thesis's numbers are quoted, never used to judge).
 It does not import the chapter modules: it reads their JSON-able output.
 
+Each finding is measured by one or more signed numbers, its *effects* (:data:`EFFECTS`,
+:class:`~nns_cuda.analysis.thesis.verdict.Effect`); :func:`finding_values` reads them from a
+results dict. One run is judged by their direction ("reproduced", "not reproduced",
+"opposite", "not computed"); several seeds by the rule of
+:mod:`nns_cuda.analysis.thesis.verdict`, which ``nns reproduce``
+(:mod:`nns_cuda.analysis.thesis.reproduce`) applies.
+
 >>> from nns_cuda.analysis import thesis
 >>> rows = thesis.judge_findings({"fq": fq_findings, "tip": {...}, "gmm": {...}})   # doctest: +SKIP
 >>> [(r["id"], r["reproduced"]) for r in rows]                                      # doctest: +SKIP
@@ -17,8 +24,19 @@ import math
 import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
-__all__ = ["FINDINGS", "HIGH_SPEARMAN", "YES", "NO", "NOT_COMPUTED", "judge_findings", "lookup", "as_number",
-           "format_number", "missing_reason", "checkpoint_label"]
+from nns_cuda.analysis.thesis.verdict import (
+    NOT_COMPUTED,
+    NOT_REPRODUCED,
+    OPPOSITE,
+    REPRODUCED,
+    VERDICTS,
+    Effect,
+    direction,
+)
+
+__all__ = ["FINDINGS", "EFFECTS", "HIGH_SPEARMAN", "REPRODUCED", "NOT_REPRODUCED", "OPPOSITE", "NOT_COMPUTED",
+           "VERDICTS", "judge_findings", "finding_values", "lookup", "as_number", "format_number", "missing_reason",
+           "checkpoint_label"]
 
 #: ``ρ(AVoU, T_m)`` at or above this counts as "high" (the thesis reports 0.97–1.00, Table 5-2).
 HIGH_SPEARMAN = 0.8
@@ -29,7 +47,8 @@ _FINDING_ROWS = (
      "C^l over layers 1–5: AlexNet 0.998 → 0.623, VGG-16 0.952 → 0.538"),
     ("fq_pearson", "Pearson r between a neuron's FQ and its activation is positive", "Fig. 4-3",
      "positive in most conv layers; VGG-16 mid/high layers > 0.8, ResNet-18 ≥ 0.85"),
-    ("diversity_masking", "Masking the most diverse filters costs more loss than the least diverse", "Table 4-3",
+    ("diversity_masking", "Masking the most diverse filters raises the loss, more than masking the least diverse",
+     "Table 4-3",
      "% loss change top-20 vs bottom-20: VGG-16 +95.2 vs −0.01, AlexNet +108.3 vs −12.8 (data set 1)"),
     ("avou_tm_spearman", f"Spearman ρ between AVoU and T_m is high (≥ {HIGH_SPEARMAN})", "Table 5-2",
      "ρ(AVoU, T_m) = 0.97–1.00 (AlexNet, VGG-11, VGG-16; three data sets)"),
@@ -45,8 +64,17 @@ _FINDING_ROWS = (
 #: figure) and ``thesis`` (the thesis's numbers, quoted).
 FINDINGS: List[Dict[str, str]] = [dict(zip(("id", "claim", "where", "thesis"), row)) for row in _FINDING_ROWS]
 
-#: The three verdicts of a finding.
-YES, NO, NOT_COMPUTED = "yes", "no", "not computed"
+#: The signed numbers that measure each finding and the direction the thesis claims for them.
+EFFECTS: Dict[str, List[Effect]] = {
+    "fm_li_depth": [Effect("rho_depth", "Spearman ρ of C^l with depth", "", sense=-1)],
+    "fq_pearson": [Effect("fraction_positive", "share of conv layers with r > 0", "", hold=0.5, opposite=0.5)],
+    "diversity_masking": [Effect("top", "loss change, most diverse masked", "%"),
+                          Effect("top_minus_bottom", "most − least diverse loss change", "pp")],
+    "avou_tm_spearman": [Effect("rho", "ρ(AVoU, T_m)", "", hold=HIGH_SPEARMAN, opposite=0.0)],
+    "hh_vs_ll": [Effect("hh_minus_ll", "H-H − L-L accuracy drop, mean over checkpoints", "pp")],
+    "anomaly_overfit": [Effect("of_minus_wt", "OF − WT anomaly filters", "filters")],
+    "anomaly_masking": [Effect("anomaly_minus_random", "anomaly − random val. acc. change", "pp")],
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -110,122 +138,142 @@ def _spearman_depth(values: Sequence[Optional[float]]) -> Optional[float]:
 
 
 # --------------------------------------------------------------------------------------------
-# judging
+# the numbers of each finding
 # --------------------------------------------------------------------------------------------
-def _finding(fid: str, reproduced: str, ours: str, reason: str = "") -> Dict[str, Any]:
-    base = next(f for f in FINDINGS if f["id"] == fid)
-    return {**base, "ours": ours, "reproduced": reproduced, "reason": reason}
+def _val(values: Optional[Dict[str, float]], ours: str, reason: str = "") -> Dict[str, Any]:
+    return {"values": values, "ours": ours, "reason": reason}
 
 
 def _fm_li_depth(results: Mapping[str, Any]) -> Dict[str, Any]:
     t33 = lookup(results, "fq", "table_3_3")
     vals = lookup(t33, "ours_C_l")
     if not isinstance(vals, (list, tuple)):
-        return _finding("fm_li_depth", NOT_COMPUTED, "–", missing_reason(results, "fq", "fq.table_3_3.ours_C_l"))
+        return _val(None, "–", missing_reason(results, "fq", "fq.table_3_3.ours_C_l"))
     layers = lookup(t33, "layers") or [str(i + 1) for i in range(len(vals))]
     rho = _spearman_depth(vals)
     ours = ", ".join(f"{l}: {format_number(v)}" for l, v in zip(layers, vals))
     if rho is None:
-        return _finding("fm_li_depth", NOT_COMPUTED, ours, "fewer than two layers with a defined, distinct C^l")
-    return _finding("fm_li_depth", YES if rho < 0 else NO, f"{ours} (Spearman with depth ρ = {rho:+.2f})")
+        return _val(None, ours, "fewer than two layers with a defined, distinct C^l")
+    return _val({"rho_depth": rho}, f"{ours} (Spearman with depth ρ = {rho:+.2f})")
 
 
 def _fq_pearson(results: Mapping[str, Any]) -> Dict[str, Any]:
     pr = lookup(results, "fq", "fig_4_3", "pearson_r")
     if not isinstance(pr, Mapping) or not pr:
-        return _finding("fq_pearson", NOT_COMPUTED, "–", missing_reason(results, "fq", "fq.fig_4_3.pearson_r"))
+        return _val(None, "–", missing_reason(results, "fq", "fq.fig_4_3.pearson_r"))
     finite = {k: as_number(v) for k, v in pr.items() if as_number(v) is not None}
     ours = ", ".join(f"{k}: {format_number(v, 2)}" for k, v in pr.items())
     if not finite:
-        return _finding("fq_pearson", NOT_COMPUTED, ours, "r undefined in every layer (constant FQ or activation)")
+        return _val(None, ours, "r undefined in every layer (constant FQ or activation)")
     pos = sum(v > 0 for v in finite.values())
-    return _finding("fq_pearson", YES if pos > len(finite) / 2 else NO, f"{ours} ({pos}/{len(finite)} layers > 0)")
+    return _val({"fraction_positive": pos / len(finite)}, f"{ours} ({pos}/{len(finite)} layers > 0)")
 
 
 def _diversity_masking(results: Mapping[str, Any]) -> Dict[str, Any]:
     t43 = lookup(results, "fq", "table_4_3")
     top, bot = as_number(lookup(t43, "pct_change_top")), as_number(lookup(t43, "pct_change_bottom"))
     if t43 is None:
-        return _finding("diversity_masking", NOT_COMPUTED, "–", missing_reason(results, "fq", "fq.table_4_3"))
+        return _val(None, "–", missing_reason(results, "fq", "fq.table_4_3"))
     if lookup(t43, "degenerate"):
-        return _finding("diversity_masking", NOT_COMPUTED, "–",
-                        "every filter has the same DBSCAN diversity: no ranking")
+        return _val(None, "–", "every filter has the same DBSCAN diversity: no ranking")
     if top is None or bot is None:
-        return _finding("diversity_masking", NOT_COMPUTED, "–", "loss change undefined (zero base loss?)")
+        return _val(None, "–", "loss change undefined (zero base loss?)")
     n = lookup(t43, "n_mask")
-    return _finding("diversity_masking", YES if top > bot else NO,
-                    f"% loss change, {n or '?'} most vs least diverse of "
-                    f"{lookup(t43, 'n_filters') or '?'} filters: {top:+.2f} % vs {bot:+.2f} %")
+    return _val({"top": top, "top_minus_bottom": top - bot},
+                f"% loss change, {n or '?'} most vs least diverse of {lookup(t43, 'n_filters') or '?'} filters: "
+                f"{top:+.2f} % vs {bot:+.2f} %")
 
 
 def _avou_tm_spearman(results: Mapping[str, Any], tipf: Mapping[str, Any]) -> Dict[str, Any]:
     rho = lookup(tipf, "measured", "spearman_AVoU_T_m")
     if as_number(rho) is None:
-        return _finding("avou_tm_spearman", NOT_COMPUTED, "–", "ρ undefined (constant AVoU or T_m over the filters)")
-    return _finding("avou_tm_spearman", YES if float(rho) >= HIGH_SPEARMAN else NO,
-                    f"ρ(AVoU, T_m) = {float(rho):.3f} ({lookup(tipf, 'layer') or ''})")
+        return _val(None, "–", "ρ undefined (constant AVoU or T_m over the filters)")
+    return _val({"rho": float(rho)}, f"ρ(AVoU, T_m) = {float(rho):.3f} ({lookup(tipf, 'layer') or ''})")
 
 
 def _hh_vs_ll(results: Mapping[str, Any], tipf: Mapping[str, Any]) -> Dict[str, Any]:
     rows = lookup(tipf, "measured", "accuracy_drop_masking_HH_vs_LL")
     if not isinstance(rows, list) or not rows:
-        return _finding("hh_vs_ll", NOT_COMPUTED, "–", "no fg/bg filter types in the results (no foreground masks?)")
+        return _val(None, "–", "no fg/bg filter types in the results (no foreground masks?)")
     pairs = [(str(r.get("checkpoint")), as_number(r.get("H-H")), as_number(r.get("L-L"))) for r in rows]
     ok = [(c, h, l) for c, h, l in pairs if h is not None and l is not None]
+    if not ok:
+        return _val(None, "–", "accuracy drops undefined")
     ours = "; ".join(f"{checkpoint_label(c)}: H-H {format_number(h, 1)} pp vs L-L {format_number(l, 1)} pp"
                      for c, h, l in ok)
-    if not ok:
-        return _finding("hh_vs_ll", NOT_COMPUTED, "–", "accuracy drops undefined")
-    return _finding("hh_vs_ll", YES if all(h > l for _, h, l in ok) else NO,
-                    ours + " (accuracy drop when masked; yes = H-H larger at every checkpoint)")
+    return _val({"hh_minus_ll": sum(h - l for _, h, l in ok) / len(ok)}, ours + " (accuracy drop when masked)")
 
 
 def _anomaly_overfit(results: Mapping[str, Any], gmmf: Mapping[str, Any]) -> Dict[str, Any]:
     t62 = lookup(gmmf, "table_6_2")
     wt, of = as_number(lookup(t62, "WT")), as_number(lookup(t62, "OF"))
     if wt is None or of is None:
-        return _finding("anomaly_overfit", NOT_COMPUTED, "–", "anomaly counts missing from gmm.findings.table_6_2")
+        return _val(None, "–", "anomaly counts missing from gmm.findings.table_6_2")
     g = results.get("gmm") or {}
-    return _finding("anomaly_overfit", YES if of > wt else NO,
-                    f"WT (epoch {g.get('well_trained_epoch', '?')}) {int(wt)} → OF (epoch "
-                    f"{g.get('overfitted_epoch', '?')}) {int(of)} of {lookup(t62, 'n_filters') or '?'} filters")
+    return _val({"of_minus_wt": of - wt},
+                f"WT (epoch {g.get('well_trained_epoch', '?')}) {int(wt)} → OF (epoch "
+                f"{g.get('overfitted_epoch', '?')}) {int(of)} of {lookup(t62, 'n_filters') or '?'} filters")
 
 
 def _anomaly_masking(results: Mapping[str, Any], gmmf: Mapping[str, Any]) -> Dict[str, Any]:
     t65 = lookup(gmmf, "table_6_5")
     an, rnd = as_number(lookup(t65, "anomaly_mean_val_change")), as_number(lookup(t65, "random_mean_val_change"))
     if t65 is None:
-        return _finding("anomaly_masking", NOT_COMPUTED, "–", "gmm.findings.table_6_5 is missing")
+        return _val(None, "–", "gmm.findings.table_6_5 is missing")
     if an is None:
-        return _finding("anomaly_masking", NOT_COMPUTED, "–",
-                        "no anomaly filter in the over-fitted model, so none to mask")
+        return _val(None, "–", "no anomaly filter in the over-fitted model, so none to mask")
     if rnd is None:
-        return _finding("anomaly_masking", NOT_COMPUTED, "–", "random-filter baseline missing")
-    return _finding("anomaly_masking", YES if an > rnd else NO,
-                    f"mean val. acc. change: anomaly {an:+.2f} vs random {rnd:+.2f} (R = {lookup(t65, 'R') or '?'})")
+        return _val(None, "–", "random-filter baseline missing")
+    return _val({"anomaly_minus_random": an - rnd},
+                f"mean val. acc. change: anomaly {an:+.2f} vs random {rnd:+.2f} (R = {lookup(t65, 'R') or '?'})")
 
 
-#: id -> (judge, the results part it reads or None); a judge with a part gets it as its second
-#: argument and is not called when the part is missing (the finding is then "not computed").
-_JUDGES = {"fm_li_depth": (_fm_li_depth, None), "fq_pearson": (_fq_pearson, None),
-           "diversity_masking": (_diversity_masking, None),
-           "avou_tm_spearman": (_avou_tm_spearman, ("tip", "findings")), "hh_vs_ll": (_hh_vs_ll, ("tip", "findings")),
-           "anomaly_overfit": (_anomaly_overfit, ("gmm", "findings")),
-           "anomaly_masking": (_anomaly_masking, ("gmm", "findings"))}
+#: id -> (reader, the results part it reads or None); a reader with a part gets it as its second
+#: argument and is not called when the part is missing (the finding is then not computed).
+_READERS = {"fm_li_depth": (_fm_li_depth, None), "fq_pearson": (_fq_pearson, None),
+            "diversity_masking": (_diversity_masking, None),
+            "avou_tm_spearman": (_avou_tm_spearman, ("tip", "findings")),
+            "hh_vs_ll": (_hh_vs_ll, ("tip", "findings")),
+            "anomaly_overfit": (_anomaly_overfit, ("gmm", "findings")),
+            "anomaly_masking": (_anomaly_masking, ("gmm", "findings"))}
 
 
-def _judge(fid: str, results: Mapping[str, Any]) -> Dict[str, Any]:
-    judge, path = _JUDGES[fid]
+def _read(fid: str, results: Mapping[str, Any]) -> Dict[str, Any]:
+    reader, path = _READERS[fid]
     if path is None:
-        return judge(results)
+        return reader(results)
     part = lookup(results, *path)
     if part is None:
-        return _finding(fid, NOT_COMPUTED, "–", missing_reason(results, path[0], ".".join(path)))
-    return judge(results, part)
+        return _val(None, "–", missing_reason(results, path[0], ".".join(path)))
+    return reader(results, part)
+
+
+def finding_values(results: Mapping[str, Any]) -> Dict[str, Dict[str, Any]]:
+    """The numbers of each of the seven findings in one run.
+
+    Parameters
+    ----------
+    results : mapping
+        As :func:`judge_findings`.
+
+    Returns
+    -------
+    dict
+        finding id -> ``{"values": {effect key: float} or None, "ours": str, "reason": str}``;
+        ``values`` holds the keys of :data:`EFFECTS` ``[id]``, None when the run lacks them
+        (``reason`` says why).
+    """
+    return {f["id"]: _read(f["id"], results) for f in FINDINGS}
+
+
+# --------------------------------------------------------------------------------------------
+# judging one run
+# --------------------------------------------------------------------------------------------
+_ONE_RUN = {"holds": REPRODUCED, "opposite": OPPOSITE, "neither": NOT_REPRODUCED, None: NOT_COMPUTED}
 
 
 def judge_findings(results: Mapping[str, Any]) -> List[Dict[str, Any]]:
-    """Judge each of the thesis's seven directional findings from the measured numbers.
+    """Judge each of the thesis's seven directional findings from the measured numbers of one run.
 
     Parameters
     ----------
@@ -239,8 +287,15 @@ def judge_findings(results: Mapping[str, Any]) -> List[Dict[str, Any]]:
     Returns
     -------
     list of 7 dicts
-        ``{id, claim, where, thesis, ours, reproduced, reason}`` in the order of
-        :data:`FINDINGS`, with ``reproduced`` in ``{"yes", "no", "not computed"}``; ``reason``
-        says why when not computed.
+        ``{id, claim, where, thesis, ours, reproduced, reason, values}`` in the order of
+        :data:`FINDINGS`. ``reproduced`` is "reproduced" when every effect of the finding
+        (:data:`EFFECTS`) goes the thesis's way, "opposite" when one goes the other way, "not
+        reproduced" otherwise, "not computed" when the numbers are missing (``reason`` says
+        why). One run has no spread: ``nns reproduce`` judges several seeds.
     """
-    return [_judge(f["id"], results) for f in FINDINGS]
+    out = []
+    for f in FINDINGS:
+        v = _read(f["id"], results)
+        verdict = _ONE_RUN[direction(v["values"], EFFECTS[f["id"]])]
+        out.append({**f, "ours": v["ours"], "reproduced": verdict, "reason": v["reason"], "values": v["values"]})
+    return out

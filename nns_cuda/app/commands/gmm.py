@@ -12,6 +12,10 @@ Three ways in:
   ``--model``, the demo model's over-fitted checkpoint. Without ``--layer``: the last conv
   activation.
 
+``--samples N`` is the number of samples clustered in each case (default: 200 of the embedded
+digits, every sample of ``--images`` or of the caller's data); ``--max-samples`` is its
+deprecated alias.
+
 Writes ``<out>/gmm.json`` (or ``--json``) and, with ``--plot``, one scatter figure per anomaly
 filter (Fig. 6-1/6-2 style) into ``<out>``.
 """
@@ -24,7 +28,10 @@ import sys
 import textwrap
 from typing import Any, Optional, Sequence
 
-from nns_cuda.app._common import batches, guarded, load_data, load_model, take
+from nns_cuda.app._common import DeprecatedAlias, batches, guarded, load_data, load_model, read_torch_file, take
+
+#: Samples of the embedded digits clustered when ``--samples`` is not given.
+DEFAULT_SAMPLES = 200
 
 HELP = "anomaly filters by Gaussian-mixture clustering (Chapter 6)"
 DESCRIPTION = textwrap.dedent("""\
@@ -60,19 +67,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add(g, "--seed", type=int, default=0, help="random_state of the mixtures")
     add(g, "--gmm-backend", choices=["torch", "sklearn"], default="torch",
         help="batched torch EM (default) or the scikit-learn reference loop")
-    add(g, "--max-samples", type=int, default=None, help="analyse at most this many samples")
+    add(g, "--samples", type=int, default=None, metavar="N",
+        help=f"samples to cluster (default: {DEFAULT_SAMPLES} of the embedded digits; all of --images or of the "
+             "caller's data)")
+    add(g, "--max-samples", type=int, action=DeprecatedAlias, dest="samples", new="--samples",
+        default=argparse.SUPPRESS, metavar="N")
     add(g, "--device", default=None, help="cpu, cuda, ... (default: the model's / cpu)")
     add(g, "--out", default="nns_output/gmm", help="output folder")
     add(g, "--json", default=None, help="write the result here (default <out>/gmm.json)")
     add(g, "--include-labels", action="store_true", help="store per-sample labels and points")
     add(g, "--plot", action="store_true", help="scatter plots of the anomaly filters' clusters")
+    add(g, "--no-progress", action="store_true", help="no progress bar")
     m = parser.add_argument_group("model and data")
     add(m, "--model", default=None, help="zoo name, package.module:factory or a torch.save'd model "
                                          "(default on the command line: the demo model, over-fitted checkpoint)")
     add(m, "--weights", default=None, help="state dict / checkpoint for --model")
     add(m, "--split", default="train", choices=["train", "val", "test"],
         help="split of the embedded digits whose samples are clustered")
-    add(m, "--samples", type=int, default=200, metavar="N", help="samples to cluster")
     add(m, "--batch-size", type=int, default=50, help="samples per batch")
     return parser
 
@@ -143,13 +154,19 @@ def run(args: argparse.Namespace, *, model: Any = None, data: Any = None) -> int
     return guarded("gmm", args, lambda: _run(args, model, data))
 
 
+def _samples(args: argparse.Namespace) -> Optional[int]:
+    """``--samples`` (a namespace made by hand may still call it ``max_samples``)."""
+    n = getattr(args, "samples", None)
+    return getattr(args, "max_samples", None) if n is None else n
+
+
 def _from_images(args: argparse.Namespace):
     """``(payload, points, labels, outliers, anomaly filters)`` of ``--images``."""
     import torch
 
     from nns_cuda.analysis import gmm
 
-    blob = torch.load(args.images, map_location="cpu", weights_only=True)
+    blob = read_torch_file(args.images, "--images")
     if isinstance(blob, torch.Tensor):
         blob = {"filter_images": blob}
     if "mean_activation" not in blob:
@@ -163,8 +180,8 @@ def _from_images(args: argparse.Namespace):
             feats = blob["filter_images"].flatten(2).transpose(0, 1)
         else:
             raise ValueError(f"{args.images}: needs 'filter_images', 'features' or 'points'.")
-        if getattr(args, "max_samples", None) is not None:
-            feats = feats[:, : args.max_samples]
+        if _samples(args) is not None:
+            feats = feats[:, : _samples(args)]
         dev = getattr(args, "device", None) or "cpu"
         pts = gmm.pca2(feats.to(dev), seed=getattr(args, "seed", 0)).cpu()
     kw = _analysis_kwargs(args)
@@ -179,15 +196,16 @@ def _default_inputs(args: argparse.Namespace):
     """``(model, data)`` from ``--model`` (or the demo model's over-fitted checkpoint) and the
     embedded digits; sets ``args.layer`` to the last conv activation when it is not given."""
     spec = getattr(args, "model", None)
-    model, desc = load_model(spec, getattr(args, "weights", None), which="last")
+    model, desc = load_model(spec, getattr(args, "weights", None), which="last", who="nns gmm")
+    n = _samples(args) or DEFAULT_SAMPLES
     if spec is None and args.split == "train":  # the demo model's own training samples
         from nns_cuda import data as nns_data
         from nns_cuda import train as nns_train
 
         ds = nns_data.cluttered_digits("train", seed=0, n_train=nns_train.DEMO_CONFIG.get("n_train"))
-        x, y, m = take(ds, range(min(args.samples, len(ds))))
+        x, y, m = take(ds, range(min(n, len(ds))))
     else:
-        x, y, m, _ = load_data("digits", split=args.split, samples=args.samples)
+        x, y, m, _ = load_data("digits", split=args.split, samples=n, who="nns gmm")
     if not getattr(args, "layer", None):
         from nns_cuda.app.demo import last_conv_activation
 
@@ -212,7 +230,8 @@ def _run(args: argparse.Namespace, model: Any, data: Any) -> int:
         if not layer:
             raise ValueError("--layer is required with a model")
         an = gmm.GMMAnalysis(**_analysis_kwargs(args), backend=getattr(args, "gmm_backend", "torch"),
-                             max_samples=getattr(args, "max_samples", None), device=getattr(args, "device", None))
+                             max_samples=_samples(args), device=getattr(args, "device", None),
+                             progress=not getattr(args, "no_progress", False))
         r = an.fit(model, data, layer).result_
         payload = r.to_dict(include_labels=getattr(args, "include_labels", False))
         points, labels, outl = r.points, r.anomaly.labels, r.anomaly.outlier_samples

@@ -63,8 +63,13 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``nns scan``: writes the figures, CSVs and ``scan.json`` into ``args.out``. Returns the exit status."""
-    return guarded("scan", args, lambda: _run(args))
+    """Run ``nns scan``: writes the figures, CSVs and ``scan.json`` into ``args.out``. Returns the exit status.
+
+    The time it prints is the whole command's, from ``args.started`` (a ``time.perf_counter()``
+    value that ``nns`` sets when it starts) or from this call, with its parts named.
+    """
+    started = getattr(args, "started", None) or time.perf_counter()
+    return guarded("scan", args, lambda: _run(args, started))
 
 
 def _progress(total: int, desc: str, disable: bool):
@@ -73,11 +78,12 @@ def _progress(total: int, desc: str, disable: bool):
     return tqdm(total=total, desc=desc, unit="batch", file=sys.stderr, disable=disable, leave=False)
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, started: float) -> int:
     import torch
 
     from nns_cuda import models
-    from nns_cuda.app.demo import parse_bytes, scan_layers
+    from nns_cuda.app.demo import scan_layers
+    from nns_cuda.engine.memory import parse_bytes
     from nns_cuda.engine.scanner import Scanner
     from nns_cuda.ops.reference.stats import STAT_INDEX
 
@@ -92,15 +98,14 @@ def _run(args: argparse.Namespace) -> int:
     for name, v in (("--batch-size", args.batch_size), ("--images", args.images), ("--filters", args.filters)):
         if v < 0 or (name == "--batch-size" and v < 1):
             raise CLIError(f"{name} must be positive, got {v}")
-    t0 = time.perf_counter()
     dev = torch.device(args.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise CLIError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
     model, mdesc = load_model(args.model, args.weights, num_classes=args.num_classes, in_channels=args.in_channels,
-                              input_size=args.input_size)
+                              input_size=args.input_size, who="nns scan")
     model = model.to(dev).eval()
     x, y, fg, ddesc = load_data(args.data, split=args.split, samples=args.samples, in_channels=args.in_channels,
-                                input_size=args.input_size)
+                                input_size=args.input_size, who="nns scan")
     layers = args.layers or scan_layers(model, x[:1].to(dev))
     scanner = Scanner(model, layers, backend=args.backend, strategy=args.strategy, max_memory=parse_bytes(args.max_memory),
                       stats=True, gate_outputs=args.gate_outputs, precision=args.precision,
@@ -111,6 +116,7 @@ def _run(args: argparse.Namespace) -> int:
     backend = strategy = None
     numerics: Dict[str, Any] = {}
     bar = _progress((n + args.batch_size - 1) // args.batch_size, "nns scan", args.no_progress)
+    t_scan0 = time.perf_counter()
     try:
         for s in range(0, n, args.batch_size):
             xb, fb = x[s:s + args.batch_size].to(dev), fg[s:s + args.batch_size].to(dev)
@@ -142,20 +148,23 @@ def _run(args: argparse.Namespace) -> int:
             bar.update(1)
     finally:
         bar.close()
-    t_scan = time.perf_counter() - t0
+    t_fig0 = time.perf_counter()
     rows, files = _write_tables(args.out, layers, acc)
-    # figures
     if args.images > 0:
         files += _scan_figures(model, x, layers, args, dev)
+    t_end = time.perf_counter()
+    seconds = {"start-up and loading": t_scan0 - started, "scan": t_fig0 - t_scan0, "tables and figures": t_end - t_fig0}
     meta = {"model": mdesc, "data": ddesc, "samples": n, "layers": rows, "backend": backend, "strategy": strategy,
-            **numerics, "device": str(dev), "seconds": {"scan": round(t_scan, 3), "total": round(time.perf_counter() - t0, 3)},
+            **numerics, "device": str(dev),
+            "seconds": {**{k: round(v, 3) for k, v in seconds.items()}, "total": round(t_end - started, 3)},
             "files": files + ["scan.json"],
             "notes": "count = non-zero entries of a learned image, strength = sum of |values| (docs/spec.md §2); ratios are "
                      "relative to the input's; neurons_<layer>.csv index = position in the layer output"}
     with open(os.path.join(args.out, "scan.json"), "w") as fh:
         json.dump(meta, fh, indent=1)
-    print(f"nns scan: {n} samples, {len(layers)} layers ({backend}, {strategy}) in {t_scan:.1f} s; "
-          f"wrote {len(meta['files'])} files to {args.out}")
+    parts = ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items())
+    print(f"nns scan: {n} samples, {len(layers)} layers ({backend}, {strategy}) in {time.perf_counter() - started:.1f} s "
+          f"({parts}); wrote {len(meta['files'])} files to {args.out}")
     return 0
 
 
@@ -204,7 +213,7 @@ def _scan_figures(model, x, layers, args, dev) -> List[str]:
                   conv_algorithm=args.conv_algorithm).scan(xb)
     rows = [{l: res[l].filter_images[b].sum(0) for l in layers} for b in range(k)]
     files = []
-    fig = viz.layer_grid([xb[b] for b in range(k)], rows, cmap=args.cmap)
+    fig = viz.layer_grid([xb[b] for b in range(k)], rows, cmap=args.cmap, colorbar=True)
     viz.save(fig, os.path.join(args.out, "learned_images.png"))
     files.append("learned_images.png")
     if args.filters > 0:
@@ -213,7 +222,7 @@ def _scan_figures(model, x, layers, args, dev) -> List[str]:
             a = res[l].activations[0]
             score = a.reshape(a.shape[0], -1).sum(1) if a.dim() > 1 else a
             top = torch.argsort(score, descending=True, stable=True)[: args.filters].tolist()
-            fig = viz.filter_grid(xb[0], L, indices=top, cmap=args.cmap, title=f"{l}: most active filters")
+            fig = viz.filter_grid(xb[0], L, indices=top, cmap=args.cmap, title=f"{l}: most active filters", colorbar=True)
             name = f"filters_{_safe(l)}.png"
             viz.save(fig, os.path.join(args.out, name))
             files.append(name)

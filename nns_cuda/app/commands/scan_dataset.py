@@ -94,7 +94,7 @@ def _shard(s):
 def _run(args: argparse.Namespace) -> int:
     import torch
 
-    from nns_cuda.app.demo import parse_bytes
+    from nns_cuda.engine.memory import parse_bytes
     from nns_cuda.engine.dataset_scan import DatasetScan
     from nns_cuda.engine._scan_store import MANIFEST
 

@@ -11,7 +11,7 @@ import sys
 import textwrap
 from typing import Any, Dict, List, Optional
 
-from nns_cuda.app._common import batches, guarded, load_data, load_model
+from nns_cuda.app._common import CLIError, batches, guarded, load_data, load_model, read_torch_file
 
 HELP = "interpretable properties of filters, AIPC, saliency (Chapter 5)"
 DESCRIPTION = textwrap.dedent("""\
@@ -39,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                                                                   "(default with the demo model: its phases)")
     g.add_argument("--out", default="nns_output/tip", help="output folder (tip.json is written there)")
     g.add_argument("--no-aipc", action="store_true", help="skip the AIPC curves")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
     s = parser.add_argument_group("model and data shortcuts")
     s.add_argument("--weights", default=None, help="state dict / checkpoint when --model is a zoo name")
     s.add_argument("--samples", type=int, default=100, metavar="N",
@@ -92,9 +93,7 @@ def _load_data_object(spec: Any) -> Any:
         obj = getattr(importlib.import_module(mod), fn)
         return obj() if callable(obj) else obj
     if os.path.exists(spec):
-        import torch
-
-        return torch.load(spec, map_location="cpu", weights_only=False)
+        return read_torch_file(spec, "--data", weights_only=False)
     raise ValueError(f"--data: {spec!r} is neither 'module:factory' nor an existing file.")
 
 
@@ -103,7 +102,7 @@ def _inputs(args: argparse.Namespace, model: Any, data: Any):
     ``--checkpoints``), the embedded test split, the last conv activation."""
     spec = getattr(args, "model", None) if model is None else model
     if spec is None or isinstance(spec, str):
-        model, _ = load_model(spec, getattr(args, "weights", None), which="best")
+        model, _ = load_model(spec, getattr(args, "weights", None), which="best", who="nns tip")
         if spec is None and getattr(args, "checkpoints", None) is None:
             from nns_cuda import train as nns_train
 
@@ -125,6 +124,19 @@ def _inputs(args: argparse.Namespace, model: Any, data: Any):
     return model, data, layer
 
 
+def _check_checkpoints(model: Any, checkpoints: Optional[List[str]]) -> None:
+    """Read every ``--checkpoints`` file and check it against ``model`` before any work: a file
+    that is missing, damaged or does not fit the model is one line of ours, at once."""
+    from nns_cuda.analysis.fgbg import load_checkpoint
+
+    for ck in checkpoints or []:
+        if isinstance(ck, str):
+            try:
+                load_checkpoint(model, read_torch_file(ck, "--checkpoints"))
+            except (TypeError, ValueError) as e:
+                raise CLIError(f"--checkpoints {ck}: {' '.join(str(e).split())}") from None
+
+
 def _run(args: argparse.Namespace, model: Any, data: Any, filter_fn: Any) -> int:
     from torch import nn
 
@@ -135,23 +147,25 @@ def _run(args: argparse.Namespace, model: Any, data: Any, filter_fn: Any) -> int
     model, data, layer = _inputs(args, model, data)
     if not isinstance(model, nn.Module):
         raise ValueError("tip: --model must give an nn.Module.")
+    _check_checkpoints(model, getattr(args, "checkpoints", None))
+    progress = not getattr(args, "no_progress", False)
     fi = filter_fn or getattr(args, "filter_fn", None)
     names = tip.property_names(args.properties.split(",") if getattr(args, "properties", None) else None)
     ratios = tip.check_ratios(_parse_ratios(getattr(args, "ratios", None)))
     check_reiterable(data, "tip")
     has_mask = unpack_batch(next(iter(data)), "tip")[2] is not None
     fit_names = names + ([] if "mean" in names else ["mean"])  # the findings need T_m
-    ip = tip.InterpretableProperties(fit_names, "all", filter_fn=fi).fit(model, data, layer)
+    ip = tip.InterpretableProperties(fit_names, "all", filter_fn=fi, progress=progress).fit(model, data, layer)
     T = {n: ip.T(layer, n, "all") for n in fit_names}
     out: Dict[str, Any] = {"layer": layer, "properties": ip.to_dict()}
     if not getattr(args, "no_aipc", False):
-        curves = tip.aipc_curves(model, data, layer, {n: T[n] for n in names}, ratios)
+        curves = tip.aipc_curves(model, data, layer, {n: T[n] for n in names}, ratios, progress=progress)
         out["aipc"] = {n: c.to_dict() for n, c in curves.items()}
-    sal = tip.saliency(model, data, layer, T, sou_method=getattr(args, "sou_method", "taylor"))
+    sal = tip.saliency(model, data, layer, T, sou_method=getattr(args, "sou_method", "taylor"), progress=progress)
     out["saliency"] = sal.to_dict()
     if has_mask:
         types = tip.fg_bg_types(model, data, layer, getattr(args, "checkpoints", None) or None, property="mean",
-                                per=getattr(args, "per", 30.0), filter_fn=fi)
+                                per=getattr(args, "per", 30.0), filter_fn=fi, progress=progress)
         out["fg_bg_types"] = types.to_dict()
         out["findings"] = chapter5.findings_from_results(layer, {n: v.tolist() for n, v in T.items()}, sal, types)
     out_dir = getattr(args, "out", None) or "nns_output/tip"

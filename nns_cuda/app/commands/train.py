@@ -2,10 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import textwrap
 from typing import Tuple
 
-from nns_cuda.app._common import guarded
+from nns_cuda.app._common import CLIError, guarded
+
+#: How the training API's messages name its arguments, and the options of this command for them.
+_CLI_WORDS = (("resume=True", "--resume"), ("overwrite=True", "--overwrite"), ("checkpoint_dir", "--checkpoint-dir"),
+              ("batch_size", "--batch-size"), ("weight_decay", "--weight-decay"), ("(lr=", "(--lr "))
 
 HELP = "train a zoo model with per-epoch checkpoints"
 DESCRIPTION = textwrap.dedent("""\
@@ -43,8 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     t.add_argument("--num-classes", type=int, default=None,
                    help="default: the number of classes of the data")
     t.add_argument("--in-channels", type=int, default=3, help="input channels of folder images (1 or 3)")
-    t.add_argument("--epochs", type=int, default=20, help="training epochs")
-    t.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"], help="optimizer")
+    t.add_argument("--epochs", type=int, default=20, help="number of training epochs (with --resume: in all)")
+    t.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"], help="sgd (with --momentum) or adam")
     t.add_argument("--lr", type=float, default=0.01, help="learning rate")
     t.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     t.add_argument("--weight-decay", type=float, default=0.0, help="L2 weight decay")
@@ -104,12 +109,37 @@ def _datasets(args: argparse.Namespace) -> Tuple[object, object, int]:
 def run(args: argparse.Namespace) -> int:
     """Run ``nns train``: prints the per-epoch table and where the checkpoints and curves are.
 
+    Messages speak the command line (``--resume``, ``--overwrite``, ``--checkpoint-dir``); an
+    interrupted training says how to continue it.
+
     Returns
     -------
     int
-        The exit status: 0, or 2 on bad input (one line on stderr).
+        The exit status: 0, 2 on bad input (one line on stderr), 130 when interrupted.
     """
-    return guarded("train", args, lambda: _run(args))
+    return guarded("train", args, lambda: _run_cli(args))
+
+
+def _cli_words(message: str) -> str:
+    """``message`` of the training API with its argument names replaced by this command's options."""
+    for api, cli in _CLI_WORDS:
+        message = message.replace(api, cli)
+    return message
+
+
+def _run_cli(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except (FileExistsError, ValueError, FloatingPointError) as e:
+        raise CLIError(_cli_words(" ".join(str(e).split()))) from None
+    except KeyboardInterrupt:
+        if args.demo:
+            how = "rerun `nns train --demo` to continue from the last finished epoch (it resumes from the cache)"
+        else:
+            how = (f"rerun the same command with --resume to continue from the last finished epoch "
+                   f"(checkpoints in {args.checkpoint_dir})")
+        print(f"nns train: interrupted; {how}", file=sys.stderr)
+        return 130
 
 
 def _run(args: argparse.Namespace) -> int:
