@@ -16,8 +16,13 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-__all__ = ["split_call", "resolve_module", "check_layers", "model_device", "eval_mode", "check_eval",
+__all__ = ["UnsupportedModuleError", "split_call", "resolve_module", "check_layers", "model_device", "eval_mode", "check_eval",
            "layer_outputs", "layer_hook"]
+
+
+class UnsupportedModuleError(TypeError):
+    """A model holds a module or an operation that the scanner cannot linearise (the message
+    names it, where it is, and what to do)."""
 
 
 def split_call(name: str) -> Tuple[str, Optional[int]]:

@@ -8,9 +8,11 @@ components (:func:`pca2`). Each filter's ``S`` points are clustered by Gaussian 
 imbalanced (many clusters of at most ``λ`` points), its CH index is unusually high and its
 mean activation is large enough (:func:`anomaly_filters`, Table 6-1). The samples in the small
 clusters of anomaly filters are the *outlier samples*. :class:`GMMAnalysis` runs the whole
-pipeline on a model, a layer and data; the model-level measures of the chapter (per-sample
-gradient magnitudes, single-filter masking, the sharpness) are here too. The comparison with
-the thesis's published numbers is :mod:`nns_cuda.analysis.thesis.chapter6`.
+pipeline on a model, a layer and data — in memory, or with ``out_dir=`` as a data-set scan
+(:class:`~nns_cuda.engine.dataset_scan.DatasetScan`: resumable, shared among the ranks under
+``torchrun`` or among shards; see :class:`GMMAnalysis`); the model-level measures of the
+chapter (per-sample gradient magnitudes, single-filter masking, the sharpness) are here too.
+The comparison with the thesis's published numbers is :mod:`nns_cuda.analysis.thesis.chapter6`.
 
 The mixtures of all filters and all ``k`` are fitted by a batched EM in torch (CPU or CUDA)
 that reproduces ``sklearn.mixture.GaussianMixture(covariance_type="full",
@@ -43,6 +45,8 @@ Contract::
         -> AnomalyResult (.anomalous [F], .outlier_samples [list of LongTensor], .k, .ch, ...)
     GMMAnalysis(k_max=10, preset="small", ...).fit(model, data, layer)
         -> self (.result_: GMMAnalysisResult; .to_dict())
+    GMMAnalysis(..., out_dir="scans/gmm").fit(model, dataset, layer)
+        -> self (the same result from a data-set scan; None on ranks other than 0)
 
 The code lives in private modules: ``_gmm_check`` (input checks), ``_gmm_pca`` (PCA),
 ``_gmm_ch`` (Calinski–Harabasz), ``_gmm_select`` (k selection), ``_gmm_em`` (the batched EM),
@@ -218,6 +222,10 @@ class _ActivationMean:
         return self.sum / self.count
 
 
+#: Name of the per-sample value (the flattened filter images) of the GMM data-set scan.
+_FEATURES = "gmm_features"
+
+
 class GMMAnalysis(ResultEstimator):
     """Chapter-6 analysis of one layer: filter images → PCA → GMM → anomaly filters.
 
@@ -249,12 +257,31 @@ class GMMAnalysis(ResultEstimator):
     reg_covar, tol, max_iter : float, float, int
         GMM settings (:func:`select_k`).
     progress : bool
-        A progress bar on stderr over the batches whose filter images are computed.
+        A progress bar on stderr over the batches whose filter images are computed (default
+        True); also the data-set scan's unless ``scan_options`` sets ``progress``.
+    out_dir : str, optional
+        Run as a data-set scan into this folder (:class:`nns_cuda.DatasetScan`): ``data`` is then
+        a map-style data set of ``(x, y, fg_mask)`` or ``(x, y)`` items. Each block of samples
+        stores its samples' flattened filter images (the rows the PCA projects, per-sample
+        value ``gmm_features`` ``[N, C, P]``, float32) with their global sample indices and
+        labels; finished blocks survive an interruption (a rerun continues). Under ``torchrun``
+        the ranks share the blocks and the blocks are gathered to rank 0, which projects and
+        clusters exactly the samples, in the order, of a one-process run (``result_`` is
+        ``None`` on the other ranks). The result equals the in-memory fit on the same samples
+        (bitwise, for the same batches and per-sample computation). ``filter_fn`` does not apply.
+    scan_options : dict, optional
+        Options of the data-set scan (``block_size``, ``batch_size``, ``backend``,
+        ``precision``, ``max_memory``, ``num_workers``, ``progress``, ``top_k``; ``labels=False``
+        for data sets without integer labels, then ``targets`` is ``None``), and ``shard``:
+        ``(i, n)`` computes only that share of the blocks (job arrays without a process group;
+        ``result_`` stays ``None`` until every shard is done, and the shard that completes the
+        folder, or a later fit on it, merges and fits; ``nns merge`` merges by hand).
 
     Attributes
     ----------
     result_ : GMMAnalysisResult
-        Set by :meth:`fit`.
+        Set by :meth:`fit` (``None`` on ranks other than 0 of a data-set scan, and for a shard
+        while other shards are missing).
     params_ : (float, float, float, float)
         The resolved ``(λ, α, β, θ)``, set by :meth:`fit`.
     """
@@ -278,6 +305,8 @@ class GMMAnalysis(ResultEstimator):
         tol: float = 1e-3,
         max_iter: int = 100,
         progress: bool = True,
+        out_dir: Optional[str] = None,
+        scan_options: Optional[Dict[str, Any]] = None,
     ):
         self.k_max = k_max
         self.preset = preset
@@ -295,6 +324,8 @@ class GMMAnalysis(ResultEstimator):
         self.tol = tol
         self.max_iter = max_iter
         self.progress = progress
+        self.out_dir = out_dir
+        self.scan_options = scan_options
 
     def _check_params(self) -> Tuple[float, float, float, float]:
         """Check the hyper-parameters; return the resolved ``(λ, α, β, θ)``."""
@@ -369,8 +400,9 @@ class GMMAnalysis(ResultEstimator):
         Parameters
         ----------
         model : nn.Module
-        data : ``(x, y)`` or an iterable of ``(x, y[, fg_mask])`` batches
-            Sample ``i`` is the ``i``-th sample in iteration order (outlier indices refer to it).
+        data : ``(x, y)`` or an iterable of ``(x, y[, fg_mask])`` batches (a map-style data set with ``out_dir``)
+            Sample ``i`` is the ``i``-th sample in iteration order (outlier indices refer to it);
+            of a data set, sample ``i`` is ``data[i]``.
         layer : str
             Module name in ``model.named_modules()`` (``"name:1"`` for a repeated module).
 
@@ -379,10 +411,24 @@ class GMMAnalysis(ResultEstimator):
         GMMAnalysis
             ``self``, with ``result_`` (:class:`GMMAnalysisResult`: ``points [F, S, 2]``,
             ``mean_activation [F]``, ``targets [S]``, ``anomaly``) and ``params_``.
+
+        Raises
+        ------
+        ScanDirError
+            With ``out_dir``: the folder holds a scan of another model, layer, options or data set.
         """
-        lam, alpha, beta, theta = self._check_params()
+        params = self._check_params()
+        if self.out_dir is not None:
+            return self._fit_dataset(model, data, layer, params)
         t0 = time.perf_counter()
         feats, mean_act, targets = self.filter_features(model, data, layer)
+        return self._fit_features(model, layer, params, feats, mean_act, targets, time.perf_counter() - t0)
+
+    def _fit_features(self, model: nn.Module, layer: str, params: Tuple[float, float, float, float],
+                      feats: Tensor, mean_act: Tensor, targets: Optional[Tensor],
+                      images_s: float) -> "GMMAnalysis":
+        """PCA, mixtures and criteria on the flattened filter images ``feats [F, S, P]``."""
+        lam, alpha, beta, theta = params
         t1 = time.perf_counter()
         if feats.shape[1] <= self.k_max:
             raise ValueError(
@@ -403,8 +449,54 @@ class GMMAnalysis(ResultEstimator):
         self.params_ = (lam, alpha, beta, theta)
         self.result_ = GMMAnalysisResult(layer=layer, points=points, mean_activation=mean_act,
                                          targets=targets, anomaly=res,
-                                         seconds={"images": t1 - t0, "pca": t2 - t1, "gmm": t3 - t2})
+                                         seconds={"images": images_s, "pca": t2 - t1, "gmm": t3 - t2})
         return self
+
+    def _fit_dataset(self, model: nn.Module, dataset: Any, layer: str,
+                     params: Tuple[float, float, float, float]) -> "GMMAnalysis":
+        """The fit through a data-set scan: the per-sample rows are the flattened filter images
+        (exactly :meth:`filter_features`' ``imgs.flatten(2).float()``), assembled in global
+        sample order on rank 0; the mean activation is the scan's ``act_sum`` averaged over
+        samples and positions."""
+        from torch.utils.data import Subset
+
+        from nns_cuda.engine.dataset_scan import DatasetScan
+
+        where = "GMMAnalysis.fit"
+        if self.filter_fn is not None:
+            raise ValueError(f"{where}: filter_fn does not apply to a data-set scan (out_dir=); pass one of them")
+        opts = dict(self.scan_options or {})
+        fixed = sorted(k for k in ("stats", "filter_images", "measures", "per_sample") if k in opts)
+        if fixed:
+            raise ValueError(f"{where}: scan_options may not set {fixed}; the GMM analysis sets them")
+        opts.setdefault("progress", self.progress)
+        opts.setdefault("labels", True)
+        shard = opts.pop("shard", None)
+        if self.max_samples is not None and hasattr(dataset, "__len__"):
+            dataset = Subset(dataset, range(min(int(self.max_samples), len(dataset))))
+
+        def features(name, lr, x, fg):  # [B, C, P], as filter_features stores them
+            return lr.filter_images.detach().flatten(2).float()
+
+        t0 = time.perf_counter()
+        res = DatasetScan(model, [layer], stats=False, filter_images=True, per_sample={_FEATURES: features},
+                          **opts).run(dataset, self.out_dir, resume=True, shard=shard)
+        self.params_ = params
+        if res is None:
+            self.result_ = None
+            return self
+        n = res.samples
+        if not torch.equal(res.sample_index(layer, _FEATURES), torch.arange(n)):
+            raise ValueError(f"{where}: {self.out_dir} does not hold one feature row per sample in order; "
+                             "remove the folder and scan again")
+        feats = res.tensors.pop(f"{layer}/sample/{_FEATURES}/values").transpose(0, 1).contiguous()  # [C, S, P]
+        act = res.get(layer, "act_sum")
+        act = act.reshape(act.shape[0], -1)
+        mean_act = act.sum(1) / (res.count(layer) * act.shape[1])
+        targets = res.labels() if res.has_labels else None
+        del res
+        return self._fit_features(model, layer, params, feats, mean_act, targets, time.perf_counter() - t0)
+
 
 
 def anomaly_counts_over_checkpoints(

@@ -20,15 +20,23 @@ name                        dtype, shape                meaning
 ``L/measure/<m>/sum``       float64 measure shape       Σ of a per-sample measure
 ``L/measure/<m>/max``       float64 measure shape       its largest value
 ``L/measure/<m>/argmax``    int64 measure shape         global index of the first sample reaching it
+``L/sample/<m>/values``     the value's dtype           a per-sample value, one row per sample:
+                            ``[n] + value shape``       ``n`` samples of the state, in sample order
+``L/sample/<m>/index``      int64 ``[n]``               their global sample indices (ascending)
+``sample/label/values``     int64 ``[n]``               the samples' labels ``y`` (``labels=True``)
+``sample/label/index``      int64 ``[n]``               their global sample indices
 ==========================  ==========================  =========================================
 
-Top-k slots not yet filled hold ``-inf`` and index ``-1``.
+Top-k slots not yet filled hold ``-inf`` and index ``-1``. Per-sample values (``…/values`` with
+their ``…/index``) are not reduced: a merge concatenates them, so the merged state holds every
+sample's row, in global sample order, bitwise as computed.
 
 Exactness: sums are float64 and every reduction over samples is a sequential left-to-right
 sum in sample order; :func:`merge` of ``a`` then ``b`` (``a``'s samples all precede ``b``'s)
 is the same left-to-right sum continued. Maxima keep the earlier sample on ties, top-k orders
 by (value descending, index ascending). So the state of a range of samples does not depend on
-how the range was cut, given the same per-sample values.
+how the range was cut, given the same per-sample values. :class:`Merger` merges many states
+(e.g. all blocks) with one concatenation of the per-sample values at the end.
 """
 from __future__ import annotations
 
@@ -39,9 +47,31 @@ from torch import Tensor
 
 State = Dict[str, Tensor]
 
-__all__ = ["State", "batch_state", "merge", "merge_all", "layer_names"]
+__all__ = ["State", "batch_state", "merge", "merge_all", "Merger", "layer_names", "is_sample_key",
+           "sample_keys", "sample_entries", "LABELS"]
 
 _SUMS = ("act_sum", "act_sq_sum", "stats_sum", "filter_image_sum")
+
+#: Prefix of the per-sample labels (``sample/label/values``, ``sample/label/index``).
+LABELS = "sample/label"
+
+
+def is_sample_key(key: str) -> bool:
+    """Whether ``key`` is a per-sample entry (``…/sample/<m>/values`` or ``…/index``, or the labels)."""
+    field = key.rsplit("/", 1)[-1]
+    return field in ("values", "index") and (key.startswith("sample/") or "/sample/" in key)
+
+
+def sample_keys(state: Mapping[str, Tensor]) -> list:
+    """The per-sample entries of a state: the ``…/values`` keys (each has its ``…/index``)."""
+    return [k for k in state if is_sample_key(k) and k.endswith("/values")]
+
+
+def sample_entries(base: str, first_index: int, values: Tensor) -> State:
+    """``{base/values: values, base/index: first_index …}``: one row per sample of a batch."""
+    n = values.shape[0]
+    return {f"{base}/values": values.detach().cpu().contiguous(),
+            f"{base}/index": torch.arange(first_index, first_index + n, dtype=torch.int64)}
 
 
 def _seq_sum(v: Tensor) -> Tensor:
@@ -75,7 +105,8 @@ def _sample_index(first: int, n: int, shape, device) -> Tensor:
 
 def batch_state(layer: str, first_index: int, activations: Tensor, *, top_k: int,
                 stats: Optional[Tensor] = None, filter_images: Optional[Tensor] = None,
-                measures: Optional[Mapping[str, Tensor]] = None) -> State:
+                measures: Optional[Mapping[str, Tensor]] = None,
+                per_sample: Optional[Mapping[str, Tensor]] = None) -> State:
     """The state of one batch of consecutive samples.
 
     Parameters
@@ -93,7 +124,9 @@ def batch_state(layer: str, first_index: int, activations: Tensor, *, top_k: int
     filter_images : Tensor [B, C, D, H, W], optional
         Filter learned images.
     measures : {name: Tensor [B, *M]}, optional
-        Per-sample measures (e.g. FQ's ``F``).
+        Per-sample measures (e.g. FQ's ``F``), reduced to their sum, maximum and arg-max.
+    per_sample : {name: Tensor [B, *M]}, optional
+        Per-sample values kept row by row (any dtype), with their global sample indices.
 
     Returns
     -------
@@ -128,12 +161,24 @@ def batch_state(layer: str, first_index: int, activations: Tensor, *, top_k: int
         st[f"{base}/sum"] = _seq_sum(v)
         st[f"{base}/max"], st[f"{base}/argmax"] = _max_first(v, _sample_index(first_index, B, v.shape[1:], dev),
                                                              None, None)
+    for name, v in (per_sample or {}).items():
+        if v.dim() < 1 or v.shape[0] != B:
+            raise ValueError(f"per-sample value {name!r} of layer {layer!r} must have one row per sample "
+                             f"([{B}, ...]), got shape {list(v.shape)}")
+        st.update(sample_entries(f"{layer}/sample/{name}", first_index, v))
     return {k: t.cpu().contiguous() for k, t in st.items()}
 
 
 def layer_names(state: Mapping[str, Tensor]) -> list:
     """The layers of a state, in the order their ``count`` keys appear."""
-    return [k[: -len("/count")] for k in state if k.endswith("/count") and "/measure/" not in k]
+    return [k[: -len("/count")] for k in state if k.endswith("/count") and "/measure/" not in k
+            and not is_sample_key(k)]
+
+
+def _check_order(key: str, a_index: Tensor, b_index: Tensor) -> None:
+    if a_index.numel() and b_index.numel() and int(a_index[-1]) >= int(b_index[0]):
+        raise ValueError(f"cannot merge {key!r}: the second state's samples (from {int(b_index[0])}) do not all "
+                         f"follow the first's (up to {int(a_index[-1])}); merge states in sample order")
 
 
 def merge(a: Optional[State], b: State) -> State:
@@ -152,6 +197,13 @@ def merge(a: Optional[State], b: State) -> State:
     for key, va in a.items():
         vb = b[key]
         field = key.rsplit("/", 1)[-1]
+        if is_sample_key(key):
+            if field == "values":
+                base = key[: -len("values")]
+                _check_order(key, a[base + "index"], b[base + "index"])
+                out[key] = _cat_rows(key, [va, vb])
+                out[base + "index"] = torch.cat([a[base + "index"], b[base + "index"]])
+            continue
         if field in ("count", "act_pos_count") or field in _SUMS or (field == "sum" and "/measure/" in key):
             out[key] = va + vb
         elif field in ("act_max", "max"):
@@ -171,9 +223,55 @@ def merge(a: Optional[State], b: State) -> State:
     return out
 
 
+def _cat_rows(key: str, parts) -> Tensor:
+    first = parts[0]
+    for p in parts[1:]:
+        if p.dtype != first.dtype or p.shape[1:] != first.shape[1:]:
+            raise ValueError(f"cannot merge {key!r}: rows of {p.dtype} {list(p.shape[1:])} after rows of "
+                             f"{first.dtype} {list(first.shape[1:])}; a per-sample value must have one dtype and "
+                             "shape for every sample")
+    return torch.cat(parts) if len(parts) > 1 else first
+
+
+class Merger:
+    """Merge states given in sample order; the per-sample values are concatenated once, at the end
+    (so merging ``n`` blocks copies each row once, not ``n`` times)."""
+
+    def __init__(self):
+        self._reduced: Optional[State] = None
+        self._rows: Dict[str, list] = {}
+        self._last: Dict[str, Tensor] = {}
+
+    def add(self, state: Mapping[str, Tensor]) -> None:
+        rows = {k: v for k, v in state.items() if is_sample_key(k)}
+        reduced = {k: v for k, v in state.items() if not is_sample_key(k)}
+        if self._reduced is not None and set(rows) != set(self._rows):
+            raise ValueError("cannot merge scan states with different contents: "
+                             f"{sorted(set(rows) ^ set(self._rows))[:6]}")
+        self._reduced = merge(self._reduced, reduced)
+        for key in sample_keys(rows):
+            base = key[: -len("values")]
+            idx = rows[base + "index"]
+            if base in self._last:
+                _check_order(key, self._last[base], idx)
+            if idx.numel():
+                self._last[base] = idx
+            self._rows.setdefault(key, []).append(rows[key])
+            self._rows.setdefault(base + "index", []).append(idx)
+
+    def result(self) -> Optional[State]:
+        """The merged state (``None`` when nothing was added)."""
+        if self._reduced is None:
+            return None
+        out = dict(self._reduced)
+        for key, parts in self._rows.items():
+            out[key] = _cat_rows(key, parts)
+        return out
+
+
 def merge_all(states: Iterable[State]) -> Optional[State]:
     """Merge states given in sample order, left to right."""
-    out: Optional[State] = None
+    m = Merger()
     for s in states:
-        out = merge(out, s)
-    return out
+        m.add(s)
+    return m.result()

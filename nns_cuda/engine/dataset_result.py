@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from nns_cuda.engine import _scan_store as F
+from nns_cuda.engine._scan_state import LABELS
 from nns_cuda.engine._scan_store import ScanDirError
 from nns_cuda.ops.reference.stats import STAT_NAMES
 
@@ -96,6 +97,26 @@ class DatasetScanResult:
 
     def measure_argmax(self, layer: str, measure: str) -> Tensor:
         return self.get(layer, f"measure/{measure}/argmax")
+
+    def sample_values(self, layer: str, name: str) -> Tensor:
+        """The per-sample value ``name`` (``per_sample=``) of every sample: ``[N, *M]``, row ``i``
+        from sample ``i`` (global order), bitwise as computed."""
+        return self.get(layer, f"sample/{name}/values")
+
+    def sample_index(self, layer: str, name: str) -> Tensor:
+        """The global sample index of each row of :meth:`sample_values` (int64 ``[N]``: ``0 … N−1``)."""
+        return self.get(layer, f"sample/{name}/index")
+
+    @property
+    def has_labels(self) -> bool:
+        """Whether the scan kept the samples' labels (``labels=True``)."""
+        return f"{LABELS}/values" in self.tensors
+
+    def labels(self) -> Tensor:
+        """The samples' integer labels ``y`` in global sample order (int64 ``[N]``; ``labels=True``)."""
+        if not self.has_labels:
+            raise KeyError(f"{self.out_dir}: the scan kept no labels; scan with labels=True")
+        return self.tensors[f"{LABELS}/values"]
 
     def summary(self) -> List[Dict[str, Any]]:
         """One row per layer: neurons, samples, mean activation, active fraction, largest activation."""

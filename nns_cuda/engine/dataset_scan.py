@@ -17,10 +17,19 @@ joins the process group (NCCL on GPUs, one GPU per local rank; gloo on CPUs), ta
 ``b`` with ``b % world_size == rank`` and sends the block states to rank 0 through collectives,
 so no shared file system is needed; rank 0 writes the result. ``shard=(i, n)`` runs a share of
 the blocks without a process group (job arrays); :func:`merge_scan` merges afterwards.
+
+Besides reductions (sums, maxima, top-k, measures), a scan can keep *per-sample values*
+(``per_sample=``: e.g. the flattened filter images the GMM analysis projects and clusters) and
+the samples' labels (``labels=True``): each block stores its samples' rows with their global
+sample indices, and the merge concatenates the blocks in block order, so the result holds every
+sample's row in global sample order, bitwise the same for any number of processes or shards.
+Under a process group the block files are gathered to rank 0 (a variable-length ``gather`` of
+the blocks of each round of ``world_size`` blocks), so only rank 0 holds the assembled rows.
 """
 from __future__ import annotations
 
 import datetime
+import numbers
 import os
 import tempfile
 import warnings
@@ -69,16 +78,30 @@ def _split_item(i: int, item: Any) -> Tuple[Tensor, Any, Optional[Tensor]]:
                     f"{type(item).__name__}" + (f" of length {len(item)}" if isinstance(item, (tuple, list)) else ""))
 
 
+def _label(i: int, y: Any) -> int:
+    """An integer class label (``int``, NumPy integer or a one-element integer tensor)."""
+    if isinstance(y, Tensor) and y.numel() == 1 and not y.is_floating_point() and not y.is_complex() \
+            and y.dtype != torch.bool:
+        return int(y.reshape(()))
+    if isinstance(y, numbers.Integral) and not isinstance(y, bool):
+        return int(y)
+    what = f"a {y.dtype} tensor of shape {list(y.shape)}" if isinstance(y, Tensor) else repr(type(y).__name__)
+    raise ValueError(f"sample {i}: labels=True keeps integer class labels y, got {what}; give integer labels, "
+                     "or scan with labels=False")
+
+
 class _Collate:
     """Stack items after checking each against sample 0 (the error names the sample index)."""
 
-    def __init__(self, x_shape: Tuple[int, ...], has_mask: bool):
-        self.x_shape, self.has_mask = x_shape, has_mask
+    def __init__(self, x_shape: Tuple[int, ...], has_mask: bool, labels: bool = False):
+        self.x_shape, self.has_mask, self.labels = x_shape, has_mask, labels
 
     def __call__(self, batch):
-        idx, xs, fgs = [], [], []
+        idx, xs, fgs, ys = [], [], [], []
         for i, item in batch:
-            x, _, fg = _split_item(i, item)
+            x, y, fg = _split_item(i, item)
+            if self.labels:
+                ys.append(_label(i, y))
             if tuple(x.shape) != self.x_shape:
                 raise ValueError(f"sample {i}: x has shape {list(x.shape)}, expected {list(self.x_shape)} (the shape "
                                  "of sample 0); every sample of a scanned data set must have one shape (resize them)")
@@ -95,25 +118,26 @@ class _Collate:
                 fgs.append(fg)
             idx.append(i)
             xs.append(x)
-        return torch.tensor(idx, dtype=torch.int64), torch.stack(xs), (torch.stack(fgs) if fgs else None)
+        return (torch.tensor(idx, dtype=torch.int64), torch.stack(xs), (torch.stack(fgs) if fgs else None),
+                (torch.tensor(ys, dtype=torch.int64) if self.labels else None))
 
 
-def _to_device(batches, device: torch.device) -> Iterator[Tuple[Tensor, Tensor, Optional[Tensor]]]:
-    """Move batches to ``device``; on CUDA the copy of batch i+1 runs on a side stream while
-    batch i is scanned."""
+def _to_device(batches, device: torch.device) -> Iterator[Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]]:
+    """Move batches to ``device`` (labels stay on the CPU); on CUDA the copy of batch i+1 runs
+    on a side stream while batch i is scanned."""
     if device.type != "cuda":
-        for idx, x, fg in batches:
-            yield idx, x.to(device), (None if fg is None else fg.to(device))
+        for idx, x, fg, y in batches:
+            yield idx, x.to(device), (None if fg is None else fg.to(device)), y
         return
     side, main = torch.cuda.Stream(device), torch.cuda.current_stream(device)
     prev = None
-    for idx, x, fg in batches:
+    for idx, x, fg, y in batches:
         with torch.cuda.stream(side):
-            cur = (idx, x.to(device, non_blocking=True), None if fg is None else fg.to(device, non_blocking=True))
+            cur = (idx, x.to(device, non_blocking=True), None if fg is None else fg.to(device, non_blocking=True), y)
         if prev is not None:
             yield prev
         main.wait_stream(side)
-        for t in cur[1:]:
+        for t in cur[1:3]:
             if t is not None:
                 t.record_stream(main)
         prev = cur
@@ -158,10 +182,28 @@ class _Group:
             return self._local
         return int(self._store.add("nns_samples_done", n))
 
-    def send_to_root(self, owner: int, payload: Optional[bytes]) -> Optional[bytes]:
-        obj = [payload if self.rank == owner else None]
-        self.dist.broadcast_object_list(obj, src=owner)
-        return obj[0]
+    def gather_bytes(self, payload: bytes) -> Optional[List[bytes]]:
+        """Every rank's ``payload`` (any length, also empty) on rank 0, in rank order; ``None``
+        on the other ranks. The lengths are all-gathered, the payloads padded to the longest and
+        gathered to rank 0 (uint8 tensors; on the GPU under NCCL)."""
+        dev = (torch.device("cuda", torch.cuda.current_device()) if self.dist.get_backend() == "nccl"
+               else torch.device("cpu"))
+        size = torch.tensor([len(payload)], dtype=torch.int64, device=dev)
+        sizes = [torch.zeros_like(size) for _ in range(self.world)]
+        self.dist.all_gather(sizes, size)
+        sizes_ = [int(v) for v in torch.cat(sizes).cpu()]
+        longest = max(sizes_)
+        if longest == 0:
+            return [b""] * self.world if self.rank == 0 else None
+        buf = torch.zeros(longest, dtype=torch.uint8)
+        if payload:
+            buf[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+        buf = buf.to(dev)
+        parts = [torch.empty_like(buf) for _ in range(self.world)] if self.rank == 0 else None
+        self.dist.gather(buf, parts, dst=0)
+        if self.rank != 0:
+            return None
+        return [parts[r][: sizes_[r]].cpu().numpy().tobytes() for r in range(self.world)]
 
     def sum(self, v: int) -> int:
         if not self.active:
@@ -203,6 +245,16 @@ class DatasetScan:
     measures : {name: measure}, optional
         Per-sample measures ``f(layer, layer_result, x, fg_mask) -> Tensor [B, *M] or None``;
         their sum, maximum and arg-max sample are accumulated (``measure/<name>/…``).
+    per_sample : {name: measure}, optional
+        Per-sample values, called like ``measures`` but kept row by row (any dtype, e.g. the
+        flattened filter images of the GMM analysis): ``<layer>/sample/<name>/values``
+        ``[N, *M]`` in global sample order and ``<layer>/sample/<name>/index`` (int64 ``[N]``),
+        read with :meth:`DatasetScanResult.sample_values`. The result holds ``N`` rows, so size
+        them: ``N · prod(M)`` values are written to the block files, the result and, under a
+        process group, gathered on rank 0.
+    labels : bool
+        Keep each sample's integer label ``y`` (``sample/label/values``, int64 ``[N]``); a
+        sample whose ``y`` is not an integer is refused.
     progress : bool
         One progress bar (rank 0) counting the samples of all ranks.
     """
@@ -211,6 +263,7 @@ class DatasetScan:
                  batch_size: int = 64, backend: str = "auto", precision: str = "auto",
                  max_memory: Optional[int] = None, num_workers: int = 0, stats: bool = True,
                  filter_images: bool = False, measures: Optional[Mapping[str, Measure]] = None,
+                 per_sample: Optional[Mapping[str, Measure]] = None, labels: bool = False,
                  progress: bool = True):
         self.model = model
         self.layers = layers
@@ -224,6 +277,8 @@ class DatasetScan:
         self.stats = stats
         self.filter_images = filter_images
         self.measures = measures
+        self.per_sample = per_sample
+        self.labels = labels
         self.progress = progress
 
     # -- validation ---------------------------------------------------------------------
@@ -244,6 +299,9 @@ class DatasetScan:
         n = len(dataset)
         if n < 1:
             raise ValueError("DatasetScan: the data set is empty")
+        overlap = sorted(set(self.measures or {}) & set(self.per_sample or {}))
+        if overlap:
+            raise ValueError(f"DatasetScan: {overlap} named both in measures and per_sample; give them distinct names")
         return layers, n
 
     def _scanner(self, layers):
@@ -256,13 +314,18 @@ class DatasetScan:
         first, last = dataset[0], dataset[n - 1]
         _split_item(0, first)
         _split_item(n - 1, last)
+        options = {"top_k": self.top_k, "block_size": self.block_size, "batch_size": self.batch_size,
+                   "backend": self.backend, "precision": self.precision, "stats": bool(self.stats),
+                   "filter_images": bool(self.filter_images), "measures": sorted(self.measures or {})}
+        if self.per_sample:  # only when used: folders of scans without them stay resumable
+            options["per_sample"] = sorted(self.per_sample)
+        if self.labels:
+            options["labels"] = True
         return {
             "format": F.FORMAT,
             "model_hash": F.weights_hash(self.model),
             "layers": layers,
-            "options": {"top_k": self.top_k, "block_size": self.block_size, "batch_size": self.batch_size,
-                        "backend": self.backend, "precision": self.precision, "stats": bool(self.stats),
-                        "filter_images": bool(self.filter_images), "measures": sorted(self.measures or {})},
+            "options": options,
             "dataset": {"length": n, "first": F.item_fingerprint(first), "last": F.item_fingerprint(last)},
             "samples": n,
             "n_blocks": -(-n // self.block_size),
@@ -329,6 +392,7 @@ class DatasetScan:
                 result = None
                 if group.rank == 0:
                     result = _write_result(out_dir, state, ident)
+                state = None
                 group.barrier()
             elif shard is not None:
                 m = F.read_manifest(out_dir)
@@ -397,25 +461,25 @@ class DatasetScan:
             idx = list(range(b * bs, min((b + 1) * bs, n)))
             batches += [idx[s:s + self.batch_size] for s in range(0, len(idx), self.batch_size)]
         loader = DataLoader(_Indexed(dataset), batch_sampler=batches, num_workers=self.num_workers,
-                            collate_fn=_Collate(tuple(x0.shape), fg0 is not None),
+                            collate_fn=_Collate(tuple(x0.shape), fg0 is not None, bool(self.labels)),
                             pin_memory=device.type == "cuda")
         scanner = self._scanner(layers)
         m = F.read_manifest(out_dir) or {}
         initial = sum(min(bs, n - int(b) * bs) for b in m.get("blocks_done", []))
         bar = self._bar(n, group, initial)
-        block, state = None, None
-        for idx, x, fg in _to_device(loader, device):
+        block, state = None, S.Merger()
+        for idx, x, fg, y in _to_device(loader, device):
             b = int(idx[0]) // bs
             if block is not None and b != block:
-                self._finish_block(out_dir, block, state)
-                state = None
+                self._finish_block(out_dir, block, state.result())
+                state = S.Merger()
             block = b
-            state = S.merge(state, self._batch_state(scanner, layers, idx, x, fg))
+            state.add(self._batch_state(scanner, layers, idx, x, fg, y))
             total = group.add_samples(x.shape[0])
             if bar is not None:
                 bar.n = min(n, total + initial)
                 bar.refresh()
-        self._finish_block(out_dir, block, state)
+        self._finish_block(out_dir, block, state.result())
         if bar is not None:
             bar.close()
 
@@ -426,21 +490,25 @@ class DatasetScan:
 
         return tqdm(total=n, initial=initial, desc="scan", unit="sample", dynamic_ncols=True)
 
-    def _batch_state(self, scanner, layers, idx: Tensor, x: Tensor, fg: Optional[Tensor]) -> S.State:
+    def _batch_state(self, scanner, layers, idx: Tensor, x: Tensor, fg: Optional[Tensor],
+                     y: Optional[Tensor] = None) -> S.State:
         res = scanner.scan(x, fg)
         out: S.State = {}
         first = int(idx[0])
         for name in layers:
             lr = res[name]
-            meas = {}
-            for m_name, fn in (self.measures or {}).items():
-                v = fn(name, lr, x, fg)
-                if v is not None:
-                    meas[m_name] = v
+            meas, rows = {}, {}
+            for fns, dst in ((self.measures, meas), (self.per_sample, rows)):
+                for m_name, fn in (fns or {}).items():
+                    v = fn(name, lr, x, fg)
+                    if v is not None:
+                        dst[m_name] = v
             out.update(S.batch_state(name, first, lr.activations, top_k=self.top_k,
                                      stats=lr.stats if self.stats else None,
                                      filter_images=lr.filter_images if self.filter_images else None,
-                                     measures=meas))
+                                     measures=meas, per_sample=rows))
+        if y is not None:
+            out.update(S.sample_entries(S.LABELS, first, y))
         return out
 
     def _finish_block(self, out_dir: str, block: int, state: S.State) -> None:
@@ -448,21 +516,33 @@ class DatasetScan:
         F.update_manifest(out_dir, {}, blocks={block: digest})
 
     def _collect(self, out_dir: str, n_blocks: int, group: _Group) -> Optional[S.State]:
-        """Send every block's state to rank 0, one block at a time, merged there in block order."""
-        merged = None
-        for b in range(n_blocks):
-            owner = b % group.world
-            payload = None
-            if group.rank == owner:
+        """Gather every block's state to rank 0 and merge there in block order (``None`` on the
+        other ranks). Round ``r`` gathers blocks ``r·world … r·world + world − 1`` (block
+        ``r·world + rank`` is this rank's; past the last block a rank sends nothing), each block
+        file's bytes as they are, variable in length (per-sample rows make blocks differ)."""
+        merger = S.Merger()
+        world = group.world
+        for r in range(-(-n_blocks // world)):
+            b = r * world + group.rank
+            payload = b""
+            if b < n_blocks:
                 with open(F.block_path(out_dir, b), "rb") as fh:
                     payload = fh.read()
-            data = group.send_to_root(owner, payload)
+            got = group.gather_bytes(payload)
             if group.rank == 0:
-                merged = S.merge(merged, F.state_from_bytes(data))
-        return merged
+                for owner, data in enumerate(got):
+                    if r * world + owner < n_blocks:
+                        merger.add(F.state_from_bytes(data))
+        return merger.result() if group.rank == 0 else None
 
 
 def _write_result(out_dir: str, state: S.State, ident: Mapping[str, Any]) -> DatasetScanResult:
+    n = int(ident["samples"])
+    for key in S.sample_keys(state):
+        idx = state[key[: -len("values")] + "index"]
+        if idx.numel() != n or not torch.equal(idx, torch.arange(n, dtype=torch.int64)):
+            raise ScanDirError(f"{out_dir}: the per-sample rows {key!r} are not one per sample in order ({idx.numel()} "
+                               f"rows for {n} samples); remove the folder and scan again")
     digest = F.write_state(os.path.join(out_dir, F.RESULT), state, {"format": F.FORMAT})
     F.update_manifest(out_dir, ident, fields={"result_sha256": digest})
     return load_scan(out_dir)
@@ -485,11 +565,11 @@ def merge_scan(out_dir: str) -> DatasetScanResult:
     if missing:
         raise ScanDirError(f"{out_dir}: {len(missing)} of {n_blocks} blocks are not done (first: {missing[:10]}); "
                            "run the missing shards, or rerun with --resume")
-    merged = None
+    merger = S.Merger()
     for b in range(n_blocks):
         path = F.block_path(out_dir, b)
         if not os.path.exists(path) or F.sha256_file(path) != recorded[b]:
             raise ScanDirError(f"{path} is missing or does not match its checksum; rerun the scan with --resume "
                                "to recompute it")
-        merged = S.merge(merged, F.read_state(path))
-    return _write_result(out_dir, merged, m)
+        merger.add(F.read_state(path))
+    return _write_result(out_dir, merger.result(), m)

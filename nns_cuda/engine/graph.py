@@ -31,6 +31,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from nns_cuda._modules import UnsupportedModuleError
 from nns_cuda.engine.receptive_field import Geometry, assign_geometry
 
 __all__ = [
@@ -68,10 +69,6 @@ ACTIVATIONS = ("relu", "leaky_relu", "hardtanh", "act_grad")
 def call_out_of_place(mod: nn.Module, z: torch.Tensor) -> torch.Tensor:
     """``mod(z)`` without modifying ``z`` (modules built with ``inplace=True`` get a copy)."""
     return mod(z.clone()) if getattr(mod, "inplace", False) else mod(z)
-
-
-class UnsupportedModuleError(TypeError):
-    """Raised when a model holds a module or operation the scanner cannot linearise."""
 
 
 class _InputMismatch(ValueError):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import os
-import pickle
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +13,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
+from nns_cuda._modules import UnsupportedModuleError
 from nns_cuda.models.nets import FCN, AlexNetCifar, FCNRes, LeNet5, ResNetCifar, SmallCNN, VGGCifar
 
 __all__ = [
@@ -42,12 +43,12 @@ class UnknownModelError(ValueError):
     """The model name is not in the zoo."""
 
 
+#: How to make a weights file, for the messages about a file that is not one.
+HOW_TO_SAVE_WEIGHTS = "make one with torch.save(model.state_dict(), PATH) or `nns train`"
+
+
 class WeightsMismatchError(ValueError):
     """A state dict does not fit the model (missing / unexpected key, or shape)."""
-
-
-class UnsupportedModuleError(TypeError):
-    """A model contains leaf modules the scanner does not support."""
 
 
 @dataclass(frozen=True)
@@ -250,7 +251,7 @@ def extract_state_dict(obj: Any, source: str = "weights") -> Dict[str, torch.Ten
         obj = obj.state_dict()
     if not isinstance(obj, Mapping):
         raise WeightsMismatchError(f"{source}: expected a state dict (mapping of names to "
-                                   f"tensors), got {type(obj).__name__}")
+                                   f"tensors), got {type(obj).__name__}; {HOW_TO_SAVE_WEIGHTS}")
     for key in ("model", "state_dict", "model_state_dict"):
         inner = obj.get(key)
         if isinstance(inner, Mapping) and inner and all(
@@ -296,14 +297,33 @@ def _read_weights(path: Union[str, os.PathLike], map_location: Union[str, torch.
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
-        if zipfile.is_zipfile(path):
+        with warnings.catch_warnings():  # torch's warnings about the pickle inside are not the user's concern
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises many types here (UnpicklingError, RuntimeError, struct.error, ...)
+        if _is_torch_archive(path) and "weights only" in str(e).lower():
             why = ("it holds Python objects, not only tensors (a whole saved model? give it as "
                    "the model, not as its weights)")
+        elif _is_torch_archive(path):
+            why = f"a torch.save archive that cannot be read (damaged?): {type(e).__name__}: {_short(e)}"
         else:
-            why = "not a file written by torch.save, or it is damaged"
+            why = f"not a file written by torch.save, or it is damaged; {HOW_TO_SAVE_WEIGHTS}"
         raise WeightsMismatchError(f"cannot read weights file {path}: {why}") from e
+
+
+def _short(e: BaseException, n: int = 120) -> str:
+    """The first ``n`` characters of ``e``'s message, on one line."""
+    msg = " ".join(str(e).split())
+    return msg if len(msg) <= n else msg[: n - 1] + "…"
+
+
+def _is_torch_archive(path: Path) -> bool:
+    """Whether ``path`` is a zip archive as ``torch.save`` writes it (with a ``data.pkl`` record)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n == "data.pkl" or n.endswith("/data.pkl") for n in z.namelist())
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return False
 
 
 def load_weights(model: nn.Module, weights: Union[str, os.PathLike, Mapping[str, torch.Tensor]],
