@@ -361,3 +361,44 @@ def test_superscripts_are_typeset_not_careted(tmp_path):
     html = (tmp_path / "report.html").read_text()
     body = html.split("<body", 1)[1]
     assert "C<sup>l</sup>" in body and "C^l" not in body
+
+
+def test_report_figures_have_colour_scales_integer_counts_and_no_carets(tmp_path, monkeypatch):
+    """Every figure of the report as drawn: a colour scale beside each heat map, no ``^`` outside
+    mathtext in any text, and the anomaly-count axis starting at exactly 0 with integer ticks."""
+    from nns_cuda.app import _report_sections as S
+    from nns_cuda.app import viz
+
+    drawn = {}
+    save = S.Figures.save
+
+    def keep(self, fig, name):
+        drawn[name] = fig
+        return save(self, fig, name)
+
+    monkeypatch.setattr(S.Figures, "save", keep)
+    r = _synthetic()
+    R.write_report(r, tmp_path)
+    assert {"learned_images_layers.png", "learned_images_layers_jet.png", "filter_images.png",
+            "anomaly_counts.png", "fm_li_correlation.png"} <= set(drawn), sorted(drawn)
+    for name, fig in drawn.items():
+        maps = [a for a in fig.axes if a.images and a.images[0].get_cmap().name in (viz.DEFAULT_CMAP, "jet")
+                and a.get_label() != "<colorbar>"]
+        bars = [a for a in fig.axes if a.get_label() == "<colorbar>"]
+        assert len(bars) == len(maps), (name, len(maps), len(bars))
+        fig.canvas.draw()
+        texts = [t.get_text() for t in fig.findobj(lambda o: hasattr(o, "get_text") and callable(o.get_text))]
+        careted = [t for t in texts if "^" in re.sub(r"\$[^$]*\$", "", t)]
+        assert not careted, (name, careted)
+    assert sum(len([a for a in drawn[n].axes if a.get_label() == "<colorbar>"])
+               for n in ("learned_images_layers.png", "filter_images.png")) > 0
+    assert any("$C^l$" in (a.get_ylabel() or "") for a in drawn["fm_li_correlation.png"].axes)
+    ax = drawn["anomaly_counts.png"].axes[0]
+    lo, hi = ax.get_ylim()
+    assert lo == 0 and hi >= 1, (lo, hi)
+    shown = [t for t in ax.get_yticks() if lo <= t <= hi]
+    assert shown[0] == 0 and all(float(t).is_integer() for t in shown), shown
+    shown = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+    assert shown and all(float(t).is_integer() for t in shown), shown
+    counts = [ln for ln in ax.get_lines() if ln.get_label() == "anomaly filters"]
+    assert counts and not counts[0].get_clip_on(), "zero counts must not be clipped at the lower edge"

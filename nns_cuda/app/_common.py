@@ -6,12 +6,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 import zipfile
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
-__all__ = ["CLIError", "BAD_INPUT", "error_line", "guarded", "note", "engine_options", "samples_option",
-           "DeprecatedAlias", "model_options", "load_model", "read_torch_file", "load_data", "take", "batches",
-           "IMAGE_EXTENSIONS"]
+__all__ = ["CLIError", "BAD_INPUT", "error_line", "guarded", "note", "engine_options", "MAX_MEMORY_HELP",
+           "samples_option", "DeprecatedAlias", "model_options", "load_model", "read_torch_file", "load_data", "take",
+           "batches", "IMAGE_EXTENSIONS"]
 
 #: Exceptions that mean "the input was wrong" (exit status 2); anything else exits with 1.
 BAD_INPUT = (ValueError, KeyError, TypeError, FileNotFoundError, FileExistsError, IndexError, NotImplementedError,
@@ -67,11 +68,20 @@ class DeprecatedAlias(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
-def samples_option(p, *, default: Optional[int], help: str) -> None:
-    """Add ``--samples N`` to the parser (or group) ``p``, with ``--max-samples`` as its deprecated alias."""
+def samples_option(p, *, default: Optional[int], help: str, old: Sequence[str] = ("--max-samples",)) -> None:
+    """Add ``--samples N`` to the parser (or group) ``p``, with the names ``old`` (default
+    ``--max-samples``) as its deprecated aliases."""
     p.add_argument("--samples", type=int, default=default, metavar="N", help=help)
-    p.add_argument("--max-samples", type=int, action=DeprecatedAlias, dest="samples", new="--samples",
-                   default=argparse.SUPPRESS, metavar="N")
+    for name in old:
+        p.add_argument(name, type=int, action=DeprecatedAlias, dest="samples", new="--samples",
+                       default=argparse.SUPPRESS, metavar="N")
+
+
+#: Help of ``--max-memory`` (argparse text: ``%%`` is a percent sign): the defaults of
+#: :func:`nns_cuda.engine.memory.default_budget`.
+MAX_MEMORY_HELP = ("memory budget of the engine, e.g. 2G or 512M; larger work is chunked (default: on the "
+                   "CPU 2 GiB, or 25%% of the RAM if less, and up to 8 GiB for one sample before the reverse "
+                   "strategy is chosen; on CUDA 60%% of the free GPU memory)")
 
 
 def engine_options(p, *, batch: Optional[int] = 64, batch_help: str = "samples per batch (default %(default)s)") -> None:
@@ -83,10 +93,7 @@ def engine_options(p, *, batch: Optional[int] = 64, batch_help: str = "samples p
                    help="learned-image backend: auto = fastest available (CUDA kernels for GPU inputs, "
                         "C++ kernels on the CPU, else pure PyTorch)")
     g.add_argument("--batch-size", type=int, default=batch, help=batch_help)
-    g.add_argument("--max-memory", default=None, metavar="SIZE",
-                   help="memory budget of the engine, e.g. 2G or 512M; larger work is chunked (default: on the "
-                        "CPU 2 GiB, or 25%% of the RAM if less, and up to 8 GiB for one sample before the reverse "
-                        "strategy is chosen; on CUDA 60%% of the free GPU memory)")
+    g.add_argument("--max-memory", default=None, metavar="SIZE", help=MAX_MEMORY_HELP)
 
 
 # --------------------------------------------------------------------------------------------
@@ -164,15 +171,27 @@ def read_torch_file(path: str, option: str, *, weights_only: bool = True) -> Any
     if not os.path.isfile(path):
         raise CLIError(f"{option} {path}: no such file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=weights_only)
+        with warnings.catch_warnings():  # torch's warnings about the pickle inside are not the user's concern
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as e:
-        if weights_only and zipfile.is_zipfile(path):
+        archive = _is_torch_archive(path)
+        if weights_only and archive and "weights only" in str(e).lower():
             why = "it holds Python objects, not only tensors and lists / dicts of them"
-        elif zipfile.is_zipfile(path):
+        elif archive:
             why = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
         else:
             why = "not a file written by torch.save, or it is damaged"
         raise CLIError(f"{option} {path}: cannot read it: {why}") from None
+
+
+def _is_torch_archive(path: str) -> bool:
+    """Whether ``path`` is a zip archive as ``torch.save`` writes it (with a ``data.pkl`` record)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n == "data.pkl" or n.endswith("/data.pkl") for n in z.namelist())
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return False
 
 
 # --------------------------------------------------------------------------------------------

@@ -457,7 +457,7 @@ def anomaly_counts_figure(rows: Sequence[Mapping[str, Any]], well_trained: Optio
     -------
     Figure
         Integer ticks on both axes; the count axis starts at 0 and reaches at least 1, so
-        all-zero counts lie on a visible floor.
+        all-zero counts lie on its visible floor (the markers are drawn unclipped).
     """
     from matplotlib.ticker import MaxNLocator
 
@@ -465,7 +465,8 @@ def anomaly_counts_figure(rows: Sequence[Mapping[str, Any]], well_trained: Optio
     n = [np.nan if _num(x.get("n_anomalous")) is None else float(x["n_anomalous"]) for x in rows]
     fig = viz.new_figure(5.5, 3.4)
     ax = fig.subplots()
-    ax.plot(ep, n, "o-", ms=4, color="C0", label="anomaly filters")
+    # not clipped: counts of 0 sit on the lower edge of the axes, which starts at 0
+    ax.plot(ep, n, "o-", ms=4, color="C0", label="anomaly filters", clip_on=False, zorder=3)
     marks = [(well_trained, "well-trained", "C2", "--"), (overfitted, "over-fitted", "C3", ":")]
     if well_trained is not None and well_trained == overfitted:
         marks = [(well_trained, "well-trained = over-fitted", "C4", "-.")]
@@ -473,7 +474,7 @@ def anomaly_counts_figure(rows: Sequence[Mapping[str, Any]], well_trained: Optio
         if e is not None:
             ax.axvline(e, color=colour, ls=style, lw=1.4, label=f"{name} (epoch {e})")
     top = max([1.0] + [v for v in n if np.isfinite(v)])
-    ax.set_ylim(-0.05 * top, 1.15 * top)
+    ax.set_ylim(0, 1.15 * top)
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     span = [e for e in ep + [well_trained, overfitted] if e is not None]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import textwrap
 import time
@@ -136,12 +137,30 @@ def _run(args: argparse.Namespace) -> int:
     return int(run(args) or 0)
 
 
+def process_started() -> Optional[float]:
+    """The ``time.perf_counter()`` value of this process's start (read from ``/proc``), or None
+    where the operating system does not say."""
+    try:
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        age = uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22 of proc(5): start time in ticks
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+    return time.perf_counter() - age if 0 <= age < 366 * 86400 else None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the ``nns`` command line; returns the exit status (also used by ``python -m nns_cuda``).
 
-    ``args.started`` is the ``time.perf_counter()`` of this call, so that a command can time what
-    the user waits for."""
+    ``args.started`` is a ``time.perf_counter()`` value from which a command times what the user
+    waits for: the start of the process when this is the program (``argv`` None: the ``nns``
+    command, ``python -m nns_cuda``; interpreter start-up and imports included), else the start
+    of this call."""
     started = time.perf_counter()
+    if argv is None:
+        started = min(started, process_started() or started)
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     split = _split_pass_through(argv)

@@ -91,7 +91,8 @@ def findings(model: nn.Module, data: Any, *, eval_data: Any = None, fq_layers: O
              depth_layers: Optional[Sequence[str]] = None, diversity_layer: Optional[str] = None,
              n_mask: Optional[int] = None, max_samples: Optional[int] = 256, batch_size: int = 64,
              scan_fn: Optional[ScanFn] = None, li_fn: Optional[LiFn] = None, filter_fn: Optional[FilterFn] = None,
-             localisation: bool = True, top2: bool = True, ablation: bool = True) -> Dict[str, Any]:
+             localisation: bool = True, top2: bool = True, ablation: bool = True,
+             progress: bool = True) -> Dict[str, Any]:
     """Run the Chapter 3 / 4 analyses on a (trained) model and put the results next to the thesis's.
 
     Measured as is — nothing is tuned to match the thesis.
@@ -124,6 +125,8 @@ def findings(model: nn.Module, data: Any, *, eval_data: Any = None, fq_layers: O
     localisation, top2, ablation : bool
         Include Table 4-5, Table 3-4, and the §4.4.4 ablations (Fig. 4-5, Table 4-4; the five
         variants come from the same scan).
+    progress : bool
+        Progress bars on stderr over the batches of each analysis (default True); False: none.
 
     Returns
     -------
@@ -148,7 +151,8 @@ def findings(model: nn.Module, data: Any, *, eval_data: Any = None, fq_layers: O
     out: Dict[str, Any] = {"model": type(model).__name__, "max_samples": max_samples}
 
     # Table 3-3: C^l by depth
-    cl = FeatureMapCorrelation(filter_fn=filter_fn, batch_size=batch_size, max_samples=max_samples).fit(
+    cl = FeatureMapCorrelation(filter_fn=filter_fn, batch_size=batch_size, max_samples=max_samples,
+                               progress=progress).fit(
         model, data, depth_layers).result_
     vals = [cl[l].value for l in depth_layers]
     rho = _spearman(vals)
@@ -160,7 +164,8 @@ def findings(model: nn.Module, data: Any, *, eval_data: Any = None, fq_layers: O
 
     # Table 3-4: top-2 neuron IoU by depth
     if top2:
-        t2 = Top2IoU(li_fn=li_fn, batch_size=batch_size, max_samples=max_samples).fit(model, data, depth_layers).result_
+        t2 = Top2IoU(li_fn=li_fn, batch_size=batch_size, max_samples=max_samples, progress=progress).fit(
+            model, data, depth_layers).result_
         tv = [t2[l].value for l in depth_layers]
         rho2 = _spearman(tv)
         out["table_3_4"] = {"layers": depth_layers, "ours_IoU_l": [to_jsonable(v) for v in tv],
@@ -170,7 +175,7 @@ def findings(model: nn.Module, data: Any, *, eval_data: Any = None, fq_layers: O
     # Fig. 4-3 / 4-4: FQ, Pearson per layer, FQ mean / variance by depth
     all_layers = list(dict.fromkeys(fq_layers + [diversity_layer]))
     variants = fit_variants(model, data, all_layers, ABLATIONS if ablation else (None,), batch_size=batch_size,
-                            scan_fn=scan_fn, max_samples=max_samples)
+                            scan_fn=scan_fn, max_samples=max_samples, progress=progress)
     fqres = variants["full"]
     rs = {l: to_jsonable(fqres[l].pearson_r) for l in fq_layers}
     finite = [r for r in rs.values() if r is not None]
@@ -192,7 +197,7 @@ def findings(model: nn.Module, data: Any, *, eval_data: Any = None, fq_layers: O
             n_filters = int(fqres[diversity_layer].fq.shape[0])
             if n_mask is None:
                 n_mask = 20 if n_filters >= 80 else max(1, n_filters // 4)
-            div = FilterDiversity(n_mask=n_mask, batch_size=batch_size, max_samples=max_samples).fit(
+            div = FilterDiversity(n_mask=n_mask, batch_size=batch_size, max_samples=max_samples, progress=progress).fit(
                 model, fqres, diversity_layer, eval_data).result_
     d = div.to_dict()
     d["n_mask"] = n_mask
@@ -208,8 +213,8 @@ def findings(model: nn.Module, data: Any, *, eval_data: Any = None, fq_layers: O
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FQWarning)
             for name, res in variants.items():
-                dv = FilterDiversity(n_mask=n_mask, batch_size=batch_size, max_samples=max_samples).fit(
-                    model, res, diversity_layer, eval_data).result_
+                dv = FilterDiversity(n_mask=n_mask, batch_size=batch_size, max_samples=max_samples,
+                                     progress=progress).fit(model, res, diversity_layer, eval_data).result_
                 abl["variants"][name] = {
                     "pearson_r": {l: to_jsonable(res[l].pearson_r) for l in fq_layers},
                     "fq_mean": [res[l].fq_mean for l in fq_layers], "fq_var": [res[l].fq_var for l in fq_layers],
@@ -221,7 +226,8 @@ def findings(model: nn.Module, data: Any, *, eval_data: Any = None, fq_layers: O
 
     # Table 4-5: localisation IoU
     if localisation:
-        ld = LocalisationIoU(batch_size=batch_size, scan_fn=scan_fn, li_fn=li_fn, max_samples=max_samples).fit(
+        ld = LocalisationIoU(batch_size=batch_size, scan_fn=scan_fn, li_fn=li_fn, max_samples=max_samples,
+                             progress=progress).fit(
             model, data).to_dict()
         ld["thesis"] = THESIS["table_4_5_iou"]
         means = ld["mean_iou"]

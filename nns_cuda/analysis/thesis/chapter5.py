@@ -60,7 +60,7 @@ THESIS_REFERENCE: Dict[str, Any] = {
 
 def findings(model: nn.Module, data: Iterable, layer: str, checkpoints: Union[None, Sequence[Any], Mapping[str, Any]] = None,
              *, filter_fn: Optional[FilterFn] = None, per: float = 30.0, sou_method: str = "taylor",
-             weight_layer: Optional[str] = None) -> Dict[str, Any]:
+             weight_layer: Optional[str] = None, progress: bool = True) -> Dict[str, Any]:
     """Measured Chapter-5 findings next to the thesis's numbers (JSON-able; nothing is tuned).
 
     Computes on ``layer``: ``T`` of the four built-ins (all entries), AVoU and SoU and their
@@ -87,6 +87,8 @@ def findings(model: nn.Module, data: Iterable, layer: str, checkpoints: Union[No
         See :func:`nns_cuda.analysis.tip.sou`.
     weight_layer : str, optional
         See :func:`nns_cuda.analysis.tip.sou`.
+    progress : bool
+        Progress bars on stderr over the batches of each pass (default True); False: none.
 
     Returns
     -------
@@ -94,10 +96,11 @@ def findings(model: nn.Module, data: Iterable, layer: str, checkpoints: Union[No
         As :func:`findings_from_results`.
     """
     names = list(tip.BUILTIN_PROPERTIES)
-    ip = tip.InterpretableProperties(names, "all", filter_fn=filter_fn).fit(model, data, layer)
+    ip = tip.InterpretableProperties(names, "all", filter_fn=filter_fn, progress=progress).fit(model, data, layer)
     T = {n: ip.T(layer, n, "all") for n in names}
-    sal = tip.saliency(model, data, layer, T, sou_method=sou_method, weight_layer=weight_layer)
-    types = tip.fg_bg_types(model, data, layer, checkpoints, property="mean", per=per, filter_fn=filter_fn)
+    sal = tip.saliency(model, data, layer, T, sou_method=sou_method, weight_layer=weight_layer, progress=progress)
+    types = tip.fg_bg_types(model, data, layer, checkpoints, property="mean", per=per, filter_fn=filter_fn,
+                            progress=progress)
     return findings_from_results(layer, {n: v.tolist() for n, v in T.items()}, sal, types)
 
 

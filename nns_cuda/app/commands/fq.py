@@ -35,8 +35,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--no-localisation", action="store_true",
                         help="with --findings: skip the localisation IoU (Table 4-5)")
     parser.add_argument("--arrays", action="store_true", help="include per-neuron arrays in the JSON")
-    parser.add_argument("--out", default="nns_output/fq", help="output folder (fq.json is written there)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar (FQ without --findings)")
+    parser.add_argument("--out", default="nns_output/fq",
+                        help="output folder; fq.json is written there (a folder, as for every nns command: a name "
+                             "ending in .json is refused)")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bars (shown on stderr over the batches of each analysis otherwise)")
     return parser
 
 
@@ -83,14 +86,16 @@ def _run(args: argparse.Namespace) -> int:
     from nns_cuda.analysis.thesis import chapter4
 
     if args.out.lower().endswith(".json"):
-        raise CLIError(f"--out names a folder (nns fq writes OUT/fq.json); got {args.out!r}, a file name")
+        raise CLIError(f"--out names a folder (nns fq writes OUT/fq.json); got {args.out!r}, a file name: "
+                       f"pass a folder, e.g. --out {os.path.splitext(args.out)[0] or '.'}")
     name, model, source = _model(args)
     model.eval()
     ds = nns_data.cluttered_digits(split=args.split, seed=args.seed)
     loader = DataLoader(ds, batch_size=args.batch_size, shuffle=False)
     if args.findings:
         result = chapter4.findings(model, loader, fq_layers=args.layers, max_samples=args.samples,
-                                   batch_size=args.batch_size, localisation=not args.no_localisation)
+                                   batch_size=args.batch_size, localisation=not args.no_localisation,
+                                   progress=not args.no_progress)
     else:
         layers = args.layers
         if not layers:

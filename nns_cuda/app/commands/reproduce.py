@@ -66,7 +66,7 @@ def _out_path(out: Optional[str], quick: bool) -> str:
 def _run(args: argparse.Namespace) -> int:
     from nns_cuda.analysis.thesis import reproduce as rp
 
-    t0 = time.perf_counter()
+    t0 = getattr(args, "started", None) or time.perf_counter()  # from the start of `nns reproduce`
     out = rp.reproduce(args.config, seeds=args.seeds, quick=args.quick, progress=not args.no_progress,
                        cache_dir=args.cache_dir, work_dir=args.work_dir, debug=getattr(args, "debug", False))
     path = rp.write_json(out, _out_path(args.out, args.quick))

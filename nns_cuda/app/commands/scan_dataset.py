@@ -6,7 +6,7 @@ import os
 import sys
 import textwrap
 
-from nns_cuda.app._common import CLIError, guarded, load_model
+from nns_cuda.app._common import MAX_MEMORY_HELP, CLIError, guarded, load_model, samples_option
 
 HELP = "per-neuron statistics of a whole data set (resumable; torchrun for several GPUs)"
 DESCRIPTION = textwrap.dedent("""\
@@ -40,7 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="split of the digits")
     p.add_argument("--input-size", type=int, default=None, help="resize folder images to this side (needed when "
                                                                 "their sizes differ)")
-    p.add_argument("--limit", type=int, default=None, metavar="N", help="scan only the first N samples")
+    samples_option(p, default=None, help="scan only the first N samples (default: all)",
+                   old=("--limit", "--max-samples"))
     p.add_argument("--layers", nargs="+", required=True, help="layer names from model.named_modules()")
     p.add_argument("--out", required=True, help="output folder (manifest.json, blocks/, result.safetensors)")
     p.add_argument("--resume", action="store_true", help="continue the scan already in --out")
@@ -53,7 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--backend", default="auto", choices=["auto", "reference", "cpu", "cuda"], help="learned-image backend")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp64", "tf32", "bf16", "fp16"],
                    help="learned-image precision (auto = the input's dtype)")
-    p.add_argument("--max-memory", default=None, metavar="SIZE", help="engine memory budget, e.g. 2G")
+    p.add_argument("--max-memory", default=None, metavar="SIZE", help=MAX_MEMORY_HELP)
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -104,14 +105,12 @@ def _run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    model, desc = load_model(args.model, args.weights, num_classes=args.num_classes)
-    if args.model is not None and args.weights is None and not os.path.isfile(str(args.model)):
-        print(f"nns scan-dataset: note: {args.model} has random weights (no --weights)", file=sys.stderr)
+    model, desc = load_model(args.model, args.weights, num_classes=args.num_classes, who="nns scan-dataset")
     ds, ddesc = dataset_from_args(args)
-    if args.limit is not None:
-        if args.limit < 1:
-            raise CLIError(f"--limit must be at least 1, got {args.limit}")
-        ds = torch.utils.data.Subset(ds, range(min(args.limit, len(ds))))
+    if args.samples is not None:
+        if args.samples < 1:
+            raise CLIError(f"--samples must be at least 1, got {args.samples}")
+        ds = torch.utils.data.Subset(ds, range(min(args.samples, len(ds))))
     rank = int(os.environ.get("RANK", "0"))
     if rank == 0:
         print(f"nns scan-dataset: {desc}; {ddesc} ({len(ds)} samples); layers {args.layers}", file=sys.stderr)

@@ -136,7 +136,8 @@ def _run_cli(args: argparse.Namespace) -> int:
         if args.demo:
             how = "rerun `nns train --demo` to continue from the last finished epoch (it resumes from the cache)"
         else:
-            how = (f"rerun the same command with --resume to continue from the last finished epoch "
+            with_resume = "with --resume in place of --overwrite" if args.overwrite else "with --resume"
+            how = (f"rerun the same command {with_resume} to continue from the last finished epoch "
                    f"(checkpoints in {args.checkpoint_dir})")
         print(f"nns train: interrupted; {how}", file=sys.stderr)
         return 130
