@@ -31,7 +31,7 @@ $(VENV)/.deps: requirements.txt
 
 deps: $(VENV)/.deps
 
-$(VENV)/.built: $(VENV)/.deps setup.py $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu csrc/include/nns_cuda/*.h)
+$(VENV)/.built: $(VENV)/.deps setup.py $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cu csrc/include/nns_cuda/*.h csrc/include/nns_cuda/ops/*.h)
 	if [ -n "$(NVCC)" ] && ! $(PY) -c 'import torch,sys; sys.exit(0 if torch.version.cuda else 1)'; then \
 	  echo "torch is a CPU build: building the C++ extension only"; \
 	  MAX_JOBS=$${MAX_JOBS:-2} NNS_NO_CUDA=1 $(PIP) install -q --no-build-isolation --no-deps -e . ; \

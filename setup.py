@@ -1,11 +1,24 @@
 """Build the nns_cuda._C extension.
 
-* CPU-only machine (no usable CUDA, FORCE_CUDA unset): a ``CppExtension`` with the
-  C++ kernels of ``csrc/cpu``.
-* CUDA usable, or ``FORCE_CUDA=1`` (compile-only on a machine without a GPU, see
-  DESIGN.md §5): a ``CUDAExtension`` that also compiles ``csrc/cuda/*.cu``.
-  Without a GPU set ``TORCH_CUDA_ARCH_LIST`` (we default it to ``9.0``) and
-  ``CUDA_HOME=/usr/local/cuda``.
+Sources, one op per file: ``csrc/*.cpp`` (the namespace, each op's schema and argument checks,
+and the device-generic ATen ops), ``csrc/cpu/*.cpp`` (the CPU kernels), ``csrc/cuda/*.cu`` (the
+CUDA kernels); headers in ``csrc/include/nns_cuda/``.
+
+* No usable CUDA and ``FORCE_CUDA`` unset, or ``NNS_NO_CUDA=1`` (without ``FORCE_CUDA``): a
+  ``CppExtension`` with ``csrc/*.cpp`` and ``csrc/cpu/*.cpp``.
+* CUDA usable, or ``FORCE_CUDA=1``: a ``CUDAExtension`` that also compiles ``csrc/cuda/*.cu``
+  and registers the device-generic ops for CUDA.
+
+Compiling the CUDA sources without a GPU (it checks that they build; the CPU kernels are what
+runs there) needs the CUDA build of torch and nvcc::
+
+    FORCE_CUDA=1 CUDA_HOME=/usr/local/cuda TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=2 \
+        python setup.py build_ext --inplace
+
+``FORCE_CUDA=1`` because ``torch.cuda.is_available()`` is False there; ``TORCH_CUDA_ARCH_LIST``
+defaults to ``9.0`` when unset (without a GPU ``torch.utils.cpp_extension`` has no architecture
+to build for); set ``CUDA_HOME`` explicitly, since torch guesses the toolkit wrong when ``nvcc``
+on ``PATH`` is a wrapper. More in the README, "Backends and building for CUDA".
 """
 import glob
 import os

@@ -1,33 +1,35 @@
 """conv_li: compiled kernels (CPU C++, CUDA) against the pure-PyTorch reference and autograd.
 
-What is compared:
+What is compared (the op tester, ``tests/_op_tester.py``, plus the tests below):
 * ``ops.conv_li`` (C++ / CUDA) vs ``reference.conv_li`` computed in float64 on the CPU, on
   seeded random patches whose anchors come from a real receptive-field geometry (conftest
   ``rf_anchors`` / ``conv_geometry``), for groups 1, grouped and depthwise convs with stride,
   padding, dilation, asymmetric kernels, windows clipped by the image, scale / gate / in_active
   present or absent, gates with zeros; float64 (rel. 1e-12) and float32 (rel. 1e-5); outputs
   allocated NaN-filled so an unwritten element fails.
-* A one-layer network against ``torch.autograd``: ``LI = x ⊙ ∂ReLU(s·conv(x))/∂x`` (SPEC §1).
+* A one-layer network against ``torch.autograd``: ``LI = x ⊙ ∂ReLU(s·conv(x))/∂x``
+  (docs/spec.md §1).
 * Non-contiguous inputs, gated-off outputs exactly zero, inactive inputs skipped, empty
   shapes, ``torch.library.opcheck``, argument errors (C++ and the fake kernel give the same
-  messages), and the reference fallback's single warning.
+  messages), windows that do not fit, and the reference fallback's single warning.
+
+``ConvLiTester`` (the cases, argument errors and checks shared by conv_li and its formulations
+conv_li_gemm, conv_li_gather and conv_li_implicit, which take the same arguments) is the base of
+their tester classes.
 """
 from __future__ import annotations
 
 import warnings
 
-import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import (expect_op_error, TOL, assert_rel_close, conv_geometry, cpu_and_cuda, nan_filled_outputs,
-                      needs_cuda, noncontiguous, rel_err, rf_anchors)
+from _op_tester import ReferenceOpTester, needs_ops, to
+from conftest import TOL, assert_rel_close, conv_geometry, noncontiguous, rel_err, rf_anchors
 from nns_cuda import ops
 from nns_cuda.ops.reference import ops as ref
 
-pytestmark = pytest.mark.skipif(not ops.HAS_OPS, reason="nns_cuda._C not built")
-
-DTYPES = [torch.float64, torch.float32]
+pytestmark = needs_ops
 
 
 def make_case(seed, *, B=2, Ci=4, Co=6, groups=1, H=10, W=9, D=2, k=(3, 3), s=(1, 1),
@@ -60,18 +62,6 @@ def make_case(seed, *, B=2, Ci=4, Co=6, groups=1, H=10, W=9, D=2, k=(3, 3), s=(1
                 groups=groups, rh_out=rho, rw_out=rwo)
 
 
-def to(case, device=None, dtype=None):
-    out = {}
-    for key, v in case.items():
-        if isinstance(v, torch.Tensor):
-            if dtype is not None and v.is_floating_point():
-                v = v.to(dtype)
-            if device is not None:
-                v = v.to(device)
-        out[key] = v
-    return out
-
-
 def reference64(case):
     return ref.conv_li(**to(case, "cpu", torch.float64))
 
@@ -88,123 +78,13 @@ CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("device", cpu_and_cuda())
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
-@pytest.mark.parametrize("cfg", list(CONFIGS), ids=list(CONFIGS))
-def test_conv_li_matches_reference(cfg, dtype, device):
-    case = make_case(list(CONFIGS).index(cfg), dtype=dtype, **CONFIGS[cfg])
-    expected = reference64(case)
-    with nan_filled_outputs():
-        out = ops.conv_li(**to(case, device))
-    assert out.device.type == device
-    assert_rel_close(out, expected, dtype)
-    # the same-dtype reference agrees too (float32 rounding of the oracle itself)
-    assert rel_err(ref.conv_li(**case), expected) <= TOL[dtype]
-
-
-@pytest.mark.parametrize("device", cpu_and_cuda())
-def test_conv_li_gated_outputs_are_exact_zeros(device):
-    case = make_case(3)
-    out = ops.conv_li(**to(case, device)).cpu()
-    off = (case["gate"] * case["scale"].view(1, -1, 1, 1)) == 0
-    assert off.any() and (~off).any()
-    assert (out[off] == 0).all()
-    assert (out[~off].flatten(1).abs().sum(1) > 0).any()
-
-
-@pytest.mark.parametrize("device", cpu_and_cuda())
-def test_conv_li_in_active_skips_inputs(device):
-    """in_active=False marks a zero patch; the kernels skip it. Marking a *non-zero* patch
-    inactive therefore drops its contribution, which proves the skip happens."""
-    case = make_case(4)
-    full = ops.conv_li(**to(case, device)).cpu()
-    no_mask = ops.conv_li(**to(dict(case, in_active=None), device)).cpu()
-    assert rel_err(full, no_mask) <= 1e-12
-    g = torch.Generator().manual_seed(5)
-    dense = torch.randn(case["patches"].shape, generator=g, dtype=torch.float64)
-    mask = torch.rand(case["in_active"].shape, generator=g) > 0.5
-    out = ops.conv_li(**to(dict(case, patches=dense, in_active=mask), device)).cpu()
-    expected = ref.conv_li(**dict(case, patches=dense * mask[..., None, None, None], in_active=None))
-    assert_rel_close(out, expected, torch.float64)
-
-
 def noncontiguous_case(case: dict, device) -> dict:
     """``case`` on ``device`` with every tensor a non-contiguous view of the same values, and the
-    weight with channels-last-like strides (shared with test_conv_li_gemm.py)."""
+    weight with channels-last-like strides."""
     nc = noncontiguous(to(case, device))
     assert all(not v.is_contiguous() or v.numel() <= 1 for v in nc.values() if isinstance(v, torch.Tensor))
     nc["weight"] = nc["weight"].permute(3, 2, 1, 0).contiguous().permute(3, 2, 1, 0)
     return nc
-
-
-@pytest.mark.parametrize("device", cpu_and_cuda())
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
-def test_conv_li_noncontiguous(dtype, device):
-    case = make_case(6, dtype=dtype, groups=2, s=(2, 1), pre=(3, 1, 1))
-    expected = reference64(case)
-    with nan_filled_outputs():
-        out = ops.conv_li(**noncontiguous_case(case, device))
-    assert_rel_close(out, expected, dtype)
-
-
-@pytest.mark.parametrize("device", cpu_and_cuda())
-def test_conv_li_autograd_oracle(device):
-    """One BN-folded conv + ReLU on an image: ``LI_n = x ⊙ ∂a_n/∂x`` from torch.autograd."""
-    g = torch.Generator().manual_seed(7)
-    B, D, H, W, Co = 2, 2, 7, 6, 3
-    x = torch.randn(B, D, H, W, generator=g, dtype=torch.float64)
-    weight = torch.randn(Co, D, 3, 3, generator=g, dtype=torch.float64)
-    scale = torch.rand(Co, generator=g, dtype=torch.float64) + 0.5
-    stride, padding = (2, 1), (1, 1)
-
-    def net(inp):
-        return F.relu(F.conv2d(inp, weight, stride=stride, padding=padding) * scale.view(1, -1, 1, 1))
-
-    z = F.conv2d(x, weight, stride=stride, padding=padding) * scale.view(1, -1, 1, 1)
-    _, _, Ho, Wo = z.shape
-    jac = torch.autograd.functional.jacobian(net, x)          # [B, Co, Ho, Wo, B, D, H, W]
-    idx = torch.arange(B)
-    jac = jac[idx, :, :, :, idx]                               # per-sample: [B, Co, Ho, Wo, D, H, W]
-    li_dense = jac * x.view(B, 1, 1, 1, D, H, W)
-    # pixel patches: neuron (c, y, x) of the input is x[c, y, x] at channel c of a 1x1 window
-    pix = torch.zeros(B, D, H, W, D, 1, 1, dtype=torch.float64)
-    for c in range(D):
-        pix[:, c, :, :, c, 0, 0] = x[:, c]
-    ay_in, ax_in = torch.arange(H), torch.arange(W)
-    _, Jy, Py, Ry = conv_geometry(H, 1, 0, 1, 3, stride[0], padding[0])
-    _, Jx, Px, Rx = conv_geometry(W, 1, 0, 1, 3, stride[1], padding[1])
-    ay_out, rho = rf_anchors(Ho, H, Jy, Py, Ry)
-    ax_out, rwo = rf_anchors(Wo, W, Jx, Px, Rx)
-    args = dict(patches=pix, ay_in=ay_in, ax_in=ax_in, in_active=None, weight=weight, scale=scale,
-                gate=(z > 0).double(), ay_out=ay_out, ax_out=ax_out, stride=list(stride),
-                padding=list(padding), dilation=[1, 1], groups=1, rh_out=rho, rw_out=rwo)
-    out = ops.conv_li(**to(args, device)).cpu()
-    dense = torch.zeros(B, Co, Ho, Wo, D, H, W, dtype=torch.float64)
-    for y in range(Ho):
-        for xx in range(Wo):
-            a, b = int(ay_out[y]), int(ax_out[xx])
-            dense[:, :, y, xx, :, a:a + rho, b:b + rwo] = out[:, :, y, xx]
-    assert rel_err(dense, li_dense) <= 1e-12
-    assert (li_dense != 0).any()
-
-
-@pytest.mark.parametrize("device", cpu_and_cuda())
-def test_conv_li_empty(device):
-    case = to(make_case(8), device)
-    out = ops.conv_li(**dict(case, patches=case["patches"][:0], in_active=case["in_active"][:0],
-                             gate=case["gate"][:0]))
-    assert out.shape[0] == 0 and out.shape[1:] == (6, len(case["ay_out"]), len(case["ax_out"]), 2,
-                                                   case["rh_out"], case["rw_out"])
-    case2 = make_case(8, Co=0, scale=False, gate=False)
-    assert ops.conv_li(**to(case2, device)).shape[1] == 0
-
-
-@pytest.mark.parametrize("device", cpu_and_cuda())
-def test_conv_li_opcheck(device):
-    case = to(make_case(9, B=1, Ci=2, Co=2, H=6, W=5), device)
-    torch.library.opcheck(torch.ops.nns_cuda.conv_li, tuple(case.values()))
-    case = to(make_case(10, B=1, Ci=2, Co=2, H=6, W=5, groups=2, scale=False, gate=False, in_active=False), device)
-    torch.library.opcheck(torch.ops.nns_cuda.conv_li, tuple(case.values()))
 
 
 def _bad_cases():
@@ -238,55 +118,130 @@ def _bad_cases():
 BAD = _bad_cases()
 
 
-@pytest.mark.parametrize("mode", ["cpu", "fake"])
-@pytest.mark.parametrize("bad", BAD, ids=[b[0] for b in BAD])
-def test_conv_li_bad_arguments(bad, mode):
-    """The C++ checks raise ValueError / TypeError naming the op and the argument, and the
-    fake kernel (torch.compile / FakeTensorMode) raises the same."""
-    _, change, exc, pattern = bad
-    args = dict(make_case(11, H=6, W=6), **change)
-    expect_op_error(torch.ops.nns_cuda.conv_li, args, exc, pattern, mode)
+class ConvLiTester(ReferenceOpTester):
+    """conv_li's cases and the checks shared with the ops that take its arguments."""
+
+    OP = "conv_li"
+    make_case = staticmethod(make_case)
+    CONFIGS = CONFIGS
+    BAD = BAD
+    BAD_CASE = dict(seed=11, H=6, W=6)
+    INVALID_CASE = dict(seed=12)
+    DEVICE_CASE = dict(seed=13)
+    DEVICE_ARGS = ("weight", "ay_in", "in_active", "scale", "gate")
+    #: the dtype of the empty cases
+    EMPTY_DTYPE = torch.float64
+    #: the empty cases include a conv without input channels (an empty sum: all zeros)
+    EMPTY_NO_INPUT_CHANNELS = True
+
+    def reference(self, case):
+        # conv_li's twin: the formulations with conv_li's arguments compute the same result
+        return reference64(case)
+
+    def noncontiguous_args(self, case, device):
+        return noncontiguous_case(case, device)
+
+    def empty_cases(self, device):
+        dt = self.EMPTY_DTYPE
+        case = to(self.make_case(8, dtype=dt), device)
+        win = (len(case["ay_out"]), len(case["ax_out"]), 2, case["rh_out"], case["rw_out"])
+        out = [(dict(case, patches=case["patches"][:0], in_active=case["in_active"][:0], gate=case["gate"][:0]),
+                (0, 6) + win, False),
+               (to(self.make_case(8, Co=0, scale=False, gate=False, dtype=dt), device), (2, 0) + win, False)]
+        if self.EMPTY_NO_INPUT_CHANNELS:
+            out.append((to(self.make_case(8, Ci=0, scale=False, gate=False, in_active=False, dtype=dt), device),
+                        (2, 6) + win, True))
+        return out
+
+    def invalid_cases(self, case):
+        pattern = rf"{self.OP}: an input window does not fit inside its output window"
+        return [(dict(ay_out=case["ay_out"] + 1), pattern, "does not fit"),
+                (dict(ax_out=case["ax_out"] - 1), pattern, "does not fit")]
 
 
-@pytest.mark.parametrize("device", cpu_and_cuda())
-def test_conv_li_window_must_fit(device):
-    c = make_case(12)
-    for key, shift in (("ay_out", 1), ("ax_out", -1)):
-        bad = dict(c, **{key: c[key] + shift})
-        with pytest.raises(ValueError, match=r"conv_li: an input window does not fit inside its output window"):
-            ops.conv_li(**to(bad, device))
-        with pytest.raises(ValueError, match=r"does not fit"):
-            ref.conv_li(**bad)  # the reference agrees that these anchors are invalid
+class TestConvLi(ConvLiTester):
+    NONCONTIGUOUS = {"f64": dict(seed=6, dtype=torch.float64, groups=2, s=(2, 1), pre=(3, 1, 1)),
+                     "f32": dict(seed=6, dtype=torch.float32, groups=2, s=(2, 1), pre=(3, 1, 1))}
+    OPCHECK = {"basic": dict(seed=9, B=1, Ci=2, Co=2, H=6, W=5),
+               "grouped_ungated": dict(seed=10, B=1, Ci=2, Co=2, H=6, W=5, groups=2, scale=False, gate=False,
+                                       in_active=False)}
+    LARGE = {"co40": dict(seed=14, B=1, Ci=6, Co=40, H=40, W=37, D=3, k=(3, 3), pre=(9, 1, 4))}
+    EMPTY_NO_INPUT_CHANNELS = False
 
+    def check_result(self, cfg, case, out, expected, dtype):
+        # the same-dtype reference agrees too (float32 rounding of the oracle itself)
+        assert rel_err(ref.conv_li(**case), expected) <= TOL[dtype]
 
-@needs_cuda
-def test_conv_li_cuda_device_mismatch():
-    c = to(make_case(13), "cuda")
-    for key in ("weight", "ay_in", "in_active", "scale", "gate"):
-        with pytest.raises(ValueError, match=rf"conv_li: {key} must be on the same device as patches \(cuda:0\), got cpu"):
-            ops.conv_li(**dict(c, **{key: c[key].cpu()}))
+    def test_gated_outputs_are_exact_zeros(self, device):
+        case = make_case(3)
+        out = ops.conv_li(**to(case, device)).cpu()
+        off = (case["gate"] * case["scale"].view(1, -1, 1, 1)) == 0
+        assert off.any() and (~off).any()
+        assert (out[off] == 0).all()
+        assert (out[~off].flatten(1).abs().sum(1) > 0).any()
 
+    def test_in_active_skips_inputs(self, device):
+        """in_active=False marks a zero patch; the kernels skip it. Marking a *non-zero* patch
+        inactive therefore drops its contribution, which proves the skip happens."""
+        case = make_case(4)
+        full = ops.conv_li(**to(case, device)).cpu()
+        no_mask = ops.conv_li(**to(dict(case, in_active=None), device)).cpu()
+        assert rel_err(full, no_mask) <= 1e-12
+        g = torch.Generator().manual_seed(5)
+        dense = torch.randn(case["patches"].shape, generator=g, dtype=torch.float64)
+        mask = torch.rand(case["in_active"].shape, generator=g) > 0.5
+        out = ops.conv_li(**to(dict(case, patches=dense, in_active=mask), device)).cpu()
+        expected = ref.conv_li(**dict(case, patches=dense * mask[..., None, None, None], in_active=None))
+        assert_rel_close(out, expected, torch.float64)
 
-@needs_cuda
-def test_conv_li_cuda_large_patches():
-    """Windows larger than one thread block (several element chunks) and more input
-    channels than one channel tile (Co > 32)."""
-    case = make_case(14, B=1, Ci=6, Co=40, H=40, W=37, D=3, k=(3, 3), pre=(9, 1, 4))
-    expected = reference64(case)
-    with nan_filled_outputs():
-        out = ops.conv_li(**to(case, "cuda"))
-    assert_rel_close(out, expected, torch.float64)
+    def test_autograd_oracle(self, device):
+        """One BN-folded conv + ReLU on an image: ``LI_n = x ⊙ ∂a_n/∂x`` from torch.autograd."""
+        g = torch.Generator().manual_seed(7)
+        B, D, H, W, Co = 2, 2, 7, 6, 3
+        x = torch.randn(B, D, H, W, generator=g, dtype=torch.float64)
+        weight = torch.randn(Co, D, 3, 3, generator=g, dtype=torch.float64)
+        scale = torch.rand(Co, generator=g, dtype=torch.float64) + 0.5
+        stride, padding = (2, 1), (1, 1)
 
+        def net(inp):
+            return F.relu(F.conv2d(inp, weight, stride=stride, padding=padding) * scale.view(1, -1, 1, 1))
 
-def test_ops_fallback_warns_once(monkeypatch):
-    """Without the extension the wrappers use the reference and warn exactly once."""
-    monkeypatch.setattr(ops, "HAS_OPS", False)
-    monkeypatch.setattr(ops, "_warned", False)
-    case = make_case(15, B=1)
-    with warnings.catch_warnings(record=True) as rec:
-        warnings.simplefilter("always")
-        a = ops.conv_li(**case)
-        b = ops.conv_li(**case)
-    msgs = [w for w in rec if issubclass(w.category, RuntimeWarning) and "falls back" in str(w.message)]
-    assert len(msgs) == 1
-    assert torch.equal(a, ref.conv_li(**case)) and torch.equal(a, b)
+        z = F.conv2d(x, weight, stride=stride, padding=padding) * scale.view(1, -1, 1, 1)
+        _, _, Ho, Wo = z.shape
+        jac = torch.autograd.functional.jacobian(net, x)          # [B, Co, Ho, Wo, B, D, H, W]
+        idx = torch.arange(B)
+        jac = jac[idx, :, :, :, idx]                               # per-sample: [B, Co, Ho, Wo, D, H, W]
+        li_dense = jac * x.view(B, 1, 1, 1, D, H, W)
+        # pixel patches: neuron (c, y, x) of the input is x[c, y, x] at channel c of a 1x1 window
+        pix = torch.zeros(B, D, H, W, D, 1, 1, dtype=torch.float64)
+        for c in range(D):
+            pix[:, c, :, :, c, 0, 0] = x[:, c]
+        ay_in, ax_in = torch.arange(H), torch.arange(W)
+        _, Jy, Py, Ry = conv_geometry(H, 1, 0, 1, 3, stride[0], padding[0])
+        _, Jx, Px, Rx = conv_geometry(W, 1, 0, 1, 3, stride[1], padding[1])
+        ay_out, rho = rf_anchors(Ho, H, Jy, Py, Ry)
+        ax_out, rwo = rf_anchors(Wo, W, Jx, Px, Rx)
+        args = dict(patches=pix, ay_in=ay_in, ax_in=ax_in, in_active=None, weight=weight, scale=scale,
+                    gate=(z > 0).double(), ay_out=ay_out, ax_out=ax_out, stride=list(stride),
+                    padding=list(padding), dilation=[1, 1], groups=1, rh_out=rho, rw_out=rwo)
+        out = ops.conv_li(**to(args, device)).cpu()
+        dense = torch.zeros(B, Co, Ho, Wo, D, H, W, dtype=torch.float64)
+        for y in range(Ho):
+            for xx in range(Wo):
+                a, b = int(ay_out[y]), int(ax_out[xx])
+                dense[:, :, y, xx, :, a:a + rho, b:b + rwo] = out[:, :, y, xx]
+        assert rel_err(dense, li_dense) <= 1e-12
+        assert (li_dense != 0).any()
+
+    def test_ops_fallback_warns_once(self, monkeypatch):
+        """Without the extension the wrappers use the reference and warn exactly once."""
+        monkeypatch.setattr(ops, "HAS_OPS", False)
+        monkeypatch.setattr(ops, "_warned", False)
+        case = make_case(15, B=1)
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            a = ops.conv_li(**case)
+            b = ops.conv_li(**case)
+        msgs = [w for w in rec if issubclass(w.category, RuntimeWarning) and "falls back" in str(w.message)]
+        assert len(msgs) == 1
+        assert torch.equal(a, ref.conv_li(**case)) and torch.equal(a, b)

@@ -1,10 +1,10 @@
 """conv_li_gather (batched GEMMs over the active (input neuron, tap) pairs) against the reference.
 
-Every test of ``tests/test_conv_li_gemm.py`` runs again here for ``conv_li_gather`` (the
-``op_name`` fixture below overrides that module's): the same seeded cases against
-``reference.conv_li`` in float64, every chunking path, 16-bit patches, non-contiguous inputs,
-NaN-filled outputs, in_active masking of NaN / inf patches, exact zeros where gated off, empty
-shapes, opcheck, argument errors of the C++ op and the fake kernel, CUDA cases.
+Every test of ``tests/test_conv_li_gemm.py`` (its ``GemmTests``) runs again here for
+``conv_li_gather``: the same seeded cases against ``reference.conv_li`` in float64, every
+chunking path, 16-bit patches, non-contiguous inputs, NaN-filled outputs, in_active masking of
+NaN / inf patches, exact zeros where gated off, empty shapes, opcheck, argument errors of the C++
+op and the fake kernel, windows that do not fit, CUDA cases.
 
 The tests below cover what is particular to the gather: the three ways the op builds its placed
 copy of the input (none: input windows already are the output window; a placement per input
@@ -17,18 +17,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import assert_rel_close, cpu_and_cuda, nan_filled_outputs, rel_err
+from _op_tester import needs_ops, to
+from conftest import assert_rel_close, nan_filled_outputs, rel_err
 from nns_cuda import ops
-from test_conv_li import make_case, reference64, to
-from test_conv_li_gemm import *  # noqa: F401,F403  (re-run under this module's op_name)
-from test_conv_li_gemm import CHUNKS
+from test_conv_li import make_case, reference64
+from test_conv_li_gemm import CHUNKS, GemmTests
 
-pytestmark = pytest.mark.skipif(not ops.HAS_OPS, reason="nns_cuda._C not built")
-
-
-@pytest.fixture
-def op_name():
-    return "conv_li_gather"
+pytestmark = needs_ops
 
 
 #: (case kwargs, what the op's placed copy of the input is)
@@ -42,58 +37,6 @@ PLACEMENT = {
     # strided, windows moving, some input rows used by one tap only
     "moving_stride2": dict(H=11, W=9, s=(2, 2), pre=(3, 1, 1), Ci=3, Co=4),
 }
-
-
-@pytest.mark.parametrize("device", cpu_and_cuda())
-@pytest.mark.parametrize("chunk", ["default", "rows", "position"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("kind", list(PLACEMENT))
-def test_gather_placements(kind, dtype, chunk, device):
-    case = make_case(30 + list(PLACEMENT).index(kind), B=3, dtype=dtype, **PLACEMENT[kind])
-    ay_out, rho = case["ay_out"], case["rh_out"]
-    if kind in ("no_copy", "one_offset"):  # the geometry is what the case claims
-        assert (ay_out == ay_out[0]).all() and rho == 4 + 2 * (kind == "one_offset")
-    if kind == "no_copy":
-        assert case["patches"].shape[-2:] == (rho, case["rw_out"])
-    expected = reference64(case)
-    with nan_filled_outputs():
-        out = ops.conv_li_gather(**to(case, device), max_elems=CHUNKS[chunk])
-    assert_rel_close(out, expected, dtype)
-    assert (expected != 0).any()
-
-
-@pytest.mark.parametrize("device", cpu_and_cuda())
-def test_gather_uneven_and_empty_pair_lists(device):
-    """Positions with many, few and no active pairs in one batched GEMM: the padding rows add
-    nothing, and a position (or a whole chunk) without any active input is all zeros."""
-    case = make_case(40, B=2, Ci=5, Co=4, H=8, W=8, pre=(3, 1, 1))
-    act = case["in_active"].clone()
-    act[0] = True                   # image 0: every pair active
-    act[1] = False
-    act[1, 2, 3, 3] = True          # image 1: one active input neuron
-    patches = torch.randn(case["patches"].shape, dtype=torch.float64,
-                          generator=torch.Generator().manual_seed(41)) * act[..., None, None, None]
-    case = dict(case, in_active=act, patches=patches)
-    expected = reference64(case)
-    out = ops.conv_li_gather(**to(case, device)).cpu()
-    assert_rel_close(out, expected, torch.float64)
-    assert (out[1, :, :2] == 0).all() and (out[1, :, 5:] == 0).all()  # out of that neuron's reach
-    assert (out[1, :, 2:5, 2:5] != 0).any()
-    none = dict(case, in_active=torch.zeros_like(act))
-    z = ops.conv_li_gather(**to(none, device), max_elems=1)
-    assert (z == 0).all()
-
-
-@pytest.mark.parametrize("device", cpu_and_cuda())
-def test_gather_deep_layer_shape(device):
-    """The engine's case: 3x3 / pad 1 over a 4x4 grid whose windows are the whole image, about
-    half the inputs active, 16 channels, float32 — against the float64 reference and against
-    the direct kernel."""
-    case = make_case(42, B=2, Ci=16, Co=12, H=4, W=4, D=3, pre=(9, 1, 4), dtype=torch.float32)
-    expected = reference64(case)
-    out = ops.conv_li_gather(**to(case, device))
-    assert_rel_close(out, expected, torch.float32)
-    assert rel_err(out.cpu(), ops.conv_li(**case)) <= 1e-5
 
 
 def _random_geometries(n: int, seed: int):
@@ -123,12 +66,60 @@ def _random_geometries(n: int, seed: int):
     return out
 
 
-@pytest.mark.parametrize("device", cpu_and_cuda())
-def test_gather_random_geometries(device):
-    """40 random geometries (float64), each at three chunk bounds, against the reference."""
-    for case in _random_geometries(40, seed=7):
-        want = reference64(case)
-        for max_elems in (0, 1, 5000):
-            got = ops.conv_li_gather(**to(case, device), max_elems=max_elems)
-            assert rel_err(got, want) <= 1e-12 and not got.isnan().any(), (max_elems, {
-                k: v for k, v in case.items() if not isinstance(v, torch.Tensor)})
+class TestConvLiGather(GemmTests):
+    OP = "conv_li_gather"
+
+    @pytest.mark.parametrize("chunk", ["default", "rows", "position"])
+    @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+    @pytest.mark.parametrize("kind", list(PLACEMENT))
+    def test_gather_placements(self, kind, dtype, chunk, device):
+        case = make_case(30 + list(PLACEMENT).index(kind), B=3, dtype=dtype, **PLACEMENT[kind])
+        ay_out, rho = case["ay_out"], case["rh_out"]
+        if kind in ("no_copy", "one_offset"):  # the geometry is what the case claims
+            assert (ay_out == ay_out[0]).all() and rho == 4 + 2 * (kind == "one_offset")
+        if kind == "no_copy":
+            assert case["patches"].shape[-2:] == (rho, case["rw_out"])
+        expected = reference64(case)
+        with nan_filled_outputs():
+            out = ops.conv_li_gather(**to(case, device), max_elems=CHUNKS[chunk])
+        assert_rel_close(out, expected, dtype)
+        assert (expected != 0).any()
+
+    def test_gather_uneven_and_empty_pair_lists(self, device):
+        """Positions with many, few and no active pairs in one batched GEMM: the padding rows add
+        nothing, and a position (or a whole chunk) without any active input is all zeros."""
+        case = make_case(40, B=2, Ci=5, Co=4, H=8, W=8, pre=(3, 1, 1))
+        act = case["in_active"].clone()
+        act[0] = True                   # image 0: every pair active
+        act[1] = False
+        act[1, 2, 3, 3] = True          # image 1: one active input neuron
+        patches = torch.randn(case["patches"].shape, dtype=torch.float64,
+                              generator=torch.Generator().manual_seed(41)) * act[..., None, None, None]
+        case = dict(case, in_active=act, patches=patches)
+        expected = reference64(case)
+        out = ops.conv_li_gather(**to(case, device)).cpu()
+        assert_rel_close(out, expected, torch.float64)
+        assert (out[1, :, :2] == 0).all() and (out[1, :, 5:] == 0).all()  # out of that neuron's reach
+        assert (out[1, :, 2:5, 2:5] != 0).any()
+        none = dict(case, in_active=torch.zeros_like(act))
+        z = ops.conv_li_gather(**to(none, device), max_elems=1)
+        assert (z == 0).all()
+
+    def test_gather_deep_layer_shape(self, device):
+        """The engine's case: 3x3 / pad 1 over a 4x4 grid whose windows are the whole image, about
+        half the inputs active, 16 channels, float32 — against the float64 reference and against
+        the direct kernel."""
+        case = make_case(42, B=2, Ci=16, Co=12, H=4, W=4, D=3, pre=(9, 1, 4), dtype=torch.float32)
+        expected = reference64(case)
+        out = ops.conv_li_gather(**to(case, device))
+        assert_rel_close(out, expected, torch.float32)
+        assert rel_err(out.cpu(), ops.conv_li(**case)) <= 1e-5
+
+    def test_gather_random_geometries(self, device):
+        """40 random geometries (float64), each at three chunk bounds, against the reference."""
+        for case in _random_geometries(40, seed=7):
+            want = reference64(case)
+            for max_elems in (0, 1, 5000):
+                got = ops.conv_li_gather(**to(case, device), max_elems=max_elems)
+                assert rel_err(got, want) <= 1e-12 and not got.isnan().any(), (max_elems, {
+                    k: v for k, v in case.items() if not isinstance(v, torch.Tensor)})

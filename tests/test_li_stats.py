@@ -1,26 +1,24 @@
 """li_stats: compiled kernels (CPU C++, CUDA) against the reference and the dense definition.
 
-What is compared: ``ops.li_stats`` vs ``reference.li_stats`` (float64, CPU) and vs
-``reference.stats.li_stats_dense`` applied to the densified images (plain slicing), on patches
-with exact zeros (so the ``nz`` counts matter) and anchors from a real receptive-field
-geometry; foreground masks from bounding boxes as float 0/1 and bool, an all-background mask,
-fractional masks (the op is linear in ``fg``); float64 / float32, NaN-filled outputs,
-non-contiguous inputs, ``opcheck``, argument errors (C++ = fake kernel), windows outside the
-image.
+What is compared (the op tester, ``tests/_op_tester.py``): ``ops.li_stats`` vs
+``reference.li_stats`` (float64, CPU) and vs ``reference.stats.li_stats_dense`` applied to the
+densified images (plain slicing), on patches with exact zeros (so the ``nz`` counts matter) and
+anchors from a real receptive-field geometry; foreground masks from bounding boxes as float 0/1
+and bool, an all-background mask, fractional masks (the op is linear in ``fg``); float64 /
+float32, every statistic on its own scale, exact counts, NaN-filled outputs, non-contiguous
+inputs, empty shapes, ``opcheck``, argument errors (C++ = fake kernel), windows outside the
+image, and on a GPU arguments on the wrong device and windows much larger than a warp and tiny
+ones.
 """
 from __future__ import annotations
 
-import pytest
 import torch
 
-from conftest import expect_op_error, assert_rel_close, cpu_and_cuda, nan_filled_outputs, noncontiguous, needs_cuda, rel_err, rf_anchors
-from nns_cuda import ops
-from nns_cuda.ops.reference import ops as ref
+from _op_tester import ReferenceOpTester, needs_ops, to
+from conftest import rel_err, rf_anchors
 from nns_cuda.ops.reference.stats import NUM_STATS, li_stats_dense
 
-pytestmark = pytest.mark.skipif(not ops.HAS_OPS, reason="nns_cuda._C not built")
-
-DTYPES = [torch.float64, torch.float32]
+pytestmark = needs_ops
 
 
 def make_case(seed, *, B=2, C=3, H=12, W=11, D=3, J=2, P=1, R=5, fg="box", dtype=torch.float64):
@@ -48,18 +46,6 @@ def make_case(seed, *, B=2, C=3, H=12, W=11, D=3, J=2, P=1, R=5, fg="box", dtype
     return dict(patches=patches, ay=ay, ax=ax, x=x, fg=m)
 
 
-def to(case, device=None, dtype=None):
-    out = {}
-    for key, v in case.items():
-        if isinstance(v, torch.Tensor):
-            if dtype is not None and v.is_floating_point():
-                v = v.to(dtype)
-            if device is not None:
-                v = v.to(device)
-        out[key] = v
-    return out
-
-
 def densify(patches, ay, ax, H, W):
     B, C, Ho, Wo, D, Rh, Rw = patches.shape
     out = patches.new_zeros(B, C, Ho, Wo, D, H, W)
@@ -80,62 +66,6 @@ CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("device", cpu_and_cuda())
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
-@pytest.mark.parametrize("cfg", list(CONFIGS), ids=list(CONFIGS))
-def test_li_stats_matches_reference(cfg, dtype, device):
-    case = make_case(list(CONFIGS).index(cfg), dtype=dtype, **CONFIGS[cfg])
-    c64 = to(case, "cpu", torch.float64)
-    expected = ref.li_stats(**c64)
-    H, W = case["x"].shape[-2:]
-    dense = densify(c64["patches"], case["ay"], case["ax"], H, W)
-    fgm = c64["fg"] if c64["fg"].dtype == torch.bool else c64["fg"].double()
-    assert rel_err(li_stats_dense(dense, c64["x"], fgm), expected) <= 1e-12
-    with nan_filled_outputs():
-        out = ops.li_stats(**to(case, device))
-    assert out.device.type == device and out.shape[-1] == NUM_STATS
-    assert_rel_close(out, expected, dtype)
-    for k in range(NUM_STATS):  # every statistic on its own scale
-        assert rel_err(out[..., k], expected[..., k]) <= 10 * (1e-12 if dtype == torch.float64 else 1e-5) \
-            or expected[..., k].abs().max() == 0
-    assert (out[..., :2].cpu() == expected[..., :2].to(dtype)).all() or cfg == "fractional_mask"  # exact counts
-
-
-@pytest.mark.parametrize("device", cpu_and_cuda())
-def test_li_stats_noncontiguous(device):
-    case = make_case(50)
-    expected = ref.li_stats(**case)
-    nc = noncontiguous(to(case, device))
-    with nan_filled_outputs():
-        out = ops.li_stats(**nc)
-    assert_rel_close(out, expected, torch.float64)
-
-
-@pytest.mark.parametrize("device", cpu_and_cuda())
-def test_li_stats_empty(device):
-    case = to(make_case(51), device)
-    out = ops.li_stats(**dict(case, patches=case["patches"][:, :0]))
-    assert out.shape == (2, 0) + tuple(case["patches"].shape[2:4]) + (NUM_STATS,)
-
-
-@pytest.mark.parametrize("device", cpu_and_cuda())
-def test_li_stats_opcheck(device):
-    case = to(make_case(52, B=1, C=2, H=7, W=6), device)
-    torch.library.opcheck(torch.ops.nns_cuda.li_stats, tuple(case.values()))
-    torch.library.opcheck(torch.ops.nns_cuda.li_stats, tuple(dict(case, fg=case["fg"] > 0).values()))
-
-
-@pytest.mark.parametrize("device", cpu_and_cuda())
-def test_li_stats_windows_outside_image(device):
-    c = make_case(53)
-    for change in (dict(ay=c["ay"] + 100), dict(ax=c["ax"] - 1)):
-        bad = dict(c, **change)
-        with pytest.raises(ValueError, match=r"li_stats: windows exceed the image \(12×11\)"):
-            ops.li_stats(**to(bad, device))
-        with pytest.raises(ValueError, match="windows exceed the image"):
-            ref.li_stats(**bad)
-
-
 def _bad_cases():
     c = make_case(54)
     return [
@@ -153,30 +83,50 @@ def _bad_cases():
 
 BAD = _bad_cases()
 
-
-@pytest.mark.parametrize("mode", ["cpu", "fake"])
-@pytest.mark.parametrize("bad", BAD, ids=[b[0] for b in BAD])
-def test_li_stats_bad_arguments(bad, mode):
-    _, change, exc, pattern = bad
-    args = dict(make_case(54), **change)
-    expect_op_error(torch.ops.nns_cuda.li_stats, args, exc, pattern, mode)
+#: windows much larger than a warp (several iterations per lane), and tiny ones
+_LARGE = {"big": dict(B=2, C=4, H=40, W=38, D=3, J=4, P=10, R=25), "tiny": dict(B=2, C=4, H=9, W=9, D=1, J=1, P=0, R=1)}
 
 
-@needs_cuda
-def test_li_stats_cuda_device_mismatch():
-    c = to(make_case(55), "cuda")
-    for key in ("x", "fg", "ay"):
-        with pytest.raises(ValueError, match=rf"li_stats: {key} must be on the same device as patches \(cuda:0\), got cpu"):
-            ops.li_stats(**dict(c, **{key: c[key].cpu()}))
+class TestLiStats(ReferenceOpTester):
+    OP = "li_stats"
+    make_case = staticmethod(make_case)
+    CONFIGS = CONFIGS
+    NONCONTIGUOUS = {"f64": dict(seed=50)}
+    OPCHECK = {"float_fg": dict(seed=52, B=1, C=2, H=7, W=6),
+               "bool_fg": dict(seed=52, B=1, C=2, H=7, W=6, bool_fg=True)}
+    BAD = BAD
+    BAD_CASE = dict(seed=54)
+    INVALID_CASE = dict(seed=53)
+    DEVICE_CASE = dict(seed=55)
+    DEVICE_ARGS = ("x", "fg", "ay")
+    LARGE = {f"{name}_{dt}": dict(seed=56, dtype=dtype, **kw)
+             for dt, dtype in (("f64", torch.float64), ("f32", torch.float32)) for name, kw in _LARGE.items()}
 
+    def opcheck_args(self, device, bool_fg=False, **kw):
+        case = to(make_case(**kw), device)
+        if bool_fg:  # the case's float 0/1 mask as bool
+            case = dict(case, fg=case["fg"] > 0)
+        return tuple(case.values())
 
-@needs_cuda
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
-def test_li_stats_cuda_large_windows(dtype):
-    """Windows much larger than a warp (several iterations per lane) and tiny ones."""
-    for kw in (dict(B=2, C=4, H=40, W=38, D=3, J=4, P=10, R=25), dict(B=2, C=4, H=9, W=9, D=1, J=1, P=0, R=1)):
-        case = make_case(56, dtype=dtype, **kw)
-        expected = ref.li_stats(**to(case, "cpu", torch.float64))
-        with nan_filled_outputs():
-            out = ops.li_stats(**to(case, "cuda"))
-        assert_rel_close(out, expected, dtype)
+    def check_reference(self, cfg, case, expected):
+        c64 = to(case, "cpu", torch.float64)
+        H, W = case["x"].shape[-2:]
+        dense = densify(c64["patches"], case["ay"], case["ax"], H, W)
+        fgm = c64["fg"] if c64["fg"].dtype == torch.bool else c64["fg"].double()
+        assert rel_err(li_stats_dense(dense, c64["x"], fgm), expected) <= 1e-12
+
+    def check_result(self, cfg, case, out, expected, dtype):
+        assert out.shape[-1] == NUM_STATS
+        for k in range(NUM_STATS):  # every statistic on its own scale
+            assert rel_err(out[..., k], expected[..., k]) <= 10 * (1e-12 if dtype == torch.float64 else 1e-5) \
+                or expected[..., k].abs().max() == 0
+        assert (out[..., :2].cpu() == expected[..., :2].to(dtype)).all() or cfg == "fractional_mask"  # exact counts
+
+    def empty_cases(self, device):
+        case = to(make_case(51), device)
+        return [(dict(case, patches=case["patches"][:, :0]),
+                 (2, 0) + tuple(case["patches"].shape[2:4]) + (NUM_STATS,), False)]
+
+    def invalid_cases(self, case):
+        return [(change, r"li_stats: windows exceed the image \(12×11\)", "windows exceed the image")
+                for change in (dict(ay=case["ay"] + 100), dict(ax=case["ax"] - 1))]

@@ -1,23 +1,22 @@
 """linear_li: compiled kernels (CPU, CUDA) against the reference and a float64 einsum.
 
-What is compared: ``ops.linear_li`` vs ``reference.linear_li`` in float64 and vs an explicit
-``einsum`` oracle, for gates absent / dense / sparse (the kernels switch to a gathered-rows GEMM
-below half density) / all-zero / bool, float64 and float32, non-contiguous inputs, empty shapes,
-``opcheck``, and argument errors (C++ = fake kernel). Also an autograd oracle: a two-layer MLP's
-learned images ``x ⊙ ∂a/∂x``.
+What is compared (the op tester, ``tests/_op_tester.py``, plus the test below):
+``ops.linear_li`` vs ``reference.linear_li`` in float64 and vs an explicit ``einsum`` oracle, for
+gates absent / dense / sparse (the op switches to a gathered-rows GEMM below half density) /
+all-zero / bool, float64 and float32, gated-off rows exactly zero, non-contiguous inputs, empty
+shapes, ``opcheck``, argument errors (C++ = fake kernel), and on a GPU arguments on the wrong
+device. Also an autograd oracle: a two-layer MLP's learned images ``x ⊙ ∂a/∂x``.
 """
 from __future__ import annotations
 
-import pytest
 import torch
 
-from conftest import expect_op_error, assert_rel_close, cpu_and_cuda, nan_filled_outputs, needs_cuda, rel_err
+from _op_tester import ReferenceOpTester, needs_ops, to
+from conftest import assert_rel_close, rel_err
 from nns_cuda import ops
 from nns_cuda.ops.reference import ops as ref
 
-pytestmark = pytest.mark.skipif(not ops.HAS_OPS, reason="nns_cuda._C not built")
-
-DTYPES = [torch.float64, torch.float32]
+pytestmark = needs_ops
 
 
 def make_case(seed, *, B=3, Nin=7, Nout=9, P=20, density=0.5, gate="float", dtype=torch.float64):
@@ -32,18 +31,6 @@ def make_case(seed, *, B=3, Nin=7, Nout=9, P=20, density=0.5, gate="float", dtyp
     else:
         gt = on.to(dtype) * (torch.rand(B, Nout, generator=g, dtype=dtype) + 0.5)
     return dict(dense=dense, weight=weight, gate=gt)
-
-
-def to(case, device=None, dtype=None):
-    out = {}
-    for key, v in case.items():
-        if isinstance(v, torch.Tensor):
-            if dtype is not None and v.is_floating_point():
-                v = v.to(dtype)
-            if device is not None:
-                v = v.to(device)
-        out[key] = v
-    return out
 
 
 def einsum_oracle(c):
@@ -64,75 +51,6 @@ CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("device", cpu_and_cuda())
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
-@pytest.mark.parametrize("cfg", list(CONFIGS), ids=list(CONFIGS))
-def test_linear_li_matches_reference(cfg, dtype, device):
-    case = make_case(list(CONFIGS).index(cfg), dtype=dtype, **CONFIGS[cfg])
-    expected = ref.linear_li(**to(case, "cpu", torch.float64))
-    assert rel_err(einsum_oracle(case), expected) <= 1e-12 or expected.abs().max() == 0
-    with nan_filled_outputs():
-        out = ops.linear_li(**to(case, device))
-    assert out.device.type == device
-    if expected.abs().max() == 0:
-        assert (out == 0).all() and out.shape == expected.shape
-    else:
-        assert_rel_close(out, expected, dtype)
-    if case["gate"] is not None:  # gated-off rows exactly zero
-        assert (out.cpu()[case["gate"] == 0] == 0).all()
-
-
-@pytest.mark.parametrize("device", cpu_and_cuda())
-@pytest.mark.parametrize("density", [0.2, 0.9])
-def test_linear_li_noncontiguous(density, device):
-    case = make_case(40, density=density)
-    expected = ref.linear_li(**case)
-    c = to(case, device)
-    nc = dict(dense=c["dense"].transpose(1, 2).contiguous().transpose(1, 2),
-              weight=c["weight"].t().contiguous().t(),
-              gate=torch.stack([c["gate"], c["gate"]], -1)[..., 1])
-    assert not any(v.is_contiguous() for v in nc.values())
-    with nan_filled_outputs():
-        out = ops.linear_li(**nc)
-    assert_rel_close(out, expected, torch.float64)
-
-
-@pytest.mark.parametrize("device", cpu_and_cuda())
-def test_linear_li_mlp_autograd_oracle(device):
-    """Two ReLU layers on a flat input: LI of the second layer's neurons = x ⊙ ∂a2/∂x."""
-    g = torch.Generator().manual_seed(41)
-    B, N0, N1, N2 = 2, 6, 8, 5
-    x = torch.randn(B, N0, generator=g, dtype=torch.float64)
-    W1 = torch.randn(N1, N0, generator=g, dtype=torch.float64)
-    W2 = torch.randn(N2, N1, generator=g, dtype=torch.float64)
-    net = lambda v: torch.relu(torch.relu(v @ W1.T) @ W2.T)  # noqa: E731
-    jac = torch.autograd.functional.jacobian(net, x)              # [B, N2, B, N0]
-    li = jac[torch.arange(B), :, torch.arange(B)] * x.unsqueeze(1)  # [B, N2, N0]
-    z1 = x @ W1.T
-    z2 = torch.relu(z1) @ W2.T
-    dense0 = torch.diag_embed(x)                                  # [B, N0, P=N0]: pixel images
-    l1 = ops.linear_li(dense0.to(device), W1.to(device), (z1 > 0).double().to(device))
-    l2 = ops.linear_li(l1, W2.to(device), (z2 > 0).to(device))
-    assert rel_err(l2.cpu(), li) <= 1e-12 and (li != 0).any()
-
-
-@pytest.mark.parametrize("device", cpu_and_cuda())
-def test_linear_li_empty(device):
-    for kw in (dict(B=0), dict(Nout=0), dict(P=0), dict(Nin=0)):
-        case = to(make_case(42, **kw), device)
-        out = ops.linear_li(**case)
-        expected = ref.linear_li(**to(case, "cpu"))
-        assert out.shape == expected.shape and (out == 0).all() == (expected == 0).all()
-
-
-@pytest.mark.parametrize("device", cpu_and_cuda())
-@pytest.mark.parametrize("density", [0.2, 0.9])
-def test_linear_li_opcheck(density, device):
-    case = to(make_case(43, density=density), device)
-    torch.library.opcheck(torch.ops.nns_cuda.linear_li, tuple(case.values()))
-    torch.library.opcheck(torch.ops.nns_cuda.linear_li, (case["dense"], case["weight"], None))
-
-
 def _bad_cases():
     c = make_case(44)
     return [
@@ -149,17 +67,66 @@ def _bad_cases():
 BAD = _bad_cases()
 
 
-@pytest.mark.parametrize("mode", ["cpu", "fake"])
-@pytest.mark.parametrize("bad", BAD, ids=[b[0] for b in BAD])
-def test_linear_li_bad_arguments(bad, mode):
-    _, change, exc, pattern = bad
-    args = dict(make_case(44), **change)
-    expect_op_error(torch.ops.nns_cuda.linear_li, args, exc, pattern, mode)
+class TestLinearLi(ReferenceOpTester):
+    OP = "linear_li"
+    MAIN = "dense"
+    make_case = staticmethod(make_case)
+    CONFIGS = CONFIGS
+    NONCONTIGUOUS = {"0.2": dict(seed=40, density=0.2), "0.9": dict(seed=40, density=0.9)}
+    OPCHECK = {"0.2": dict(seed=43, density=0.2), "0.2_no_gate": dict(seed=43, density=0.2, gate=None),
+               "0.9": dict(seed=43, density=0.9), "0.9_no_gate": dict(seed=43, density=0.9, gate=None)}
+    BAD = BAD
+    BAD_CASE = dict(seed=44)
+    DEVICE_CASE = dict(seed=45)
+    DEVICE_ARGS = ("weight", "gate")
+    # linear_li has no windows: every shape the checks accept is valid
+    test_invalid_windows = None
+    # one GEMM per sample: the CPU cases cover its shapes
+    test_cuda_large = None
 
+    def check_reference(self, cfg, case, expected):
+        assert rel_err(einsum_oracle(case), expected) <= 1e-12 or expected.abs().max() == 0
 
-@needs_cuda
-def test_linear_li_cuda_device_mismatch():
-    c = to(make_case(45), "cuda")
-    for key in ("weight", "gate"):
-        with pytest.raises(ValueError, match=rf"linear_li: {key} must be on the same device as dense \(cuda:0\), got cpu"):
-            ops.linear_li(**dict(c, **{key: c[key].cpu()}))
+    def assert_matches(self, out, expected, dtype):
+        if expected.abs().max() == 0:
+            assert (out == 0).all() and out.shape == expected.shape
+        else:
+            assert_rel_close(out, expected, dtype)
+
+    def check_result(self, cfg, case, out, expected, dtype):
+        if case["gate"] is not None:  # gated-off rows exactly zero
+            assert (out.cpu()[case["gate"] == 0] == 0).all()
+
+    def noncontiguous_args(self, case, device):
+        c = to(case, device)
+        nc = dict(dense=c["dense"].transpose(1, 2).contiguous().transpose(1, 2),
+                  weight=c["weight"].t().contiguous().t(),
+                  gate=torch.stack([c["gate"], c["gate"]], -1)[..., 1])
+        assert not any(v.is_contiguous() for v in nc.values())
+        return nc
+
+    def empty_cases(self, device):
+        out = []
+        for kw in (dict(B=0), dict(Nout=0), dict(P=0), dict(Nin=0)):
+            case = to(make_case(42, **kw), device)
+            expected = ref.linear_li(**to(case, "cpu"))
+            assert (expected == 0).all()
+            out.append((case, tuple(expected.shape), True))
+        return out
+
+    def test_mlp_autograd_oracle(self, device):
+        """Two ReLU layers on a flat input: LI of the second layer's neurons = x ⊙ ∂a2/∂x."""
+        g = torch.Generator().manual_seed(41)
+        B, N0, N1, N2 = 2, 6, 8, 5
+        x = torch.randn(B, N0, generator=g, dtype=torch.float64)
+        W1 = torch.randn(N1, N0, generator=g, dtype=torch.float64)
+        W2 = torch.randn(N2, N1, generator=g, dtype=torch.float64)
+        net = lambda v: torch.relu(torch.relu(v @ W1.T) @ W2.T)  # noqa: E731
+        jac = torch.autograd.functional.jacobian(net, x)              # [B, N2, B, N0]
+        li = jac[torch.arange(B), :, torch.arange(B)] * x.unsqueeze(1)  # [B, N2, N0]
+        z1 = x @ W1.T
+        z2 = torch.relu(z1) @ W2.T
+        dense0 = torch.diag_embed(x)                                  # [B, N0, P=N0]: pixel images
+        l1 = ops.linear_li(dense0.to(device), W1.to(device), (z1 > 0).double().to(device))
+        l2 = ops.linear_li(l1, W2.to(device), (z2 > 0).to(device))
+        assert rel_err(l2.cpu(), li) <= 1e-12 and (li != 0).any()

@@ -1,25 +1,24 @@
 """maxpool_li: compiled kernels (CPU C++, CUDA) against the pure-PyTorch reference.
 
-What is compared: ``ops.maxpool_li`` vs ``reference.maxpool_li`` (float64, CPU) on seeded random
-patches with anchors from a real receptive-field geometry and arg-max indices from
-``F.max_pool2d(return_indices=True)`` (kernel, stride, padding, dilation, asymmetric), and on
-arbitrary in-window indices; float64 / float32, NaN-filled outputs, non-contiguous inputs,
-``opcheck``, argument errors (C++ = fake kernel), out-of-range indices and windows that do
-not fit (the reference raises on the same inputs).
+What is compared (the op tester, ``tests/_op_tester.py``): ``ops.maxpool_li`` vs
+``reference.maxpool_li`` (float64, CPU) on seeded random patches with anchors from a real
+receptive-field geometry and arg-max indices from ``F.max_pool2d(return_indices=True)`` (kernel,
+stride, padding, dilation, asymmetric), and on arbitrary in-window indices; float64 / float32
+(a pure copy: bit-exact), NaN-filled outputs, non-contiguous inputs, empty shapes, ``opcheck``,
+argument errors (C++ = fake kernel), out-of-range indices and windows that do not fit (the
+reference raises on the same inputs), and on a GPU arguments on the wrong device and large
+windows.
 """
 from __future__ import annotations
 
-import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import expect_op_error, assert_rel_close, conv_geometry, cpu_and_cuda, nan_filled_outputs, noncontiguous, needs_cuda, rf_anchors
-from nns_cuda import ops
+from _op_tester import ReferenceOpTester, needs_ops, to
+from conftest import conv_geometry, rf_anchors
 from nns_cuda.ops.reference import ops as ref
 
-pytestmark = pytest.mark.skipif(not ops.HAS_OPS, reason="nns_cuda._C not built")
-
-DTYPES = [torch.float64, torch.float32]
+pytestmark = needs_ops
 
 
 def make_case(seed, *, B=2, C=3, H=12, W=11, D=2, k=(2, 2), s=(2, 2), p=(0, 0), d=(1, 1),
@@ -51,18 +50,6 @@ def make_case(seed, *, B=2, C=3, H=12, W=11, D=2, k=(2, 2), s=(2, 2), p=(0, 0), 
                 ax_out=ax_out, rh_out=rho, rw_out=rwo)
 
 
-def to(case, device=None, dtype=None):
-    out = {}
-    for key, v in case.items():
-        if isinstance(v, torch.Tensor):
-            if dtype is not None and v.is_floating_point():
-                v = v.to(dtype)
-            if device is not None:
-                v = v.to(device)
-        out[key] = v
-    return out
-
-
 CONFIGS = {
     "2x2s2": dict(),
     "3x3s2p1_pre3": dict(k=(3, 3), s=(2, 2), p=(1, 1), pre=(3, 1, 1)),
@@ -71,61 +58,6 @@ CONFIGS = {
     "window_is_image": dict(H=6, W=7, k=(3, 3), s=(2, 2), p=(1, 1), pre=(5, 1, 2)),
     "random_taps": dict(k=(3, 3), s=(2, 2), p=(1, 1), pre=(3, 1, 1), random_indices=True),
 }
-
-
-@pytest.mark.parametrize("device", cpu_and_cuda())
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
-@pytest.mark.parametrize("cfg", list(CONFIGS), ids=list(CONFIGS))
-def test_maxpool_li_matches_reference(cfg, dtype, device):
-    case = make_case(list(CONFIGS).index(cfg), dtype=dtype, **CONFIGS[cfg])
-    expected = ref.maxpool_li(**to(case, "cpu", torch.float64))
-    with nan_filled_outputs():
-        out = ops.maxpool_li(**to(case, device))
-    assert out.device.type == device
-    assert_rel_close(out, expected, dtype)
-    assert (out.cpu() == expected.to(dtype)).all()  # a pure copy: bit-exact
-
-
-@pytest.mark.parametrize("device", cpu_and_cuda())
-def test_maxpool_li_noncontiguous(device):
-    case = make_case(20, k=(3, 3), s=(2, 2), p=(1, 1), pre=(3, 1, 1))
-    expected = ref.maxpool_li(**case)
-    nc = noncontiguous(to(case, device))
-    with nan_filled_outputs():
-        out = ops.maxpool_li(**nc)
-    assert_rel_close(out, expected, torch.float64)
-
-
-@pytest.mark.parametrize("device", cpu_and_cuda())
-def test_maxpool_li_empty(device):
-    case = to(make_case(21), device)
-    out = ops.maxpool_li(**dict(case, patches=case["patches"][:0], indices=case["indices"][:0]))
-    assert out.shape == (0,) + tuple(ref.maxpool_li(**make_case(21)).shape[1:])
-
-
-@pytest.mark.parametrize("device", cpu_and_cuda())
-def test_maxpool_li_opcheck(device):
-    case = to(make_case(22, B=1, C=2, H=6, W=6), device)
-    torch.library.opcheck(torch.ops.nns_cuda.maxpool_li, tuple(case.values()))
-
-
-@pytest.mark.parametrize("device", cpu_and_cuda())
-def test_maxpool_li_bad_indices(device):
-    c = make_case(23)
-    Hi, Wi = c["patches"].shape[2:4]
-    for val in (-1, Hi * Wi):
-        ind = c["indices"].clone()
-        ind[1, 2, 1, 0] = val
-        with pytest.raises(ValueError, match=rf"maxpool_li: indices out of range \[0, {Hi * Wi}\)"):
-            ops.maxpool_li(**to(dict(c, indices=ind), device))
-        with pytest.raises(ValueError, match="out of range"):
-            ref.maxpool_li(**dict(c, indices=ind))
-    ind = c["indices"].clone()
-    ind[0, 1, 0, 0] = Hi * Wi - 1  # a valid neuron far outside output (0, 0)'s window
-    with pytest.raises(ValueError, match=r"maxpool_li: an input window does not fit inside its output window"):
-        ops.maxpool_li(**to(dict(c, indices=ind), device))
-    with pytest.raises(ValueError, match="does not fit"):
-        ref.maxpool_li(**dict(c, indices=ind))
 
 
 def _bad_cases():
@@ -145,26 +77,36 @@ def _bad_cases():
 BAD = _bad_cases()
 
 
-@pytest.mark.parametrize("mode", ["cpu", "fake"])
-@pytest.mark.parametrize("bad", BAD, ids=[b[0] for b in BAD])
-def test_maxpool_li_bad_arguments(bad, mode):
-    _, change, exc, pattern = bad
-    args = dict(make_case(24), **change)
-    expect_op_error(torch.ops.nns_cuda.maxpool_li, args, exc, pattern, mode)
+class TestMaxpoolLi(ReferenceOpTester):
+    OP = "maxpool_li"
+    make_case = staticmethod(make_case)
+    CONFIGS = CONFIGS
+    NONCONTIGUOUS = {"f64": dict(seed=20, k=(3, 3), s=(2, 2), p=(1, 1), pre=(3, 1, 1))}
+    OPCHECK = {"basic": dict(seed=22, B=1, C=2, H=6, W=6)}
+    BAD = BAD
+    BAD_CASE = dict(seed=24)
+    INVALID_CASE = dict(seed=23)
+    DEVICE_CASE = dict(seed=25)
+    DEVICE_ARGS = ("indices", "ay_in", "ax_out")
+    LARGE = {"c5": dict(seed=26, B=2, C=5, H=40, W=36, D=3, k=(3, 3), s=(2, 2), p=(1, 1), pre=(7, 1, 3))}
 
+    def check_result(self, cfg, case, out, expected, dtype):
+        assert (out.cpu() == expected.to(dtype)).all()  # a pure copy: bit-exact
 
-@needs_cuda
-def test_maxpool_li_cuda_device_mismatch():
-    c = to(make_case(25), "cuda")
-    for key in ("indices", "ay_in", "ax_out"):
-        with pytest.raises(ValueError, match=rf"maxpool_li: {key} must be on the same device as patches \(cuda:0\), got cpu"):
-            ops.maxpool_li(**dict(c, **{key: c[key].cpu()}))
+    def empty_cases(self, device):
+        case = to(make_case(21), device)
+        shape = (0,) + tuple(ref.maxpool_li(**make_case(21)).shape[1:])
+        return [(dict(case, patches=case["patches"][:0], indices=case["indices"][:0]), shape, False)]
 
-
-@needs_cuda
-def test_maxpool_li_cuda_large():
-    case = make_case(26, B=2, C=5, H=40, W=36, D=3, k=(3, 3), s=(2, 2), p=(1, 1), pre=(7, 1, 3))
-    expected = ref.maxpool_li(**case)
-    with nan_filled_outputs():
-        out = ops.maxpool_li(**to(case, "cuda"))
-    assert_rel_close(out, expected, torch.float64)
+    def invalid_cases(self, case):
+        Hi, Wi = case["patches"].shape[2:4]
+        out = []
+        for val in (-1, Hi * Wi):
+            ind = case["indices"].clone()
+            ind[1, 2, 1, 0] = val
+            out.append((dict(indices=ind), rf"maxpool_li: indices out of range \[0, {Hi * Wi}\)", "out of range"))
+        ind = case["indices"].clone()
+        ind[0, 1, 0, 0] = Hi * Wi - 1  # a valid neuron far outside output (0, 0)'s window
+        out.append((dict(indices=ind), r"maxpool_li: an input window does not fit inside its output window",
+                    "does not fit"))
+        return out

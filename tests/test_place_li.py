@@ -1,24 +1,22 @@
 """place_li: compiled kernels (CPU C++, CUDA) against the pure-PyTorch reference.
 
-What is compared: ``ops.place_li`` vs ``reference.place_li`` (float64, CPU) for the residual
-case (two branches of one grid with receptive fields ``R`` and ``R + 2δ``, anchors from the
-real geometry), with and without ``accumulate``, and densification (window = image); float64 /
-float32 (bit-exact without accumulate), NaN-filled outputs, non-contiguous inputs, a dense
-oracle written with plain slicing, ``opcheck``, argument errors (C++ = fake kernel), windows that
-do not fit.
+What is compared (the op tester, ``tests/_op_tester.py``, plus the test below):
+``ops.place_li`` vs ``reference.place_li`` (float64, CPU) for the residual case (two branches of
+one grid with receptive fields ``R`` and ``R + 2δ``, anchors from the real geometry), with and
+without ``accumulate``, and densification (window = image); float64 / float32 (bit-exact without
+accumulate), NaN-filled outputs, non-contiguous inputs, a dense oracle written with plain
+slicing, empty shapes, the result a new tensor, ``opcheck``, argument errors (C++ = fake kernel),
+windows that do not fit, and on a GPU arguments on the wrong device and large windows.
 """
 from __future__ import annotations
 
-import pytest
 import torch
 
-from conftest import expect_op_error, assert_rel_close, cpu_and_cuda, nan_filled_outputs, noncontiguous, needs_cuda, rel_err, rf_anchors
+from _op_tester import ReferenceOpTester, needs_ops, to
+from conftest import rel_err, rf_anchors
 from nns_cuda import ops
-from nns_cuda.ops.reference import ops as ref
 
-pytestmark = pytest.mark.skipif(not ops.HAS_OPS, reason="nns_cuda._C not built")
-
-DTYPES = [torch.float64, torch.float32]
+pytestmark = needs_ops
 
 
 def make_case(seed, *, B=2, C=3, H=11, W=10, D=2, J=2, P=1, R=3, delta=2, dense=False,
@@ -40,18 +38,6 @@ def make_case(seed, *, B=2, C=3, H=11, W=10, D=2, J=2, P=1, R=3, delta=2, dense=
     acc = torch.randn(B, C, Ho, Wo, D, rho, rwo, generator=g, dtype=dtype) if accumulate else None
     return dict(patches=patches, ay_in=ay_in, ax_in=ax_in, ay_out=ay_out, ax_out=ax_out,
                 rh_out=rho, rw_out=rwo, accumulate=acc)
-
-
-def to(case, device=None, dtype=None):
-    out = {}
-    for key, v in case.items():
-        if isinstance(v, torch.Tensor):
-            if dtype is not None and v.is_floating_point():
-                v = v.to(dtype)
-            if device is not None:
-                v = v.to(device)
-        out[key] = v
-    return out
 
 
 def dense_oracle(c):
@@ -80,66 +66,6 @@ CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("device", cpu_and_cuda())
-@pytest.mark.parametrize("dtype", DTYPES, ids=["f64", "f32"])
-@pytest.mark.parametrize("cfg", list(CONFIGS), ids=list(CONFIGS))
-def test_place_li_matches_reference(cfg, dtype, device):
-    case = make_case(list(CONFIGS).index(cfg), dtype=dtype, **CONFIGS[cfg])
-    expected = ref.place_li(**to(case, "cpu", torch.float64))
-    assert rel_err(dense_oracle(to(case, "cpu", torch.float64)), expected) == 0
-    with nan_filled_outputs():
-        out = ops.place_li(**to(case, device))
-    assert out.device.type == device
-    assert_rel_close(out, expected, dtype)
-    if case["accumulate"] is None:
-        assert (out.cpu() == expected.to(dtype)).all()  # a pure copy: bit-exact
-
-
-@pytest.mark.parametrize("device", cpu_and_cuda())
-def test_place_li_noncontiguous(device):
-    case = make_case(30, accumulate=True)
-    expected = ref.place_li(**case)
-    nc = noncontiguous(to(case, device))
-    with nan_filled_outputs():
-        out = ops.place_li(**nc)
-    assert_rel_close(out, expected, torch.float64)
-
-
-@pytest.mark.parametrize("device", cpu_and_cuda())
-def test_place_li_result_is_new_tensor(device):
-    case = to(make_case(31, accumulate=True), device)
-    acc0 = case["accumulate"].clone()
-    out = ops.place_li(**case)
-    assert out.data_ptr() != case["accumulate"].data_ptr()
-    assert torch.equal(case["accumulate"], acc0)
-
-
-@pytest.mark.parametrize("device", cpu_and_cuda())
-def test_place_li_empty(device):
-    case = to(make_case(32, accumulate=True), device)
-    out = ops.place_li(**dict(case, patches=case["patches"][:0], accumulate=case["accumulate"][:0]))
-    assert out.shape == (0,) + tuple(case["accumulate"].shape[1:])
-
-
-@pytest.mark.parametrize("device", cpu_and_cuda())
-def test_place_li_opcheck(device):
-    case = to(make_case(33, B=1, C=2, H=7, W=6), device)
-    torch.library.opcheck(torch.ops.nns_cuda.place_li, tuple(case.values()))
-    case = to(make_case(34, B=1, C=2, H=7, W=6, accumulate=True), device)
-    torch.library.opcheck(torch.ops.nns_cuda.place_li, tuple(case.values()))
-
-
-@pytest.mark.parametrize("device", cpu_and_cuda())
-def test_place_li_window_must_fit(device):
-    c = make_case(35)
-    for change in (dict(ay_out=c["ay_out"] + 1), dict(ax_in=c["ax_in"] + 5), dict(rh_out=c["rh_out"] - 1)):
-        bad = dict(c, **change)
-        with pytest.raises(ValueError, match=r"place_li: an input window does not fit inside its output window"):
-            ops.place_li(**to(bad, device))
-        with pytest.raises(ValueError, match="does not fit"):
-            ref.place_li(**bad)
-
-
 def _bad_cases():
     c = make_case(36, accumulate=True)
     return [
@@ -157,26 +83,40 @@ def _bad_cases():
 BAD = _bad_cases()
 
 
-@pytest.mark.parametrize("mode", ["cpu", "fake"])
-@pytest.mark.parametrize("bad", BAD, ids=[b[0] for b in BAD])
-def test_place_li_bad_arguments(bad, mode):
-    _, change, exc, pattern = bad
-    args = dict(make_case(36, accumulate=True), **change)
-    expect_op_error(torch.ops.nns_cuda.place_li, args, exc, pattern, mode)
+class TestPlaceLi(ReferenceOpTester):
+    OP = "place_li"
+    make_case = staticmethod(make_case)
+    CONFIGS = CONFIGS
+    NONCONTIGUOUS = {"f64_acc": dict(seed=30, accumulate=True)}
+    OPCHECK = {"basic": dict(seed=33, B=1, C=2, H=7, W=6),
+               "accumulate": dict(seed=34, B=1, C=2, H=7, W=6, accumulate=True)}
+    BAD = BAD
+    BAD_CASE = dict(seed=36, accumulate=True)
+    INVALID_CASE = dict(seed=35)
+    DEVICE_CASE = dict(seed=37, accumulate=True)
+    DEVICE_ARGS = ("accumulate", "ay_in", "ax_out")
+    LARGE = {"acc": dict(seed=38, B=2, C=4, H=48, W=45, D=3, J=2, P=3, R=7, delta=4, accumulate=True)}
 
+    def check_reference(self, cfg, case, expected):
+        assert rel_err(dense_oracle(to(case, "cpu", torch.float64)), expected) == 0
 
-@needs_cuda
-def test_place_li_cuda_device_mismatch():
-    c = to(make_case(37, accumulate=True), "cuda")
-    for key in ("accumulate", "ay_in", "ax_out"):
-        with pytest.raises(ValueError, match=rf"place_li: {key} must be on the same device as patches \(cuda:0\), got cpu"):
-            ops.place_li(**dict(c, **{key: c[key].cpu()}))
+    def check_result(self, cfg, case, out, expected, dtype):
+        if case["accumulate"] is None:
+            assert (out.cpu() == expected.to(dtype)).all()  # a pure copy: bit-exact
 
+    def empty_cases(self, device):
+        case = to(make_case(32, accumulate=True), device)
+        return [(dict(case, patches=case["patches"][:0], accumulate=case["accumulate"][:0]),
+                 (0,) + tuple(case["accumulate"].shape[1:]), False)]
 
-@needs_cuda
-def test_place_li_cuda_large():
-    case = make_case(38, B=2, C=4, H=48, W=45, D=3, J=2, P=3, R=7, delta=4, accumulate=True)
-    expected = ref.place_li(**case)
-    with nan_filled_outputs():
-        out = ops.place_li(**to(case, "cuda"))
-    assert_rel_close(out, expected, torch.float64)
+    def invalid_cases(self, case):
+        pattern = r"place_li: an input window does not fit inside its output window"
+        return [(change, pattern, "does not fit") for change in
+                (dict(ay_out=case["ay_out"] + 1), dict(ax_in=case["ax_in"] + 5), dict(rh_out=case["rh_out"] - 1))]
+
+    def test_result_is_new_tensor(self, device):
+        case = to(make_case(31, accumulate=True), device)
+        acc0 = case["accumulate"].clone()
+        out = ops.place_li(**case)
+        assert out.data_ptr() != case["accumulate"].data_ptr()
+        assert torch.equal(case["accumulate"], acc0)

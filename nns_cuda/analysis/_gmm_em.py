@@ -464,7 +464,7 @@ def _em_queue(z: Tensor, init: Tensor, nvalid: Optional[Tensor], reg: Tensor, to
     fused = use_fused(z)
     while act.numel():
         w, bad = _coefficients(theta_a, valid_a)
-        if fused:  # one pass over the points in the C++ kernel (csrc/cpu/gmm.cpp)
+        if fused:  # one pass over the points in the C++ kernel (csrc/cpu/gmm_estep_kernel.cpp)
             mom, new_lb, _ = torch.ops.nns_cuda.gmm_estep(w, phit_a, True, False)
         else:
             mom, new_lb = _estep_torch(w, phit_a, k)

@@ -149,7 +149,7 @@ def conv_li_gemm(patches: torch.Tensor, ay_in: torch.Tensor, ax_in: torch.Tensor
     padding taps, outside the placed window and where ``in_active`` is False), then
     ``out_b = W.view(Co, Ci·Kh·Kw) @ A_b`` (block-diagonal per group), which is already the
     ``[Co, Ho, Wo, D, rh_out, rw_out]`` layout, times ``gate · scale``. One ATen-only C++
-    implementation (``csrc/conv_gemm.cpp``) runs on the CPU and, with cuBLAS, on CUDA.
+    implementation (``csrc/conv_li_gemm.cpp``) runs on the CPU and, with cuBLAS, on CUDA.
 
     Same arguments and result as :func:`conv_li` (any ``groups``; the engine uses it for
     ``groups == 1``), plus ``max_elems``. Differences:
@@ -189,7 +189,7 @@ def conv_li_gather(patches: torch.Tensor, ay_in: torch.Tensor, ax_in: torch.Tens
                    dilation: Sequence[int], groups: int, rh_out: int, rw_out: int,
                    max_elems: int = 0) -> torch.Tensor:
     """:func:`conv_li` as batched GEMMs over the *active* (input neuron, tap) pairs of every
-    output position (the gated GEMM; ``csrc/conv_gather.cpp``).
+    output position (the gated GEMM; ``csrc/conv_li_gather.cpp``).
 
     For output position ``p`` of image ``b`` (and group): ``out[b, :, p] = (W[:, J] · gate ·
     scale) @ A`` where ``J`` are the pairs ``(i, ky, kx)`` whose tap is not padding and whose

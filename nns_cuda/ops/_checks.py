@@ -1,8 +1,9 @@
 """Argument checks of the ops, shared by the fake (meta) kernels and the Triton op.
 
-They mirror ``csrc/include/nns_cuda/{checks,validate}.h`` in the same order and with the same
-words, so that a fake kernel (``torch.compile`` / ``FakeTensorMode``) rejects what the compiled
-kernel rejects, with the same message; the data-dependent checks (windows that must fit, index
+They mirror the compiled ops' checks (``check_<op>`` in ``csrc/<op>.cpp``, written with the
+macros of ``csrc/include/nns_cuda/checks.h``) in the same order and with the same words, so
+that a fake kernel (``torch.compile`` / ``FakeTensorMode``) rejects what the compiled kernel
+rejects, with the same message; the data-dependent checks (windows that must fit, index
 ranges) are left to the kernels. A leaf: it imports only torch.
 
 Every ``check_<op>`` raises ``ValueError`` (shapes, devices, values) or ``TypeError`` (dtypes)

@@ -2,7 +2,7 @@
 
 Shared by the Triton op (:mod:`nns_cuda.ops._triton_conv`), which builds its placed input copy
 from it, and by the engine, which uses it to decide whether that copy fits its memory bound.
-The C++ op ``conv_li_gather`` builds the same axis in ``csrc/conv_gather.cpp``. A leaf: it
+The C++ op ``conv_li_gather`` builds the same axis in ``csrc/conv_li_gather.cpp``. A leaf: it
 imports only torch.
 """
 from __future__ import annotations

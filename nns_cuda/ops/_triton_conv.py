@@ -1,6 +1,6 @@
 """``conv_li_implicit``: :func:`nns_cuda.ops.conv_li` as an implicit-gather GEMM in Triton (CUDA).
 
-The same arithmetic as ``conv_li_gather`` (``csrc/conv_gather.cpp``) — for every output position
+The same arithmetic as ``conv_li_gather`` (``csrc/conv_li_gather.cpp``) — for every output position
 ``p`` of image ``b`` and group, ``out[b, :, p] = (W[:, J] · gate · scale) @ A`` over the active
 (input neuron, tap) pairs ``J`` — without materialising anything of size ``|A|``:
 

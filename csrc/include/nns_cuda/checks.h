@@ -1,9 +1,10 @@
 // Argument checks shared by every op (CPU and CUDA). Messages name the op, the argument,
-// what was expected and what came (DESIGN §4.3):
+// what was expected and what came (docs/architecture.md, house rule 3):
 //   "conv_li: weight must be 4-D [Co, Ci/groups, Kh, Kw], got [3, 3]"
 // Shape / value / device errors raise ValueError (like the reference twins in
-// nns_cuda/reference/ops.py), dtype errors raise TypeError. The fake kernels in
-// nns_cuda/ops.py mirror these checks with torch._check_value / torch._check_type.
+// nns_cuda/ops/reference/ops.py), dtype errors raise TypeError. The fake kernels
+// (nns_cuda/ops/_fakes.py, nns_cuda/ops/_checks.py) mirror these checks with torch._check_value /
+// torch._check_type.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -1,5 +1,6 @@
 // Launch helpers for the CUDA kernels (included by csrc/cuda/*.cu only).
-// Deliberately avoids ATen/cuda/CUDAContext.h (needs cuBLAS / cuSPARSE headers, DESIGN §5).
+// Deliberately avoids ATen/cuda/CUDAContext.h, which needs the cuBLAS / cuSPARSE headers (README,
+// "Backends and building for CUDA").
 #pragma once
 
 #include <c10/cuda/CUDAException.h>
@@ -12,6 +13,8 @@
 namespace nns_cuda {
 
 constexpr int kThreads = 256;
+// Kernels with one warp per neuron (maxpool_li, place_li, li_stats): warps per block.
+constexpr int kWarpsPerBlock = kThreads / 32;
 // Grid-stride loops cover any size; capping the grid keeps the block count a valid int.
 constexpr int64_t kMaxBlocks = int64_t(1) << 22;
 

@@ -1,6 +1,6 @@
 // Receptive-field window index maths, shared by host and device code.
 //
-// Patch layout (nns_cuda/reference/ops.py): a neuron (c, y, x) of a spatial node stores its
+// Patch layout (nns_cuda/ops/reference/ops.py): a neuron (c, y, x) of a spatial node stores its
 // learned image restricted to the window rows [ay[y], ay[y] + Rh) and columns
 // [ax[x], ax[x] + Rw) of the D x H x W input, as a contiguous [D, Rh, Rw] block.
 // Placing an input window (anchor a_in, size r_in) into an output window (anchor a_out,

@@ -53,7 +53,7 @@ C10_HOST_DEVICE inline void place_window(const scalar_t* __restrict__ src, int d
   }
 }
 
-constexpr int kNumStats = 11;  // nns_cuda/reference/stats.py STAT_NAMES order
+constexpr int kNumStats = 11;  // nns_cuda/ops/reference/stats.py STAT_NAMES order
 
 // One learned-image entry `li` (input value `xv`, foreground `f`) into the 11 sums.
 template <typename opmath_t>

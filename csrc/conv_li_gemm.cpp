@@ -1,6 +1,8 @@
 // conv_li_gemm: conv_li as one dense GEMM per image ("im2col of the output windows"), written
 // with ATen ops only and registered for the CPU and (in CUDA builds) CUDA, so that exactly the
-// code tested on the CPU runs with cuBLAS (tensor cores for tf32 / bf16 / fp16) on the GPU.
+// code tested on the CPU runs with cuBLAS (tensor cores for tf32 / bf16 / fp16) on the GPU. The
+// op's schema, its implementation and both registrations; the argument checks are conv_li's
+// (csrc/conv_li.cpp), with this op's name in the messages.
 //
 // For image b build
 //   A_b[(i, ky, kx), (y, x, d, r, q)] = patches[b, i, yi, xi, d, r - dy, q - dx]
@@ -39,8 +41,16 @@
 #include <vector>
 
 #include "nns_cuda/checks.h"
+#include "nns_cuda/dispatch.h"
 #include "nns_cuda/geometry.h"
-#include "nns_cuda/validate.h"
+#include "nns_cuda/ops/conv_li.h"
+
+TORCH_LIBRARY_FRAGMENT(nns_cuda, m) {
+  m.def(
+      "conv_li_gemm(Tensor patches, Tensor ay_in, Tensor ax_in, Tensor? in_active, Tensor weight, "
+      "Tensor? scale, Tensor? gate, Tensor ay_out, Tensor ax_out, int[] stride, int[] padding, "
+      "int[] dilation, int groups, int rh_out, int rw_out, int max_elems=0) -> Tensor");
+}
 
 namespace nns_cuda {
 namespace {
@@ -170,7 +180,4 @@ at::Tensor conv_li_gemm(const at::Tensor& patches, const at::Tensor& ay_in, cons
 }  // namespace
 }  // namespace nns_cuda
 
-TORCH_LIBRARY_IMPL(nns_cuda, CPU, m) { m.impl("conv_li_gemm", &nns_cuda::conv_li_gemm); }
-#ifdef NNS_WITH_CUDA
-TORCH_LIBRARY_IMPL(nns_cuda, CUDA, m) { m.impl("conv_li_gemm", &nns_cuda::conv_li_gemm); }
-#endif
+NNS_IMPL_CPU_AND_CUDA("conv_li_gemm", &nns_cuda::conv_li_gemm)

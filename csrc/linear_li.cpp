@@ -1,4 +1,6 @@
-// linear_li, device-generic (ATen GEMMs), shared by the CPU and CUDA registrations.
+// linear_li: the op's schema, its argument check and its one device-generic implementation (ATen
+// GEMMs: multi-threaded BLAS on the CPU, cuBLAS on CUDA), registered for the CPU and (in CUDA
+// builds) CUDA.
 //
 // out[b, o] = gate[b, o] * sum_i W[o, i] * dense[b, i]   (dense: [B, Nin, P], P = D*H*W)
 //
@@ -11,19 +13,60 @@
 // not rounded) and only the result is rounded to the input dtype, on the CPU and on CUDA alike
 // (float16 at::mm on the CPU was 25-135x slower than float32 on the development machine, and the
 // linear layers are a small part of a scan).
-#pragma once
-
 #include <ATen/ATen.h>
+#include <ATen/DeviceGuard.h>
 #include <ATen/OpMathType.h>
+#include <torch/library.h>
 
+#include <cstdint>
 #include <optional>
+#include <vector>
 
-#include "nns_cuda/validate.h"
+#include "nns_cuda/checks.h"
+#include "nns_cuda/dispatch.h"
+
+TORCH_LIBRARY_FRAGMENT(nns_cuda, m) {
+  m.def("linear_li(Tensor dense, Tensor weight, Tensor? gate) -> Tensor");
+}
 
 namespace nns_cuda {
+namespace {
 
-inline at::Tensor linear_li_impl(const at::Tensor& dense, const at::Tensor& weight,
-                                 const std::optional<at::Tensor>& gate) {
+struct LinearDims {
+  int64_t B, Nin, P, Nout;
+};
+
+#define NNS_OP "linear_li"
+LinearDims check_linear_li(const at::Tensor& dense, const at::Tensor& weight,
+                           const std::optional<at::Tensor>& gate) {
+  NNS_CHECK_DIM(NNS_OP, "dense", dense, 3, "[B, Nin, P]");
+  NNS_CHECK_PATCH_DTYPE(NNS_OP, "dense", dense);
+  LinearDims g;
+  g.B = dense.size(0); g.Nin = dense.size(1); g.P = dense.size(2);
+  NNS_CHECK_DIM(NNS_OP, "weight", weight, 2, "[Nout, Nin]");
+  TORCH_CHECK_VALUE(weight.size(1) == g.Nin, NNS_MSG(NNS_OP, ": weight must be [Nout, Nin=", g.Nin,
+                    "], got ", weight.sizes()));
+  NNS_CHECK_FLOATING(NNS_OP, "weight", weight);
+  // "patches" in the device message means the op's main tensor, here `dense`.
+  TORCH_CHECK_VALUE(weight.device() == dense.device(),
+                    NNS_MSG(NNS_OP, ": weight must be on the same device as dense (", dense.device(),
+                    "), got ", weight.device()));
+  g.Nout = weight.size(0);
+  if (gate.has_value()) {
+    const auto& t = *gate;
+    NNS_CHECK_FLOATING_OR_BOOL(NNS_OP, "gate", t);
+    TORCH_CHECK_VALUE(t.device() == dense.device(),
+                      NNS_MSG(NNS_OP, ": gate must be on the same device as dense (", dense.device(),
+                      "), got ", t.device()));
+    const std::vector<int64_t> want{g.B, g.Nout};
+    NNS_CHECK_SHAPE(NNS_OP, "gate", t, want, "[B, Nout]");
+  }
+  return g;
+}
+#undef NNS_OP
+
+at::Tensor linear_li_impl(const at::Tensor& dense, const at::Tensor& weight,
+                          const std::optional<at::Tensor>& gate) {
   const LinearDims g = check_linear_li(dense, weight, gate);
   const auto in_dt = dense.scalar_type();
   if (g.B * g.Nout * g.P == 0 || g.Nin == 0) {
@@ -62,4 +105,13 @@ inline at::Tensor linear_li_impl(const at::Tensor& dense, const at::Tensor& weig
   return out;
 }
 
+at::Tensor linear_li(const at::Tensor& dense, const at::Tensor& weight,
+                     const std::optional<at::Tensor>& gate) {
+  const at::OptionalDeviceGuard guard(at::device_of(dense));
+  return linear_li_impl(dense, weight, gate);
+}
+
+}  // namespace
 }  // namespace nns_cuda
+
+NNS_IMPL_CPU_AND_CUDA("linear_li", &nns_cuda::linear_li)

@@ -1,4 +1,4 @@
-// conv_li on CUDA.
+// conv_li on CUDA (schema and argument checks: csrc/conv_li.cpp).
 //
 // One thread block per (sample b, output position (y, x), group, tile of 32 output channels of
 // the group). The block
@@ -10,21 +10,22 @@
 //     the input rows and writes of the output patch are coalesced) and accumulates
 //     sum_{ky, kx, i} W[o, i, ky, kx] * patch_in[b, i, yi, xi][element e shifted] for the TO
 //     channels at once: every input element is loaded once and used TO times (this is the
-//     [active outputs x (input, tap) pairs] x [pairs x D*R^2] GEMM of DESIGN §2, blocked over
-//     outputs in registers). Taps in the padding and inactive input neurons (in_active false)
+//     [active outputs x (input, tap) pairs] x [pairs x D*R^2] GEMM, blocked over outputs in
+//     registers). Taps in the padding and inactive input neurons (in_active false)
 //     are skipped; the tap offsets come from a small table checked on the host.
 // Each input element is read by exactly one thread per channel tile, so staging the input
 // patches in shared memory would not add reuse; reuse across tiles / positions comes from L1/L2.
 // bfloat16 / float16 patches: weights, scale, gate and the sums are float32 (at::opmath_type),
-// only the result is rounded. The tensor-core formulation is conv_li_gemm (csrc/conv_gemm.cpp).
+// only the result is rounded. The tensor-core formulations are conv_li_gemm (csrc/conv_li_gemm.cpp)
+// and conv_li_gather (csrc/conv_li_gather.cpp).
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
-#include "nns_cuda/checks.h"
 #include "nns_cuda/cuda_launch.h"
+#include "nns_cuda/dispatch.h"
 #include "nns_cuda/geometry.h"
-#include "nns_cuda/validate.h"
+#include "nns_cuda/ops/conv_li.h"
 
 namespace nns_cuda {
 namespace {
@@ -172,7 +173,7 @@ at::Tensor conv_li_cuda(const at::Tensor& patches, const at::Tensor& ay_in, cons
   const int64_t* coloff = rowoff + g.Ho * g.Kh;
   const int threads = threads_for_patch(g.D * g.rho * g.rwo);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "conv_li_cuda", [&] {
+  NNS_DISPATCH_PATCH_TYPES(dt, "conv_li_cuda", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const scalar_t* p = P.data_ptr<scalar_t>();
     const bool* a = A.defined() ? A.data_ptr<bool>() : nullptr;

@@ -1,5 +1,5 @@
 // gmm_estep on the CPU: the fused E-step (+ M-step moments) of many independent 2-D Gaussian
-// mixtures, for nns_cuda/_gmm_em.py.
+// mixtures, for nns_cuda/analysis/_gmm_em.py (schema and argument check: csrc/gmm_estep.cpp).
 //
 // Row b holds one data set of S points (phit[b] = [1, x, y, x², xy, y²] × S, float64) and the
 // coefficients coef[b] [k, 6] of its k components, so that
@@ -25,14 +25,14 @@
 #include <limits>
 #include <tuple>
 
-#include "nns_cuda/checks.h"
+#include "nns_cuda/ops/gmm_estep.h"
 
 namespace nns_cuda {
 namespace {
 
 constexpr int kTile = 128;  // points per tile
 constexpr int kLanes = 8;   // independent partial sums (vectorisable without reassociation)
-constexpr int kMaxK = 64;   // components per mixture handled by the fused kernel
+constexpr int kMaxK = kGmmMaxComponents;  // components per mixture (checked in csrc/gmm_estep.cpp)
 
 // exp(v) for v <= 0 (v = lp - max lp), relative error <= 2 ulp for v >= -708; exactly 0 below
 // (such a component's responsibility is < 1e-307 of the largest one's). Cody–Waite reduction
@@ -185,22 +185,8 @@ double estep_row(const double* __restrict__ coef, const double* __restrict__ phi
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gmm_estep_cpu(const at::Tensor& coef,
                                                              const at::Tensor& phit,
                                                              bool want_moments, bool want_labels) {
-  constexpr const char* op = "gmm_estep";
-  NNS_CHECK_DIM("gmm_estep", "coef", coef, 3, "[B, k, 6]");
-  NNS_CHECK_DIM("gmm_estep", "phit", phit, 3, "[B, 6, S]");
-  NNS_CHECK_DTYPE("gmm_estep", "coef", coef, at::kDouble);
-  NNS_CHECK_DTYPE("gmm_estep", "phit", phit, at::kDouble);
-  const int64_t B = coef.size(0), k = coef.size(1), S = phit.size(2);
-  TORCH_CHECK_VALUE(coef.size(2) == 6 && phit.size(0) == B && phit.size(1) == 6,
-                    NNS_MSG(op, ": coef must be [B, k, 6] and phit [B, 6, S] with the same B, got ",
-                            coef.sizes(), " and ", phit.sizes()));
-  TORCH_CHECK_VALUE(k >= 1 && k <= kMaxK,
-                    NNS_MSG(op, ": the number of components k must be in [1, ", int64_t(kMaxK),
-                            "], got ", k));
-  TORCH_CHECK_VALUE(S >= 1, NNS_MSG(op, ": phit needs at least one point (S >= 1), got S = ", S));
-  TORCH_CHECK_VALUE(phit.device() == coef.device(),
-                    NNS_MSG(op, ": phit must be on the same device as coef (", coef.device(),
-                            "), got ", phit.device()));
+  const GmmDims d = check_gmm_estep(coef, phit);
+  const int64_t B = d.B, k = d.k, S = d.S;
   const at::Tensor C = coef.contiguous();
   const at::Tensor P = phit.contiguous();
   const auto opts = coef.options();

@@ -1,7 +1,9 @@
 // conv_li_gather: conv_li as batched GEMMs over the *active* (input neuron, tap) pairs of every
-// output position — the gated GEMM of DESIGN §2, written with ATen ops only and registered for
-// the CPU and (in CUDA builds) CUDA, so that exactly the code tested on the CPU runs with cuBLAS
-// on the GPU (tensor cores for tf32 / bf16 / fp16).
+// output position (the gated GEMM), written with ATen ops only and registered for the CPU and
+// (in CUDA builds) CUDA, so that exactly the code tested on the CPU runs with cuBLAS on the GPU
+// (tensor cores for tf32 / bf16 / fp16). The op's schema, its implementation and both
+// registrations; the argument checks are conv_li's (csrc/conv_li.cpp), with this op's name in
+// the messages.
 //
 // For output position p = (y, x) of image b and group grp, let J(b, p) be the pairs
 // j = (i, ky, kx) of the group whose tap is not padding and whose input neuron is active
@@ -47,15 +49,23 @@
 #include <ATen/ATen.h>
 #include <ATen/DeviceGuard.h>
 #include <ATen/OpMathType.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <vector>
 
 #include "nns_cuda/checks.h"
+#include "nns_cuda/dispatch.h"
 #include "nns_cuda/geometry.h"
-#include "nns_cuda/validate.h"
+#include "nns_cuda/ops/conv_li.h"
+#include "nns_cuda/ops/place_li.h"
+
+TORCH_LIBRARY_FRAGMENT(nns_cuda, m) {
+  m.def(
+      "conv_li_gather(Tensor patches, Tensor ay_in, Tensor ax_in, Tensor? in_active, Tensor weight, "
+      "Tensor? scale, Tensor? gate, Tensor ay_out, Tensor ax_out, int[] stride, int[] padding, "
+      "int[] dilation, int groups, int rh_out, int rw_out, int max_elems=0) -> Tensor");
+}
 
 namespace nns_cuda {
 namespace {
@@ -116,17 +126,6 @@ at::Tensor long_tensor(const std::vector<int64_t>& v, const at::Device& dev) {
   auto t = at::empty({static_cast<int64_t>(v.size())}, at::TensorOptions().dtype(at::kLong));
   std::copy(v.begin(), v.end(), t.data_ptr<int64_t>());
   return t.to(dev);
-}
-
-// place_li through the dispatcher (its CPU or CUDA kernel, whichever the device is).
-at::Tensor place(const at::Tensor& patches, const at::Tensor& ay_in, const at::Tensor& ax_in,
-                 const at::Tensor& ay_out, const at::Tensor& ax_out, int64_t rh, int64_t rw) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("nns_cuda::place_li", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                         const at::Tensor&, const at::Tensor&, int64_t, int64_t,
-                                         const std::optional<at::Tensor>&)>();
-  return op.call(patches, ay_in, ax_in, ay_out, ax_out, rh, rw, std::nullopt);
 }
 
 at::Tensor conv_li_gather(const at::Tensor& patches, const at::Tensor& ay_in, const at::Tensor& ax_in,
@@ -210,7 +209,8 @@ at::Tensor conv_li_gather(const at::Tensor& patches, const at::Tensor& ay_in, co
     if (src_y.defined()) Q = Q.index_select(2, src_y);
     if (src_x.defined()) Q = Q.index_select(3, src_x);
     if (!copy_free && Hq > 0 && Wq > 0) {
-      Q = place(Q.contiguous(), off_y, off_x, zero_y, zero_x, g.rho, g.rwo);
+      // place_li through the dispatcher (its CPU or CUDA kernel, whichever the device is)
+      Q = place_li(Q.contiguous(), off_y, off_x, zero_y, zero_x, g.rho, g.rwo, std::nullopt);
     }
     Q = Q.to(ct).contiguous().view({nb * g.Ci * Hq * Wq, pe});
     const at::Tensor qbase = (at::arange(nb, lopt) * (g.Ci * Hq * Wq)).view({nb, 1, 1});
@@ -289,7 +289,4 @@ at::Tensor conv_li_gather(const at::Tensor& patches, const at::Tensor& ay_in, co
 }  // namespace
 }  // namespace nns_cuda
 
-TORCH_LIBRARY_IMPL(nns_cuda, CPU, m) { m.impl("conv_li_gather", &nns_cuda::conv_li_gather); }
-#ifdef NNS_WITH_CUDA
-TORCH_LIBRARY_IMPL(nns_cuda, CUDA, m) { m.impl("conv_li_gather", &nns_cuda::conv_li_gather); }
-#endif
+NNS_IMPL_CPU_AND_CUDA("conv_li_gather", &nns_cuda::conv_li_gather)

@@ -1,4 +1,5 @@
-// conv_li on the CPU: learned-image patches of a conv layer's output neurons.
+// conv_li on the CPU: learned-image patches of a conv layer's output neurons (schema and argument
+// checks: csrc/conv_li.cpp).
 //
 // out[b, o, y, x] = gate[b,o,y,x] * scale[o] * sum_{i in group(o), ky, kx} W[o,i,ky,kx] *
 //                   place(patches[b, i, y*s + ky*d - p, x*s + kx*d - p])
@@ -23,9 +24,9 @@
 #include <algorithm>
 #include <vector>
 
-#include "nns_cuda/checks.h"
+#include "nns_cuda/dispatch.h"
 #include "nns_cuda/geometry.h"
-#include "nns_cuda/validate.h"
+#include "nns_cuda/ops/conv_li.h"
 
 namespace nns_cuda {
 namespace {
@@ -99,7 +100,7 @@ void conv_li_cpu_kernel(const ConvDims& g, const scalar_t* P, const bool* act,
   });
 }
 
-// GEMM formulation (groups == 1), DESIGN §2: per output position (b, y, x)
+// GEMM formulation (groups == 1): per output position (b, y, x)
 //   out[o_act, :] = mul[o_act] * W_p[o_act, pairs] @ A[pairs, D*rho*rwo]
 // where `pairs` are the active (input channel, tap) pairs of that position and row k of A is the
 // input patch of pair k placed into the output window. Inactive outputs and inputs cost nothing;
@@ -210,7 +211,7 @@ at::Tensor conv_li_cpu(const at::Tensor& patches, const at::Tensor& ay_in, const
   const int64_t* t = tab.data_ptr<int64_t>();
   // groups == 1 with real work per position: the GEMM path; depthwise / grouped: direct loops
   const bool use_gemm = g.G == 1 && g.Ci * g.Kh * g.Kw >= 16;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "conv_li_cpu", [&] {
+  NNS_DISPATCH_PATCH_TYPES(dt, "conv_li_cpu", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const opmath_t* w = W.data_ptr<opmath_t>();
     const opmath_t* s = S.defined() ? S.data_ptr<opmath_t>() : nullptr;
