@@ -137,6 +137,7 @@ def main(argv=None) -> int:
         return 0
     from .common import env_info, write_json
 
+    load_at_start = os.getloadavg()
     base = _launch(a, "scanner", 1, a.samples)[0]
     rows: Dict[str, Any] = {"scanner": {"seconds": base["seconds"], "samples_per_s": a.samples / base["seconds"]}}
     for k in [int(v) for v in a.ranks.split(",")]:
@@ -155,7 +156,8 @@ def main(argv=None) -> int:
         r = _launch(a, "dataset", 1, n)[0]
         rows[f"memory_{n}"] = {"peak_rss_mib": r["peak_rss_mib"], "seconds": r["seconds"]}
     out = {"benchmark": "dataset_scan", "model": a.model, "samples": a.samples, "batch_size": a.batch_size,
-           "block_size": a.block_size, "env": env_info("cpu"), "load_average": os.getloadavg(), "rows": rows}
+           "block_size": a.block_size, "env": env_info("cpu"), "load_average_at_start": load_at_start,
+           "load_average_at_end": os.getloadavg(), "rows": rows}
     print(json.dumps(rows, indent=1))
     if a.json:
         write_json(a.json, out)

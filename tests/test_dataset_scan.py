@@ -41,15 +41,6 @@ def _run_procs(out, world, *extra, kill_at=-1, timeout=240):
     return procs
 
 
-def _wait(procs, timeout=240):
-    outs = []
-    for p in procs:
-        o, e = p.communicate(timeout=timeout)
-        assert p.returncode == 0, f"worker failed ({p.returncode}):\n{e[-3000:]}"
-        outs.append(o)
-    return outs
-
-
 def _result_bytes(out) -> bytes:
     with open(os.path.join(out, "result.safetensors"), "rb") as fh:
         return fh.read()
@@ -59,7 +50,7 @@ def _result_bytes(out) -> bytes:
 def single_run(tmp_path_factory):
     """The uninterrupted one-process scan every other run must reproduce bitwise."""
     out = tmp_path_factory.mktemp("scan1")
-    _wait(_run_procs(out, 1))
+    W.wait(_run_procs(out, 1))
     return out
 
 
@@ -123,7 +114,7 @@ def test_measures_sum_max_and_first_argmax(tmp_path):
 @pytest.mark.parametrize("world", [2, 3])
 def test_result_is_bitwise_the_same_for_1_2_3_processes(tmp_path, single_run, world):
     out = tmp_path / f"w{world}"
-    _wait(_run_procs(out, world))
+    W.wait(_run_procs(out, world))
     assert _result_bytes(out) == _result_bytes(single_run)
     r = load_scan(str(out))
     assert r.count("1") == 1001 and r.manifest["blocks_done"] == list(range(16))
@@ -141,7 +132,7 @@ def test_killed_rank_then_resume_is_bitwise_the_uninterrupted_run(tmp_path, sing
     procs[0].communicate()
     done = _scan_store.read_manifest(str(out))["blocks_done"]
     assert 0 < len(done) < 16 and not os.path.exists(out / "result.safetensors")
-    (o,) = _wait([subprocess.Popen([sys.executable, WORKER, str(out)], env=dict(os.environ, PYTHONPATH=ROOT),
+    (o,) = W.wait([subprocess.Popen([sys.executable, WORKER, str(out)], env=dict(os.environ, PYTHONPATH=ROOT),
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)])
     assert f"skipped={len(done)}" in o and f"computed={16 - len(done)}" in o
     assert _result_bytes(out) == _result_bytes(single_run)
@@ -173,7 +164,7 @@ def test_shards_then_merge_equal_the_single_run(tmp_path, single_run):
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     procs = [subprocess.Popen([sys.executable, WORKER, str(out), "--shard", f"{i}/2"], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    _wait(procs)
+    W.wait(procs)
     os.unlink(out / "result.safetensors")  # the last shard to finish merged; merge again by hand
     merge_scan(str(out))
     assert _result_bytes(out) == _result_bytes(single_run)

@@ -7,8 +7,9 @@ import argparse
 import os
 import sys
 import warnings
-import zipfile
 from typing import Any, Callable, List, Optional, Sequence, Tuple
+
+from nns_cuda._files import is_torch_archive
 
 __all__ = ["CLIError", "BAD_INPUT", "error_line", "guarded", "note", "engine_options", "MAX_MEMORY_HELP",
            "samples_option", "DeprecatedAlias", "model_options", "load_model", "read_torch_file", "load_data", "take",
@@ -175,7 +176,7 @@ def read_torch_file(path: str, option: str, *, weights_only: bool = True) -> Any
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as e:
-        archive = _is_torch_archive(path)
+        archive = is_torch_archive(path)
         if weights_only and archive and "weights only" in str(e).lower():
             why = "it holds Python objects, not only tensors and lists / dicts of them"
         elif archive:
@@ -183,15 +184,6 @@ def read_torch_file(path: str, option: str, *, weights_only: bool = True) -> Any
         else:
             why = "not a file written by torch.save, or it is damaged"
         raise CLIError(f"{option} {path}: cannot read it: {why}") from None
-
-
-def _is_torch_archive(path: str) -> bool:
-    """Whether ``path`` is a zip archive as ``torch.save`` writes it (with a ``data.pkl`` record)."""
-    try:
-        with zipfile.ZipFile(path) as z:
-            return any(n == "data.pkl" or n.endswith("/data.pkl") for n in z.namelist())
-    except (zipfile.BadZipFile, OSError, ValueError):
-        return False
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,7 +5,6 @@ import contextlib
 import difflib
 import os
 import warnings
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
@@ -13,6 +12,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
+from nns_cuda._files import is_torch_archive
 from nns_cuda._modules import UnsupportedModuleError
 from nns_cuda.models.nets import FCN, AlexNetCifar, FCNRes, LeNet5, ResNetCifar, SmallCNN, VGGCifar
 
@@ -301,10 +301,10 @@ def _read_weights(path: Union[str, os.PathLike], map_location: Union[str, torch.
             warnings.simplefilter("ignore")
             return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises many types here (UnpicklingError, RuntimeError, struct.error, ...)
-        if _is_torch_archive(path) and "weights only" in str(e).lower():
+        if is_torch_archive(path) and "weights only" in str(e).lower():
             why = ("it holds Python objects, not only tensors (a whole saved model? give it as "
                    "the model, not as its weights)")
-        elif _is_torch_archive(path):
+        elif is_torch_archive(path):
             why = f"a torch.save archive that cannot be read (damaged?): {type(e).__name__}: {_short(e)}"
         else:
             why = f"not a file written by torch.save, or it is damaged; {HOW_TO_SAVE_WEIGHTS}"
@@ -315,15 +315,6 @@ def _short(e: BaseException, n: int = 120) -> str:
     """The first ``n`` characters of ``e``'s message, on one line."""
     msg = " ".join(str(e).split())
     return msg if len(msg) <= n else msg[: n - 1] + "…"
-
-
-def _is_torch_archive(path: Path) -> bool:
-    """Whether ``path`` is a zip archive as ``torch.save`` writes it (with a ``data.pkl`` record)."""
-    try:
-        with zipfile.ZipFile(path) as z:
-            return any(n == "data.pkl" or n.endswith("/data.pkl") for n in z.namelist())
-    except (zipfile.BadZipFile, OSError, ValueError):
-        return False
 
 
 def load_weights(model: nn.Module, weights: Union[str, os.PathLike, Mapping[str, torch.Tensor]],
