@@ -17,6 +17,10 @@ printed last. Speed goals are reported as measured, never asserted.
 (the engine refuses it) and an explicit algorithm that ``auto`` already ran is recorded as
 skipped. The other methods run once per precision.
 
+``--workloads res224`` runs the benchmark with its own driver registered in :data:`STANDALONE`
+(``benchmarks/bench_res224.py``: ResNet-18 / VGG-16 at 224 × 224, the per-layer plan against the
+users' batched VJP); ``--list`` lists it too.
+
 ``main(argv)`` returns 0, 1 when a method raised, 2 when an fp32 correctness check failed.
 ``--quick`` runs a CI-sized subset (VGG-16 @32's first four conv layers, batch 1) in a few
 minutes on a 2-core CPU.
@@ -42,6 +46,14 @@ from .bench_filters import run_filters_workload  # noqa: E402
 from .bench_scan import ALL_METHODS, CONV_ALGORITHMS, Options, log, run_stats_workload  # noqa: E402
 
 SCHEMA = "nns_cuda.bench/1"
+
+#: Benchmarks with their own driver, registered here so that the suite lists and runs them:
+#: ``--workloads res224`` runs ``python -m benchmarks.bench_res224`` (``--quick`` and ``--json``
+#: passed on), alone or before the suite's own workloads.
+STANDALONE = {
+    "res224": ("benchmarks.bench_res224",
+               "ResNet-18 / VGG-16 @224 (CPU): per-layer plan vs the users' batched VJP (filter images, statistics)"),
+}
 
 #: The GPU speed goals (reported, never asserted): (workload, precision, ratio, target).
 CUDA_GOALS = [("vgg16_32", 10.0), ("resnet18_32", 10.0), ("vgg16_64", 20.0)]
@@ -261,7 +273,25 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
         for name, w in C.WORKLOADS.items():
             tag = " (quick)" if name in C.QUICK_WORKLOADS else (" (full)" if name in C.FULL_WORKLOADS else "")
             print(f"{name:24s}{tag:9s} {w.description}")
+        for name, (module, description) in STANDALONE.items():
+            print(f"{name:24s}{' (own)':9s} {description} [python -m {module}]")
         return 0
+    names = _csv(a.workloads) or []
+    own = [n for n in names if n in STANDALONE]
+    if own:
+        import importlib
+
+        rc = 0
+        for n in own:
+            args = ["--quick"] if a.quick else []
+            if a.json:
+                base, ext = os.path.splitext(a.json)
+                args += ["--json", a.json if len(names) == 1 else f"{base}_{n}{ext or '.json'}"]
+            rc = max(rc, importlib.import_module(STANDALONE[n][0]).main(args))
+        rest = [n for n in names if n not in STANDALONE]
+        if not rest:
+            return rc
+        a.workloads = ",".join(rest)
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device is visible", file=sys.stderr)
@@ -273,7 +303,7 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     names = _csv(a.workloads) or list(C.QUICK_WORKLOADS if a.quick else C.FULL_WORKLOADS)
     unknown = [n for n in names if n not in C.WORKLOADS]
     if unknown:
-        print(f"unknown workload(s) {unknown}; known: {list(C.WORKLOADS)}", file=sys.stderr)
+        print(f"unknown workload(s) {unknown}; known: {list(C.WORKLOADS) + list(STANDALONE)}", file=sys.stderr)
         return 1
     doc: Dict[str, Any] = {"schema": SCHEMA, "env": C.env_info(device),
                            "config": {"quick": a.quick, "device": device, "workloads": names, "methods": list(opts.methods),

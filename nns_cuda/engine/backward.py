@@ -13,9 +13,13 @@ convolution, ``Wᵀ``, the gate, the arg-max scatter, the BN scale, ...).
 
 **Cut.** The sweep may stop at a *cut* node ``m`` whose learned images are known as forward
 patches (:class:`~nns_cuda.engine.patches.Patches`, ungated): the images of a row are then
-``Σ_j cot_j · LI_j`` over the neurons ``j`` of ``m`` — one GEMM per position of ``m`` and a
-placement — instead of the backward pass from ``m`` down to the input. ``m`` must lie on every
-path from the input to the layers of the rows that stop there (:func:`dominates`).
+``Σ_j cot_j · LI_j`` over the neurons ``j`` of ``m`` — one batched GEMM over the positions of
+``m`` (``[rows, C] @ [C, D·R_h·R_w]`` per position, :class:`CutMatrix`) and the overlap-add of
+the windows — instead of the backward pass from ``m`` down to the input. That pays where the
+layers below ``m`` cost much more than its patches: below a max-pool the transposed convs run
+on maps 4× larger than the pool's output, and the first conv back to RGB vectorises poorly.
+``m`` must lie on every path from the input to the layers of the rows that stop there
+(:func:`dominates`).
 
 Exact: every row equals ``x ⊙ VJP`` of autograd on the real model (docs/spec.md §1), checked by
 the tests at 1e-10 in float64.
@@ -35,8 +39,8 @@ from nns_cuda.engine.patches import Patches
 from nns_cuda.engine.rules import bn_scale
 from nns_cuda.ops.reference.stats import NUM_STATS
 
-__all__ = ["RowBlock", "ReverseRequest", "reverse_scan", "request_blocks", "BackwardSweep", "dominates", "grad_reach", "no_gradient_path", "sweep_bytes_per_row",
-           "channels_last_wanted", "patches_matrix"]
+__all__ = ["RowBlock", "ReverseRequest", "reverse_scan", "request_blocks", "BackwardSweep", "dominates", "grad_reach",
+           "no_gradient_path", "sweep_bytes_per_row", "channels_last_wanted", "CutMatrix", "cut_bytes", "cut_temp_elems"]
 
 
 @dataclass
@@ -95,6 +99,16 @@ def dominates(graph: ScanGraph, cut: int, nodes: Sequence[GNode]) -> bool:
     return all(n.idx > cut and n.idx not in reach for n in nodes)
 
 
+def _zeros_cl(shape: Tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+    """Zeros of a 4-D ``shape`` stored channels-last."""
+    return torch.empty(shape, dtype=dtype, device=device, memory_format=torch.channels_last).zero_()
+
+
+def _is_cl(t: torch.Tensor) -> bool:
+    """A 4-D tensor stored channels-last (and not also plain contiguous)."""
+    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
 def channels_last_wanted(shape: Tuple[int, ...]) -> bool:
     """Whether transposed convolutions on maps of ``shape`` ``[C, H, W]`` run channels-last:
     on the CPU oneDNN's NHWC kernels were measured faster on maps of 14 × 14 and larger
@@ -142,10 +156,15 @@ class BackwardSweep:
         self.reach = grad_reach(graph)
         self.cut = cut
         self._cut_patches = cut_patches
-        self._cut_cache: Dict[int, torch.Tensor] = {}
+        self._cut_cache: Dict[int, "CutMatrix"] = {}
         self._gates: Dict[Tuple[int, bool], torch.Tensor] = {}
-        self._weights: Dict[int, torch.Tensor] = {}
+        self._weights: Dict[Tuple[int, bool], torch.Tensor] = {}
         self._filter_weights: Dict[int, torch.Tensor] = {}
+        self._pool_index: Dict[Tuple[int, bool], torch.Tensor] = {}
+        self._fold: Set[int] = set()       # convs whose BN scale this sweep folds into the weights
+        self._own: Dict[int, list] = {}
+        self._stop: Optional[int] = None
+        self.cut_elems = CUT_CHUNK_ELEMS  # bound of the cut contraction's result groups
         self.gate_outputs = fwd.gate_outputs
         self.vjps: Dict[str, Callable] = {
             "conv": self._conv, "linear": self._linear, "bn": self._bn, "identity": self._identity,
@@ -168,10 +187,22 @@ class BackwardSweep:
         return self._filter_weights[node.idx]
 
     def cotangent(self, block: RowBlock) -> torch.Tensor:
-        """The block's cotangent rows at its layer's output: Tensor [r·B, *node.shape] (row-major)."""
+        """The block's cotangent rows at its layer's output: Tensor [r·B, *node.shape] (row-major;
+        channels-last for the maps the sweep runs channels-last, :func:`channels_last_wanted`)."""
         node, r, B = block.node, block.rows, self.B
         ar = torch.arange(r, device=self.device)
         idx = block.index.to(self.device)
+        if channels_last_wanted(node.shape):
+            C, H, W = node.shape
+            flat = _zeros_cl((r * B, C, H, W), self.dtype, self.device)
+            cot = flat.view(r, B, C, H, W)
+            if block.kind == "filters":
+                w = self.filter_weights(node).view(B, C, H, W)
+                cot[ar, :, idx] = w[:, idx].transpose(0, 1)
+            else:
+                c, rest = idx // (H * W), idx % (H * W)
+                cot[ar, :, c, rest // W, rest % W] = 1
+            return flat
         if block.kind == "filters":
             w = self.filter_weights(node)
             cot = torch.zeros(r, B, *w.shape[1:], dtype=self.dtype, device=self.device)
@@ -199,28 +230,39 @@ class BackwardSweep:
         Tensor [R, B, *input_shape]
             ``x ⊙ VJP`` of every row (``R = Σ rows``), in block order; not multiplied by the
             neurons' own gates.
+
+        Notes
+        -----
+        Each VJP returns its contributions with an *owned* flag: a tensor no other
+        contribution shares may be gated or summed into in place (a residual ``+`` hands one
+        tensor to both operands, which are then not owned). A BN whose input is a conv read by
+        it alone has its scale folded into that conv's transposed weights instead of a pass
+        over the cotangent. Maps the sweep runs channels-last stay channels-last from node to
+        node (gates, scatters and sums keep the layout), so transposed convs get them without
+        a conversion.
         """
         self.check([b.node for b in blocks])
         if any(blocks[i].node.idx < blocks[i + 1].node.idx for i in range(len(blocks) - 1)):
             raise AssertionError("row blocks must be ordered deepest layer first")
         B = self.B
         R = sum(b.rows for b in blocks)
-        ends, own = [], {}
+        own: Dict[int, List[Tuple[int, RowBlock]]] = {}
         e = 0
         for b in blocks:
             own.setdefault(b.node.idx, []).append((e, b))
             e += b.rows
-            ends.append(e)
         stop = self.cut if stop_at_cut else None
+        self._own, self._stop, self._fold = own, stop, set()
         need = self.graph.ancestors(list(own))
-        pending: Dict[int, List[torch.Tensor]] = {}
+        pending: Dict[int, List[Tuple[torch.Tensor, bool]]] = {}
         for node in reversed(self.graph.nodes):
             if node.idx not in need or node.idx not in self.reach:
                 continue
             contribs = pending.pop(node.idx, [])
             if not contribs and node.idx not in own:
                 continue
-            g = self._gather(node, contribs, own.get(node.idx, []))
+            g, owned = self._gather(node, contribs, own.get(node.idx, []))
+            del contribs
             if node.idx == stop:
                 return self._contract(g, R)
             if node.kind == "input":
@@ -231,56 +273,74 @@ class BackwardSweep:
                 return out
             if not _passes_gradient(node):
                 continue
-            for i, contrib in self.vjps.get(node.kind, self._unhandled)(node, g):
+            for i, contrib, c_owned in self.vjps.get(node.kind, self._unhandled)(node, g, owned):
                 if i in self.reach:
-                    pending.setdefault(i, []).append(contrib)
+                    pending.setdefault(i, []).append((contrib, c_owned))
+            del g
         raise AssertionError("the sweep did not reach the input")  # pragma: no cover - check() guards it
 
-    def _gather(self, node: GNode, contribs: List[torch.Tensor], own: List[Tuple[int, RowBlock]]) -> torch.Tensor:
-        """The cotangent of ``node`` over rows ``[0, end)``: the users' contributions (each over
-        a prefix of the rows) summed, and the node's own rows placed at their offsets."""
+    def _gather(self, node: GNode, contribs: List[Tuple[torch.Tensor, bool]],
+                own: List[Tuple[int, RowBlock]]) -> Tuple[torch.Tensor, bool]:
+        """The cotangent of ``node`` over rows ``[0, end)`` and whether it is owned: the users'
+        contributions (each over a prefix of the rows) summed — into an owned full-length one
+        where there is one — and the node's own rows placed at their offsets."""
         B = self.B
         mine = [(s * B, self.cotangent(b)) for s, b in own]
-        end = max([c.shape[0] for c in contribs] + [s + m.shape[0] for s, m in mine])
-        if len(contribs) == 1 and not mine and contribs[0].shape[0] == end:
+        end = max([c.shape[0] for c, _ in contribs] + [s + m.shape[0] for s, m in mine])
+        if len(contribs) == 1 and not mine and contribs[0][0].shape[0] == end:
             return contribs[0]
         if not contribs and len(mine) == 1 and mine[0][0] == 0:
-            return mine[0][1]
-        if len(contribs) == 1 and len(mine) == 1 and mine[0][0] == contribs[0].shape[0]:
-            return torch.cat([contribs[0], mine[0][1]])
-        g = torch.zeros(end, *node.shape, dtype=self.dtype, device=self.device)
-        for c in contribs:
-            g[: c.shape[0]] += c
+            return mine[0][1], True
+        if len(contribs) == 1 and len(mine) == 1 and mine[0][0] == contribs[0][0].shape[0]:
+            return torch.cat([contribs[0][0], mine[0][1]]), True
+        base = next((k for k, (c, o) in enumerate(contribs) if o and c.shape[0] == end), None)
+        if base is None:
+            cl = any(c.dim() == 4 and c.is_contiguous(memory_format=torch.channels_last) and not c.is_contiguous()
+                     for c, _ in contribs) or (node.shape and channels_last_wanted(node.shape) and not contribs)
+            if cl and len(node.shape) == 3:
+                g = _zeros_cl((end, *node.shape), self.dtype, self.device)
+            else:
+                g = torch.zeros(end, *node.shape, dtype=self.dtype, device=self.device)
+        else:
+            g = contribs[base][0]
+        for k, (c, _) in enumerate(contribs):
+            if k != base:
+                g[: c.shape[0]] += c
         for s, m in mine:
             g[s: s + m.shape[0]] += m
-        return g
+        return g, True
 
     # ------------------------------------------------------------------ node VJPs
-    def _unhandled(self, node: GNode, g: torch.Tensor):
+    # each returns [(input index, contribution, owned)]
+    def _unhandled(self, node: GNode, g: torch.Tensor, owned: bool):
         raise AssertionError(f"no VJP for node kind {node.kind!r} ({node.name})")
 
     def _rows(self, g: torch.Tensor) -> int:
         return g.shape[0] // self.B
 
-    def _per_sample(self, g: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """``g`` [R·B, ...] times a per-sample tensor ``t`` [B, ...] (broadcast over the rows)."""
+    def _per_sample(self, g: torch.Tensor, t: torch.Tensor, owned: bool) -> torch.Tensor:
+        """``g`` [R·B, ...] times a per-sample tensor ``t`` [B, ...] (broadcast over the rows),
+        in place when ``g`` is owned."""
         if self.B == 1:
-            return g * t
+            return g.mul_(t) if owned else g * t
         R = self._rows(g)
+        if owned:
+            g.view(R, self.B, *g.shape[1:]).mul_(t.unsqueeze(0))
+            return g
         return (g.view(R, self.B, *g.shape[1:]) * t.unsqueeze(0)).view(g.shape)
 
     def _gate(self, node: GNode, like: torch.Tensor) -> torch.Tensor:
-        cl = like.dim() == 4 and like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous()
+        cl = _is_cl(like)
         key = (node.idx, cl)
         if key not in self._gates:
             gate = self.fwd.act_gate(node).to(self.dtype)
             self._gates[key] = gate.contiguous(memory_format=torch.channels_last) if cl else gate
         return self._gates[key]
 
-    def _activation(self, node: GNode, g: torch.Tensor):
-        return [(node.inputs[0], self._per_sample(g, self._gate(node, g)))]
+    def _activation(self, node: GNode, g: torch.Tensor, owned: bool):
+        return [(node.inputs[0], self._per_sample(g, self._gate(node, g), owned), True)]
 
-    def _conv(self, node: GNode, g: torch.Tensor):
+    def _conv(self, node: GNode, g: torch.Tensor, owned: bool):
         a = node.attrs
         src = self.graph.nodes[node.inputs[0]]
         Hi, Wi = src.shape[1:]
@@ -290,62 +350,94 @@ class BackwardSweep:
         oph = Hi - ((Ho - 1) * sh - 2 * ph + dh * (kh - 1) + 1)
         opw = Wi - ((Wo - 1) * sw - 2 * pw + dw * (kw - 1) + 1)
         if not (0 <= oph < max(sh, dh) and 0 <= opw < max(sw, dw)):
-            return self._by_autograd(node, g)
-        w = self._weight(node)
-        if channels_last_wanted(node.shape):
-            g = g.contiguous(memory_format=torch.channels_last)
-        else:
-            g = g.contiguous()
+            if node.idx in self._fold:  # the BN scale this sweep skipped
+                g = g * bn_scale(self.graph.nodes[node.users[0]].module, self.dtype).view(-1, 1, 1)
+            return self._by_autograd(node, g, owned)
+        cl = channels_last_wanted(node.shape)
+        g = g.contiguous(memory_format=torch.channels_last) if cl else g.contiguous()
+        w = self._weight(node, cl)
         out = F.conv_transpose2d(g, w, None, (sh, sw), (ph, pw), (oph, opw), int(a["groups"]), (dh, dw))
-        return [(node.inputs[0], out)]
+        return [(node.inputs[0], out, True)]
 
-    def _weight(self, node: GNode) -> torch.Tensor:
-        if node.idx not in self._weights:
-            self._weights[node.idx] = node.module.weight.detach().to(self.dtype)
-        return self._weights[node.idx]
+    def _weight(self, node: GNode, cl: bool = False) -> torch.Tensor:
+        """The node's weight in the sweep's dtype (a conv's with the scale of a BN this sweep
+        folds into it, channels-last when the conv runs channels-last)."""
+        fold = node.idx in self._fold
+        key = (node.idx, cl, fold)
+        if key not in self._weights:
+            w = node.module.weight.detach().to(self.dtype)
+            if fold:
+                s = bn_scale(self.graph.nodes[node.users[0]].module, self.dtype)
+                w = w * s.view(-1, *([1] * (w.dim() - 1)))
+            if cl and w.dim() == 4:
+                w = w.contiguous(memory_format=torch.channels_last)
+            self._weights[key] = w
+        return self._weights[key]
 
-    def _linear(self, node: GNode, g: torch.Tensor):
-        return [(node.inputs[0], g @ self._weight(node))]
+    def _linear(self, node: GNode, g: torch.Tensor, owned: bool):
+        return [(node.inputs[0], g @ self._weight(node), True)]
 
-    def _bn(self, node: GNode, g: torch.Tensor):
+    def _bn(self, node: GNode, g: torch.Tensor, owned: bool):
+        src = self.graph.nodes[node.inputs[0]]
+        if (src.kind == "conv" and src.users == [node.idx] and src.idx not in self._own and src.idx != self._stop
+                and len(node.shape) == 3):
+            self._fold.add(src.idx)  # the conv's transposed weights carry the scale
+            return [(node.inputs[0], g, owned)]
         s = bn_scale(node.module, self.dtype)
         shape = (-1,) + (1,) * (g.dim() - 2)  # BN2d [C, H, W], BN1d [C, L] or [N]
-        return [(node.inputs[0], g * s.view(shape))]
+        return [(node.inputs[0], g.mul_(s.view(shape)) if owned else g * s.view(shape), True)]
 
-    def _identity(self, node: GNode, g: torch.Tensor):
-        return [(node.inputs[0], g)]
+    def _identity(self, node: GNode, g: torch.Tensor, owned: bool):
+        return [(node.inputs[0], g, owned)]
 
-    def _reshape(self, node: GNode, g: torch.Tensor):
+    def _reshape(self, node: GNode, g: torch.Tensor, owned: bool):
         src = self.graph.nodes[node.inputs[0]]
-        return [(node.inputs[0], g.reshape(g.shape[0], *src.shape))]
+        return [(node.inputs[0], g.reshape(g.shape[0], *src.shape), owned)]
 
-    def _add(self, node: GNode, g: torch.Tensor):
-        return [(i, g) for i in node.inputs]
+    def _add(self, node: GNode, g: torch.Tensor, owned: bool):
+        if len(node.inputs) == 1:
+            return [(node.inputs[0], g, owned)]
+        return [(i, g, False) for i in node.inputs]
 
-    def _cat(self, node: GNode, g: torch.Tensor):
+    def _cat(self, node: GNode, g: torch.Tensor, owned: bool):
         sizes = [self.graph.nodes[i].shape[0] for i in node.inputs]
-        return list(zip(node.inputs, torch.split(g, sizes, dim=1)))
+        return [(i, part, False) for i, part in zip(node.inputs, torch.split(g, sizes, dim=1))]
 
-    def _slice(self, node: GNode, g: torch.Tensor):
+    def _slice(self, node: GNode, g: torch.Tensor, owned: bool):
         src = self.graph.nodes[node.inputs[0]]
         out = g.new_zeros(g.shape[0], *src.shape)
         out[:, node.attrs["start"]: node.attrs["stop"]] = g
-        return [(node.inputs[0], out)]
+        return [(node.inputs[0], out, True)]
 
-    def _global_mean(self, node: GNode, g: torch.Tensor):
+    def _global_mean(self, node: GNode, g: torch.Tensor, owned: bool):
         C, H, W = self.graph.nodes[node.inputs[0]].shape
         out = (g.reshape(g.shape[0], C, 1, 1) / (H * W)).expand(g.shape[0], C, H, W).contiguous()
-        return [(node.inputs[0], out)]
+        return [(node.inputs[0], out, True)]
 
-    def _maxpool(self, node: GNode, g: torch.Tensor):
+    def _maxpool(self, node: GNode, g: torch.Tensor, owned: bool):
+        """The arg-max scatter, in the cotangent's layout (channels-last: flat index
+        ``(h·W + w)·C + c`` of each output neuron's arg-max)."""
         C, Hi, Wi = self.graph.nodes[node.inputs[0]].shape
         R, B = self._rows(g), self.B
-        ind = self.fwd.values[("indices", node.idx)].reshape(1, B, C, -1)
-        out = g.new_zeros(R, B, C, Hi * Wi)
-        out.scatter_add_(3, ind.expand(R, B, C, ind.shape[-1]), g.reshape(R, B, C, -1))
-        return [(node.inputs[0], out.view(R * B, C, Hi, Wi))]
+        cl = _is_cl(g)
+        key = (node.idx, cl)
+        if key not in self._pool_index:
+            ind = self.fwd.values[("indices", node.idx)]                           # [B, C, Ho, Wo]
+            if cl:
+                ind = (ind * C + torch.arange(C, device=ind.device).view(1, C, 1, 1)).permute(0, 2, 3, 1)
+            self._pool_index[key] = ind.reshape(1, B, -1)
+        ind = self._pool_index[key]
+        if cl:
+            out = _zeros_cl((R * B, C, Hi, Wi), g.dtype, g.device)
+            src = g.permute(0, 2, 3, 1).reshape(R, B, -1)
+            out.permute(0, 2, 3, 1).view(R, B, -1).scatter_add_(2, ind.expand(R, B, ind.shape[-1]), src)
+            return [(node.inputs[0], out, True)]
+        out = g.new_zeros(R, B, C * Hi * Wi)
+        flat = (ind.view(1, B, C, -1) + (torch.arange(C, device=g.device) * (Hi * Wi)).view(1, 1, C, 1)).view(1, B, -1)
+        out.scatter_add_(2, flat.expand(R, B, flat.shape[-1]), g.reshape(R, B, -1))
+        return [(node.inputs[0], out.view(R * B, C, Hi, Wi), True)]
 
-    def _by_autograd(self, node: GNode, g: torch.Tensor):
+    def _by_autograd(self, node: GNode, g: torch.Tensor, owned: bool = False):
         """A linear, sample-independent node (average pools, a conv whose transpose has no
         output padding): its VJP by autograd on a zero input of the rows' batch."""
         src = self.graph.nodes[node.inputs[0]]
@@ -353,66 +445,160 @@ class BackwardSweep:
         with torch.enable_grad():
             out = _linear_call(node, z)
             (grad,) = torch.autograd.grad(out, z, g.reshape(out.shape))
-        return [(node.inputs[0], grad)]
+        return [(node.inputs[0], grad, True)]
 
     # ------------------------------------------------------------------ cut
-    def cut_matrix(self, b: int) -> torch.Tensor:
-        """Sample ``b``'s learned images of the cut node as a sparse CSR matrix
-        ``[D·H·W, neurons of the cut]`` (int32 indices; zero entries dropped)."""
+    def cut_matrix(self, b: int) -> "CutMatrix":
+        """Sample ``b``'s learned images of the cut node as a :class:`CutMatrix`."""
         if b not in self._cut_cache:
-            self._cut_cache[b] = patches_matrix(self._cut_patches, b, self.x.shape[1:], self.dtype)
+            self._cut_cache[b] = CutMatrix(self._cut_patches, b, self.graph.nodes[self.cut], tuple(self.x.shape[1:]),
+                                           self.dtype)
+            if len(self._cut_cache) == self.B:  # every sample laid out: the patches are not needed any more
+                self._cut_patches = None
         return self._cut_cache[b]
 
     def _contract(self, g: torch.Tensor, R: int) -> torch.Tensor:
         """``Σ_j cot_j · LI_j`` over the cut node's neurons for every row: [R, B, *input_shape]."""
         B = self.B
-        P = int(math.prod(self.x.shape[1:]))
         rows = g.shape[0] // B
-        gv = g.reshape(rows, B, -1)
-        out = torch.zeros(R, B, P, dtype=self.dtype, device=self.device)
+        out = torch.zeros(R, B, *self.x.shape[1:], dtype=self.dtype, device=self.device)
         for b in range(B):
-            out[:rows, b] = torch.sparse.mm(self.cut_matrix(b), gv[:, b].t().contiguous()).t()
-        return out.view(R, B, *self.x.shape[1:])
+            gb = g.view(rows, B, *g.shape[1:])[:, b]
+            out[:rows, b] = self.cut_matrix(b).contract(gb, self.cut_elems)
+        return out
 
 
-def patches_matrix(patches: Patches, b: int, input_shape: Tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """The learned images of one sample's neurons as a sparse CSR matrix ``[D·H·W, C·Ho·Wo]``:
-    column ``j`` holds neuron ``j``'s image (from its receptive-field patch), zero entries dropped.
+#: at most this many elements of the per-position GEMM results of a cut are held at once (the
+#: rows are contracted in groups; a smaller budget lowers it, :func:`cut_temp_elems`)
+CUT_CHUNK_ELEMS = 1 << 25
+
+
+def cut_temp_elems(row_elems: int, budget: int, esize: int) -> int:
+    """Elements of one group of the cut's contraction results: an eighth of the budget, at most
+    :data:`CUT_CHUNK_ELEMS`, at least one row's (``row_elems``)."""
+    return max(row_elems, min(CUT_CHUNK_ELEMS, budget // (8 * esize)))
+
+
+class CutMatrix:
+    """One sample's learned images of the cut node, laid out for the contraction
+    ``images[r] = Σ_j cot[r, j] · LI_j`` (:meth:`contract`).
+
+    A spatial node's patches are re-laid into *padded* windows: neuron ``(c, y, x)``'s window
+    starts at row ``y·J − P`` (its receptive field's start, which may lie outside the image)
+    instead of the stored anchor (clamped into the image), and spans the receptive field ``R``
+    (the stored window holds every non-zero of the image inside it, so nothing is lost). All
+    windows of a position then sit on one regular grid: the contraction is one batched GEMM
+    ``[rows, C] @ [C, D·R_h·R_w]`` per position and an overlap-add of the windows into a canvas
+    that extends the image by the receptive field's overhang. A dense node (whole-image
+    windows) is one GEMM ``[rows, N] @ [N, D·H·W]``.
 
     Parameters
     ----------
     patches : Patches
-        ``data`` [B, C, Ho, Wo, D, Rh, Rw] (pending scale applied), anchors ``ay``, ``ax``.
+        ``data`` [B, C, Ho, Wo, D, Rh, Rw] (pending scale applied, no neuron gate), anchors.
     b : int
         The sample.
+    node : GNode
+        The cut node (its receptive-field geometry).
     input_shape : tuple of int
         ``(D, H, W)``.
     dtype : torch.dtype
-
-    Returns
-    -------
-    sparse CSR Tensor [D·H·W, C·Ho·Wo] with int32 indices
     """
-    _, C, Ho, Wo, D, Rh, Rw = patches.data.shape
-    _, H, W = input_shape
-    dev = patches.data.device
-    data = patches.data[b].to(dtype)
-    yy = patches.ay.to(dev).view(Ho, 1, 1, 1, 1) + torch.arange(Rh, device=dev).view(1, 1, 1, Rh, 1)
-    xx = patches.ax.to(dev).view(1, Wo, 1, 1, 1) + torch.arange(Rw, device=dev).view(1, 1, 1, 1, Rw)
-    dd = torch.arange(D, device=dev).view(1, 1, D, 1, 1)
-    tgt = ((dd * H + yy) * W + xx).to(torch.int32)                     # [Ho, Wo, D, Rh, Rw]
-    nz = data != 0                                                     # [C, Ho, Wo, D, Rh, Rw]
-    rows = tgt.unsqueeze(0).expand_as(data)[nz]
-    cols = torch.arange(C * Ho * Wo, device=dev, dtype=torch.int32).view(C, Ho, Wo, 1, 1, 1).expand_as(data)[nz]
-    vals = data[nz]
-    del nz
-    order = torch.argsort(rows, stable=True)
-    P = D * H * W
-    crow = torch.zeros(P + 1, dtype=torch.int64, device=dev)
-    crow[1:] = torch.bincount(rows.long(), minlength=P).cumsum(0)
-    if crow[-1] >= 2 ** 31:  # beyond int32 indexing
-        return torch.sparse_csr_tensor(crow, cols[order].long(), vals[order], (P, C * Ho * Wo))
-    return torch.sparse_csr_tensor(crow.to(torch.int32), cols[order], vals[order], (P, C * Ho * Wo))
+
+    def __init__(self, patches: Patches, b: int, node: GNode, input_shape: Tuple[int, ...], dtype: torch.dtype):
+        data = patches.data[b].to(dtype)                                    # [C, Ho, Wo, D, Rh, Rw]
+        C, Ho, Wo, D, Rh, Rw = data.shape
+        self.input_shape = tuple(input_shape)
+        _, H, W = self.input_shape
+        self.dense = not node.spatial or ((Ho, Wo) == (1, 1) and (Rh, Rw) == (H, W))
+        if self.dense:  # whole-image windows: [N, D·H·W]
+            self.mat = data.reshape(C * Ho * Wo, D * H * W)
+            return
+        gy, gx = node.gy, node.gx
+        self.C, self.Ho, self.Wo, self.D = C, Ho, Wo, D
+        self.J = (gy.J, gx.J)
+        self.R = (max(gy.R, Rh), max(gx.R, Rw))
+        self.P = (gy.P, gx.P)
+        self.origin = (max(gy.P, 0), max(gx.P, 0))   # canvas index of image row / column 0
+        ay = patches.ay.to("cpu").tolist()
+        ax = patches.ax.to("cpu").tolist()
+        pad = data.new_zeros(Ho, Wo, C, D, self.R[0], self.R[1])
+        src = data.permute(1, 2, 0, 3, 4, 5)                               # [Ho, Wo, C, D, Rh, Rw]
+        ys = self._shifts(ay, gy.J, gy.P, Rh, self.R[0])
+        xs = self._shifts(ax, gx.J, gx.P, Rw, self.R[1])
+        for (s0, s1, d0), yy in ys.items():   # positions that share a shift are copied at once
+            for (t0, t1, e0), xx in xs.items():
+                iy = torch.tensor(yy)[:, None]
+                ix = torch.tensor(xx)[None, :]
+                pad[iy, ix, :, :, d0: d0 + s1 - s0, e0: e0 + t1 - t0] = src[iy, ix, :, :, s0:s1, t0:t1]
+        self.mat = pad.reshape(Ho * Wo, C, D * self.R[0] * self.R[1])
+        del pad
+        self.canvas = (max((Ho - 1) * gy.J - gy.P + self.R[0], H) + self.origin[0],
+                       max((Wo - 1) * gx.J - gx.P + self.R[1], W) + self.origin[1])
+
+    @staticmethod
+    def _shifts(anchors, J: int, P: int, stored: int, padded: int) -> Dict[Tuple[int, int, int], List[int]]:
+        """For each position, which stored window indices ``[s0, s1)`` land at padded indices
+        ``[d0, d0 + s1 - s0)``, grouped: ``{(s0, s1, d0): positions}``."""
+        out: Dict[Tuple[int, int, int], List[int]] = {}
+        for i, a in enumerate(anchors):
+            start = i * J - P                           # the padded window's first image row
+            lo = max(a, start)
+            hi = min(a + stored, start + padded)
+            if hi > lo:
+                out.setdefault((lo - a, hi - a, lo - start), []).append(i)
+        return out
+
+    def nbytes(self) -> int:
+        return self.mat.numel() * self.mat.element_size()
+
+    def row_elems(self) -> int:
+        """Elements of one row's per-position GEMM results."""
+        return self.mat.shape[-1] if self.dense else self.Ho * self.Wo * self.mat.shape[-1]
+
+    def contract(self, g: torch.Tensor, max_elems: int = CUT_CHUNK_ELEMS) -> torch.Tensor:
+        """``Σ_j g[r, j] · LI_j`` for cotangent rows ``g`` [rows, *node shape]: [rows, D, H, W].
+
+        All rows at once, the positions in groups (grid rows of the cut) whose GEMM results
+        hold at most ``max_elems`` elements; each window is added into the canvas right away."""
+        rows = g.shape[0]
+        D, H, W = self.input_shape
+        if self.dense:
+            return (g.reshape(rows, -1) @ self.mat).view(rows, D, H, W)
+        C, Ho, Wo = self.C, self.Ho, self.Wo
+        (Jy, Jx), (Ry, Rx), (oy, ox) = self.J, self.R, self.origin
+        K = self.mat.shape[-1]
+        gp = g.permute(2, 3, 0, 1).reshape(Ho, Wo * rows, C).view(Ho, Wo, rows, C)    # [y, x, rows, C]
+        mat = self.mat.view(Ho, Wo, C, K)
+        canvas = g.new_zeros(rows, D, *self.canvas)
+        per_y = max(1, max_elems // max(1, Wo * rows * K))
+        for y0 in range(0, Ho, per_y):
+            y1 = min(Ho, y0 + per_y)
+            n = (y1 - y0) * Wo
+            vals = torch.bmm(gp[y0:y1].reshape(n, rows, C), mat[y0:y1].reshape(n, C, K))
+            vals = vals.view(y1 - y0, Wo, rows, D, Ry, Rx)
+            for y in range(y0, y1):
+                cy = y * Jy - self.P[0] + oy
+                for x in range(Wo):
+                    cx = x * Jx - self.P[1] + ox
+                    canvas[:, :, cy: cy + Ry, cx: cx + Rx] += vals[y - y0, x]
+        return canvas[:, :, oy: oy + H, ox: ox + W]
+
+
+def cut_bytes(patches: Optional[Patches], node: Optional[GNode], budget: int) -> int:
+    """Bytes of the cut's :class:`CutMatrix` (one sample) plus the contraction's temporaries
+    (a group of GEMM results and the canvas, :func:`cut_temp_elems`)."""
+    if patches is None or node is None:
+        return 0
+    B, C, Ho, Wo, D, Rh, Rw = patches.data.shape
+    esize = patches.data.element_size()
+    if node.spatial and (Ho, Wo) != (1, 1):
+        row = Ho * Wo * D * max(node.gy.R, Rh) * max(node.gx.R, Rw)
+        elems = C * row
+    else:
+        row = D * Rh * Rw
+        elems = patches.data[0].numel()
+    return (elems + 2 * cut_temp_elems(row, budget, esize)) * esize
 
 
 @dataclass
@@ -539,7 +725,8 @@ def reverse_scan(graph: ScanGraph, fwd: ForwardPass, x: torch.Tensor, fg: Option
             continue
         nodes = [b.node for _, b in group]
         per_row = sweep_bytes_per_row(graph, nodes, cut if stop else None, B, esize)
-        avail = budget - (cut_matrix_bytes(cut_patches) if stop else 0)
+        avail = budget - (cut_bytes(cut_patches, graph.nodes[cut], budget) if stop else 0)
+        sweep.cut_elems = cut_temp_elems(0, budget, esize)
         size = int(max(1, min(sum(b.rows for _, b in group), avail // max(1, per_row))))
         for chunk in _chunks(group, size):
             imgs = sweep.run([blk for _, blk, _ in chunk], stop_at_cut=stop)    # [R, B, *in]
@@ -570,14 +757,6 @@ def _positions(q: ReverseRequest, index: torch.Tensor, dev) -> torch.Tensor:
     inv = torch.full((int(math.prod(q.node.shape)),), -1, dtype=torch.long, device=dev)
     inv[q.neurons.to(dev)] = torch.arange(q.neurons.numel(), device=dev)
     return inv[index]
-
-
-def cut_matrix_bytes(patches: Optional[Patches]) -> int:
-    """A bound on the bytes of the cut's sparse matrices (:func:`patches_matrix`): 8 bytes
-    (value and int32 index) per patch entry, as if none were zero."""
-    if patches is None:
-        return 0
-    return int(patches.data.numel()) * 8
 
 
 def _linear_call(node: GNode, z: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ import math
 import numbers
 import os
 import re
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional, Sequence, Set, Union
 
 import torch
 
@@ -19,7 +19,8 @@ from nns_cuda.engine.inputs import image_dims
 from nns_cuda.ops._geometry import virtual_axis
 
 __all__ = ["default_budget", "gemm_max_elems", "forward_bytes_per_sample", "gather_fits", "parse_bytes",
-           "format_bytes", "reverse_fallback_message", "available_bytes", "check_dense_result"]
+           "format_bytes", "reverse_fallback_message", "available_bytes", "check_dense_result", "fused_nodes",
+           "node_patch_elems", "propagation_peak"]
 
 
 _SIZE = re.compile(r"^([+-]?(?:\d+\.?\d*|\.\d+)(?:e[+-]?\d+)?)\s*([kmgt]?)(?:i?b)?$")
@@ -73,7 +74,8 @@ def format_bytes(n: float) -> str:
     """``n`` bytes in binary units with three significant figures (``"1.80 TiB"``, ``"512 MiB"``)."""
     for unit, size in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if n >= size:
-            return f"{n / size:.3g} {unit}"
+            v = n / size
+            return f"{v:.3g} {unit}" if v < 1000 else f"{v:.0f} {unit}"
     return f"{int(n)} B"
 
 
@@ -170,7 +172,7 @@ def gemm_max_elems(budget: int, dtype: torch.dtype) -> int:
     return int(max(1 << 20, budget // (4 * esize)))
 
 
-def _node_patch_elems(graph: ScanGraph, node: GNode) -> int:
+def node_patch_elems(graph: ScanGraph, node: GNode) -> int:
     """Elements of one sample's patches of ``node``."""
     D, H, W = image_dims(graph.input_shape)
     if node.kind == "input":
@@ -203,9 +205,9 @@ def forward_bytes_per_sample(graph: ScanGraph, upto: int, dtype: torch.dtype) ->
     for node in graph.nodes[: upto + 1]:
         if node.kind == "aux":
             continue
-        elems = _node_patch_elems(graph, node) + sum(_node_patch_elems(graph, graph.nodes[i]) for i in node.inputs)
+        elems = node_patch_elems(graph, node) + sum(node_patch_elems(graph, graph.nodes[i]) for i in node.inputs)
         if node.kind == "conv":  # the reference gathers one tap of input patches into output windows
-            elems += _node_patch_elems(graph, node) // max(1, node.shape[0]) * graph.nodes[node.inputs[0]].shape[0]
+            elems += node_patch_elems(graph, node) // max(1, node.shape[0]) * graph.nodes[node.inputs[0]].shape[0]
         peak = max(peak, elems)
     return int(peak * esize * 1.5)
 
@@ -247,3 +249,103 @@ def gather_fits(patches, ay: torch.Tensor, ax: torch.Tensor, conv_attrs: Dict[st
     if hq == Hi and wq == Wi and (Rhi, Rwi) == (rh, rw):
         return True  # every window is its output window (offsets 0): the op reads the input itself
     return Ci * hq * wq * D * rh * rw <= max_elems
+
+
+def fused_nodes(graph: ScanGraph, requested: Set[int]) -> Dict[int, int]:
+    """The nodes whose patches the forward propagation shares with their input instead of
+    writing new ones (the fusions of :mod:`nns_cuda.engine.rules`: a conv's activation, a conv's
+    BN and the BN's activation, a BN's activation), ``{node: input}``, for ``requested``."""
+    fused: Dict[int, int] = {}
+    for g in graph.nodes:
+        if g.kind == "conv":
+            act = graph.gate_user(g)
+            if act is not None:
+                fused[act.idx] = g.idx
+            elif len(g.users) == 1 and graph.nodes[g.users[0]].kind == "bn" and g.idx not in requested:
+                bn = graph.nodes[g.users[0]]
+                fused[bn.idx] = g.idx
+                bn_act = graph.gate_user(bn)
+                if bn_act is not None and bn.idx not in requested:
+                    fused[bn_act.idx] = bn.idx
+        elif g.kind == "bn" and g.idx not in fused and g.idx not in requested:
+            act = graph.gate_user(g)
+            if act is not None and len(g.shape) == 3:
+                fused[act.idx] = g.idx
+    return fused
+
+
+def _bn_pending(graph: ScanGraph, bn: GNode, requested: Set[int]) -> bool:
+    """Whether a BN's patches keep their scale pending (no copy: the rule of a BN followed by
+    a 0/1 activation read only by convs and max-pools, neither requested)."""
+    act = graph.gate_user(bn)
+    return (act is not None and bn.idx not in requested and act.idx not in requested
+            and act.kind in ("relu", "hardtanh") and bool(act.users)
+            and all(graph.nodes[u].kind in ("conv", "maxpool") for u in act.users))
+
+
+def propagation_peak(graph: ScanGraph, requested: Sequence[int], elems: Dict[int, int], esize: int,
+                     reference: bool = False, keep: Sequence[int] = ()) -> int:
+    """Peak bytes of the patches alive at once in one forward propagation of ``requested``
+    (:class:`~nns_cuda.engine.propagate.PatchPropagator` with an output callback: a requested
+    node's patches are reduced and dropped once complete, unless in ``keep``).
+
+    The propagation is simulated node by node: each node writes its patches (fused nodes and
+    views write none) while the patches of every node with a user still to run stay alive; a
+    residual ``+`` or ``cat`` also places its operands (a temporary of the output's size), a
+    requested node is gated into a copy, the ``reference`` backend's conv gathers one tap of its
+    input into the output windows (``Ci / Co`` times the output).
+
+    Parameters
+    ----------
+    graph : ScanGraph
+    requested : sequence of int
+    elems : dict of int to int
+        Patch elements of each needed node (all rows, or one band's rows).
+    esize : int
+        Bytes per element of the storage dtype.
+    reference : bool
+        The reference backend's conv temporaries.
+    keep : sequence of int
+        Requested nodes whose patches are kept to the end (a cut).
+
+    Returns
+    -------
+    int
+    """
+    req = set(requested)
+    if not req:
+        return 0
+    needed = {i for i in graph.ancestors(list(req)) if i in elems}
+    fused = fused_nodes(graph, req)
+    users_left = {g.idx: sum(1 for u in g.users if u in needed) for g in graph.nodes}
+    alive: Dict[int, int] = {}
+    kept = 0
+    peak = 0
+    for g in graph.nodes[: max(req) + 1]:
+        if g.idx not in needed or g.kind == "aux":
+            continue
+        size = elems[g.idx]
+        if g.idx in fused or g.kind in ("identity", "slice") or (g.kind == "bn" and _bn_pending(graph, g, req)):
+            new = 0
+            src = g.inputs[0] if g.inputs else None
+            carried = alive.get(src, 0) if src is not None else 0
+            if src is not None and src in alive:
+                alive[src] = 0
+        else:
+            new, carried = size, 0
+        temp = 0
+        if g.kind in ("add", "cat"):
+            temp += size
+        if g.kind == "conv" and reference:
+            temp += size // max(1, g.shape[0]) * graph.nodes[g.inputs[0]].shape[0]
+        if g.idx in req:
+            temp += size
+        peak = max(peak, sum(alive.values()) + kept + new + carried + temp)
+        alive[g.idx] = new + carried
+        if g.idx in req and g.idx in keep:
+            kept += size
+        for i in g.inputs:
+            users_left[i] -= 1
+            if users_left[i] == 0:
+                alive.pop(i, None)
+    return int(peak * esize)

@@ -2,25 +2,47 @@
 
 :class:`PatchPropagator` starts from the input's patches (every input entry its own learned
 image), applies the rule of each node's kind (:data:`nns_cuda.engine.rules.RULES`) in graph
-order, frees the patches of a node once its last user has run, and returns the patches of the
-requested nodes with their neuron gates applied.
+order, frees the patches of a node once its last user has run, and hands the patches of the
+requested nodes, neuron gates applied, to a callback as soon as they are complete (or returns
+them all).
+
+**Row tiles.** The working set of a deep layer at a large input can exceed any memory budget
+(ResNet-18 at 224 × 224 needs tens of GiB per sample for ``layer2``). The propagation can then
+run in bands of output rows (:func:`row_tiles`): for every band of rows of the requested nodes,
+each node needed is computed only on the rows its users read (its *cone*: a convolution's
+output rows ``[lo, hi)`` read input rows ``[lo·s − p, (hi − 1)·s − p + (K − 1)·d + 1)``,
+clipped to the map), and each requested neuron is handed out in exactly one band. A band is
+an ordinary propagation on a sub-grid: the rules see node copies whose shapes are the band's
+rows, whose receptive-field offsets and paddings are shifted so that every anchor and every tap
+is the one of the full map, and a forward pass sliced to the band (:class:`RowsForward`).
+Rows shared by neighbouring cones are computed twice (the halo); results are exact.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Set, Tuple
+import copy
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 
 from nns_cuda.engine.forward import ForwardPass
-from nns_cuda.engine.graph import GNode, ScanGraph
+from nns_cuda.engine.graph import ACTIVATIONS, GNode, ScanGraph
 from nns_cuda.engine.inputs import image_dims
 from nns_cuda.engine.memory import gather_fits
 from nns_cuda.engine.options import LOW_PRECISION_DTYPES
 from nns_cuda.engine.patches import Patches
+from nns_cuda.engine.receptive_field import Geometry
 from nns_cuda.engine.rules import RULES, TAKES_PENDING_SCALE
 from nns_cuda.ops.reference import ops as reference_ops
 
-__all__ = ["PatchPropagator", "ops_for_backend"]
+__all__ = ["PatchPropagator", "ops_for_backend", "RowTile", "row_tiles", "tile_blocker", "input_rows",
+           "RowsForward", "slice_rows"]
+
+#: node kinds the row tiles pass through: windowed ops (whose rows read a band of input rows)
+#: and element-wise ops (same rows); dense nodes need every row of their input
+_WINDOWED = ("conv", "maxpool", "avgpool")
+_ELEMENTWISE = ACTIVATIONS + ("bn", "identity", "add", "cat", "slice")
 
 
 def ops_for_backend(backend: str):
@@ -30,6 +52,221 @@ def ops_for_backend(backend: str):
     from nns_cuda import ops
 
     return ops
+
+
+Rows = Tuple[int, int]
+
+
+def _window_params(node: GNode) -> Tuple[int, int, int, int]:
+    """``(kernel, stride, padding, dilation)`` along the rows of a windowed node (a regular
+    adaptive pool / global mean is a pool with stride = kernel and no padding)."""
+    a = node.attrs
+    if node.kind in ("adaptive_avgpool", "global_mean"):
+        k = a["kernel"][0]
+        return k, k, 0, 1
+    dil = a.get("dilation", (1, 1))
+    return a["kernel"][0], a["stride"][0], a["padding"][0], dil[0]
+
+
+def _is_windowed(node: GNode) -> bool:
+    return node.kind in _WINDOWED or (node.kind in ("adaptive_avgpool", "global_mean") and node.spatial
+                                      and bool(node.attrs.get("regular")))
+
+
+def input_rows(graph: ScanGraph, node: GNode, lo: int, hi: int) -> Rows:
+    """The rows ``[a, b)`` of ``node``'s inputs that its output rows ``[lo, hi)`` read (the same
+    rows for an element-wise node; clipped to the input map for a windowed one)."""
+    if hi <= lo:
+        return (0, 0)
+    if not _is_windowed(node):
+        return (lo, hi)
+    k, s, p, d = _window_params(node)
+    n_in = graph.nodes[node.inputs[0]].shape[1]
+    a = max(0, lo * s - p)
+    b = min(n_in, (hi - 1) * s - p + (k - 1) * d + 1)
+    return (a, max(a, b))
+
+
+def tile_blocker(graph: ScanGraph, requested: Sequence[int]) -> Optional[GNode]:
+    """The first node that keeps the propagation of ``requested`` from running in row tiles
+    (a dense node, or a non-spatial input), or None when it can."""
+    needed = graph.ancestors(list(requested))
+    for g in graph.nodes:
+        if g.idx not in needed or g.kind == "aux":
+            continue
+        if g.kind == "input":
+            if not g.spatial:
+                return g
+            continue
+        if not g.spatial or not (_is_windowed(g) or g.kind in _ELEMENTWISE):
+            return g
+        if g.kind == "avgpool" and (any(g.attrs["padding"]) or g.attrs["ceil_mode"]):
+            return g  # its divisor map is computed on the rows it reads: only unpadded, floor-mode pools
+    return None
+
+
+@dataclass
+class RowTile:
+    """One band of a row-tiled propagation.
+
+    Attributes
+    ----------
+    rows : dict of int to (int, int)
+        For every node computed in the band, its rows ``[lo, hi)``.
+    parts : dict of int to (int, int)
+        For every requested node, the rows ``[a, b)`` whose neurons this band hands out (the
+        parts of all bands partition the node's rows).
+    """
+
+    rows: Dict[int, Rows]
+    parts: Dict[int, Rows]
+
+
+def _hull(a: Optional[Rows], b: Rows) -> Rows:
+    if b[1] <= b[0]:
+        return a if a is not None else b
+    if a is None or a[1] <= a[0]:
+        return b
+    return (min(a[0], b[0]), max(a[1], b[1]))
+
+
+def row_tiles(graph: ScanGraph, requested: Sequence[int], n: int) -> List[RowTile]:
+    """Split the propagation of ``requested`` into ``n`` bands of rows (see the module notes).
+
+    The image's rows are split into ``n`` bands of (nearly) equal height; a requested neuron
+    belongs to the band that holds the centre of its receptive field (so the parts of layers of
+    different resolutions line up). Band ``t`` computes every node on the rows that its parts
+    need (their cone). A node whose only user is an element-wise node shares that user's rows
+    (so that a fused chain such as conv → BN → ReLU is one set of rows).
+
+    Raises
+    ------
+    ValueError
+        When :func:`tile_blocker` finds a node that cannot be split into rows.
+    """
+    bad = tile_blocker(graph, requested)
+    if bad is not None:
+        raise ValueError(f"node {bad.name!r} ({bad.kind}) is not a spatial map: the propagation cannot run in row tiles")
+    needed = graph.ancestors(list(requested))
+    last = max(requested)
+    order = [g for g in graph.nodes[: last + 1] if g.idx in needed and g.kind != "aux"]
+    users = {g.idx: [u for u in g.users if u in needed] for g in order}
+    H_img = graph.input_shape[1]
+    tiles = []
+    for t in range(n):
+        parts: Dict[int, Rows] = {}
+        for r in requested:
+            parts[r] = (_band_start(graph.nodes[r], t, n, H_img), _band_start(graph.nodes[r], t + 1, n, H_img))
+        need: Dict[int, Rows] = {r: parts[r] for r in parts}
+        changed = True
+        while changed:
+            changed = False
+            for g in reversed(order):
+                rg = need.get(g.idx)
+                if rg is None or rg[1] <= rg[0]:
+                    continue
+                for i in g.inputs:
+                    want = input_rows(graph, g, *rg)
+                    if g.kind in _ELEMENTWISE and users[i] == [g.idx]:  # a chain shares its rows
+                        want = _hull(need.get(i), rg)
+                        if need.get(g.idx) != want:
+                            need[g.idx] = want
+                            changed = True
+                    new = _hull(need.get(i), want)
+                    if new != need.get(i):
+                        need[i] = new
+                        changed = True
+        rows = {i: r for i, r in need.items() if r[1] > r[0]}
+        tiles.append(RowTile(rows, parts))
+    return tiles
+
+
+def _band_start(node: GNode, t: int, n: int, H: int) -> int:
+    """The first row of ``node`` whose receptive-field centre lies in image band ``t`` of ``n``
+    (or beyond): ``t = 0`` gives 0, ``t = n`` the node's height."""
+    rows = node.shape[1]
+    if t <= 0:
+        return 0
+    if t >= n:
+        return rows
+    g = node.gy
+    # centre(i) = i·J − P + (R − 1) / 2 >= t·H / n  <=>  i >= (t·H / n + P − (R − 1) / 2) / J
+    num = 2 * t * H + n * (2 * g.P - (g.R - 1))      # times 2n, to stay in integers
+    den = 2 * n * g.J
+    return max(0, min(rows, -(-num // den)))
+
+
+def slice_rows(p: Patches, start: int, stop: int) -> Patches:
+    """The patches of rows ``[start, stop)`` (indices into ``p``'s own rows) of a spatial node."""
+    if start == 0 and stop == p.data.shape[2]:
+        return p
+    return Patches(p.data[:, :, start:stop], p.ay[start:stop], p.ax,
+                   None if p.active is None else p.active[:, :, start:stop], p.pending_scale)
+
+
+class RowsForward:
+    """A recorded forward pass seen through one row band: values, gates and max-pool
+    indices of each node restricted to the rows the band computes for it (``rows``), the
+    max-pool indices re-based onto the input rows the band reads."""
+
+    def __init__(self, full: ForwardPass, graph: ScanGraph, rows: Dict[int, Rows]):
+        self.full, self.graph, self.rows = full, graph, rows
+        self.gate_outputs = full.gate_outputs
+        self.values = _RowValues(self)
+
+    def _cut(self, t: torch.Tensor, idx: int) -> torch.Tensor:
+        node = self.graph.nodes[idx]
+        while idx not in self.rows and node.inputs:  # an activation fused into its input's rows
+            idx = node.inputs[0]
+            node = self.graph.nodes[idx]
+        lo, hi = self.rows[idx]
+        return t[:, :, lo:hi] if t.dim() >= 3 else t
+
+    def value(self, node: GNode) -> torch.Tensor:
+        return self._cut(self.full.value(node), node.idx)
+
+    def act_gate(self, node: GNode) -> torch.Tensor:
+        return self._cut(self.full.act_gate(node), node.idx)
+
+    def neuron_gate(self, node: GNode) -> Optional[torch.Tensor]:
+        g = self.full.neuron_gate(node)
+        return None if g is None else self._cut(g, node.idx)
+
+    def full_gate(self, node: GNode) -> torch.Tensor:
+        return self._cut(self.full.full_gate(node), node.idx)
+
+
+class _RowValues:
+    """``values[...]`` of a :class:`RowsForward`."""
+
+    def __init__(self, fwd: RowsForward):
+        self.fwd = fwd
+
+    def __getitem__(self, key):
+        full = self.fwd.full.values[key]
+        if isinstance(key, tuple) and key[0] == "indices":
+            node = self.fwd.graph.nodes[key[1]]
+            lo, hi = self.fwd.rows[node.idx]
+            a = input_rows(self.fwd.graph, node, lo, hi)[0]
+            return full[:, :, lo:hi] - a * full.new_tensor(self.fwd.graph.nodes[node.inputs[0]].shape[2])
+        return self.fwd._cut(full, key)
+
+    def __contains__(self, key) -> bool:
+        return key in self.fwd.full.values
+
+
+def _band_node(node: GNode, lo: int, hi: int, in_start: Optional[int] = None) -> GNode:
+    """A copy of spatial ``node`` restricted to rows ``[lo, hi)``: its shape, its row geometry
+    shifted (anchors stay those of the full map) and, for a windowed node reading input rows
+    from ``in_start`` on, its row padding shifted so that every tap reads the same input row."""
+    C, _, W = node.shape
+    g = dataclasses.replace(node, shape=(C, hi - lo, W), gy=Geometry(node.gy.J, node.gy.P - lo * node.gy.J, node.gy.R))
+    if in_start is not None and _is_windowed(node) and "padding" in node.attrs:
+        _k, s, p, _d = _window_params(node)
+        attrs = dict(node.attrs)
+        attrs["padding"] = (p - lo * s + in_start, node.attrs["padding"][1])
+        g.attrs = attrs
+    return g
 
 
 class PatchPropagator:
@@ -199,42 +436,128 @@ class PatchPropagator:
             raise AssertionError(f"unhandled node kind {node.kind}")
         return rule(self, node, patches)
 
-    def run(self) -> Dict[int, Patches]:
+    def run(self, on_output: Optional[Callable[[int, Patches, Rows], None]] = None,
+            keep: Sequence[int] = (), tile: Optional[RowTile] = None) -> Dict[int, Patches]:
         """Propagate up to the last requested node.
+
+        Parameters
+        ----------
+        on_output : callable or None
+            ``on_output(idx, patches, rows)`` is called for each requested node as soon as its
+            patches are complete (pending scale and neuron gate (:meth:`ForwardPass.neuron_gate`)
+            applied; ``rows`` the node's rows ``[a, b)`` they hold), so that the caller can
+            reduce them before the next node runs. None: they are collected and returned.
+        keep : sequence of int
+            With ``on_output``: requested nodes whose patches are returned too.
+        tile : RowTile or None
+            Run one band of rows (:func:`row_tiles`); None: every row.
 
         Returns
         -------
         dict of int to Patches
-            The patches of every requested node, pending scale applied and neuron gate
-            (:meth:`ForwardPass.neuron_gate`) applied.
+            The patches of every requested node (``on_output`` None) or of ``keep``, with
+            their neuron gate applied (and, in a band, only the band's part of the rows).
         """
+        full_graph, full_forward = self.graph, self.forward
+        self._full = full_graph
+        if tile is not None:
+            self.graph = copy.copy(full_graph)
+            self.graph.nodes = list(full_graph.nodes)
+            self.forward = RowsForward(full_forward, full_graph, tile.rows)
+        try:
+            return self._run(full_graph, on_output, set(keep), tile)
+        finally:
+            self.graph, self.forward = full_graph, full_forward
+
+    def _run(self, full: ScanGraph, on_output, keep: Set[int], tile: Optional[RowTile]) -> Dict[int, Patches]:
         graph = self.graph
         alive: Dict[int, Patches] = {}
         # only the requested nodes and what they are computed from (other branches are skipped)
-        needed = graph.ancestors(self.requested)
-        users_left = {g.idx: sum(1 for u in g.users if u in needed) for g in graph.nodes}
+        needed = full.ancestors(self.requested)
+        if tile is not None:
+            needed = needed & set(tile.rows)
+        users_left = {g.idx: sum(1 for u in g.users if u in needed) for g in full.nodes}
         out: Dict[int, Patches] = {}
         self.fused, self.gated_by_fusion = {}, set()
         last_needed = max(self.requested) if self.requested else -1
-        for node in graph.nodes:
+        for node in full.nodes:
             if node.idx > last_needed:
                 break
             if node.kind == "aux" or node.idx not in needed:
                 continue
+            if tile is not None:
+                node = self._band(node, tile)
             if node.idx in self.fused:
                 p = alive[node.inputs[0]]  # a fused chain shares one set of patches
             elif node.kind == "input":
-                p = self.input_patches()
-            else:
+                p = self.input_patches() if tile is None else self._input_rows(*tile.rows[node.idx])
+            elif tile is None:
                 p = self.propagate(node, alive)
+            else:
+                p = self.propagate(node, self._band_inputs(node, alive, tile))
             alive[node.idx] = p
             if node.idx in self.requested:
-                # a conv fused with the activation that follows it already carries g_n
-                gate = None if node.idx in self.gated_by_fusion else self.forward.neuron_gate(node)
-                p = self.settle(p)
-                out[node.idx] = p if gate is None else self.apply_gate(p, gate)
+                rows = (0, node.shape[1]) if len(node.shape) == 3 else (0, 1)
+                if tile is not None:
+                    a, b = tile.parts[node.idx]
+                    lo = tile.rows[node.idx][0]
+                    p = slice_rows(p, a - lo, b - lo)
+                    rows = (a, b)
+                if rows[1] > rows[0]:
+                    # a conv fused with the activation that follows it already carries g_n
+                    gate = None if node.idx in self.gated_by_fusion else self.forward.neuron_gate(node)
+                    if gate is not None and tile is not None:
+                        lo = tile.rows[node.idx][0]
+                        gate = gate[:, :, rows[0] - lo: rows[1] - lo]
+                    p = self.settle(p)
+                    p = p if gate is None else self.apply_gate(p, gate)
+                    if on_output is None:
+                        out[node.idx] = p
+                    else:
+                        on_output(node.idx, p, rows)
+                        if node.idx in keep:
+                            out[node.idx] = p
+                    del p
             for i in node.inputs:
                 users_left[i] -= 1
                 if users_left[i] == 0 and i in alive:
                     del alive[i]
         return out
+
+    # ------------------------------------------------------------------ row bands
+    def _band(self, node: GNode, tile: RowTile) -> GNode:
+        """``node`` restricted to the band's rows; also installed in the band's graph."""
+        if node.kind == "input" or not node.spatial:
+            return node
+        lo, hi = tile.rows[node.idx]
+        start = input_rows(self._full, node, lo, hi)[0] if node.inputs else None
+        g = _band_node(node, lo, hi, start)
+        self.graph.nodes[node.idx] = g
+        return g
+
+    def _band_inputs(self, node: GNode, alive: Dict[int, Patches], tile: RowTile) -> Dict[int, Patches]:
+        """The rule's view of the alive patches: each input cut to the rows ``node`` reads,
+        and the band graph's copy of that input shaped like the cut (pending scales are
+        applied on the shared copy first, as :meth:`propagate` would)."""
+        full = self._full
+        if node.kind not in TAKES_PENDING_SCALE:
+            for i in node.inputs:
+                alive[i] = self.settle(alive[i])
+        lo, hi = tile.rows[node.idx]
+        a, b = input_rows(full, full.nodes[node.idx], lo, hi)
+        view = dict(alive)
+        for i in node.inputs:
+            src = full.nodes[i]
+            ilo = tile.rows[i][0]
+            view[i] = slice_rows(alive[i], a - ilo, b - ilo)
+            self.graph.nodes[i] = _band_node(src, a, b) if src.spatial and len(src.shape) == 3 else src
+        return view
+
+    def _input_rows(self, lo: int, hi: int) -> Patches:
+        """Rows ``[lo, hi)`` of the input's patches (:meth:`input_patches`)."""
+        B, D, W = self.B, self.D, self.W
+        xi = self.x.reshape(B, D, self.H, W)[:, :, lo:hi].to(self.dtype)
+        t = torch.zeros(B, D, hi - lo, W, D, 1, 1, dtype=self.dtype, device=self.device)
+        idx = torch.arange(D, device=self.device)
+        t[:, idx, :, :, idx, 0, 0] = xi.permute(1, 0, 2, 3)
+        return Patches(t, torch.arange(lo, hi, device=self.device), torch.arange(W, device=self.device))

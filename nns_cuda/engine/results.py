@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 import torch
 
 from nns_cuda.ops.reference.stats import NUM_STATS, STAT_NAMES
+
+if TYPE_CHECKING:  # pragma: no cover
+    from nns_cuda.engine.plan import Plan
 
 __all__ = ["LayerResult", "ScanResult", "concat_batches", "empty_layer_result"]
 
@@ -106,9 +109,11 @@ class ScanResult:
     ----------
     layers : dict of str to LayerResult
     backend : str
-        ``"reference"``, ``"cpu"``, ``"cuda"``; ``"autograd"`` for the reverse strategy.
+        ``"reference"``, ``"cpu"``, ``"cuda"`` (the forward layers' backend); ``"autograd"``
+        when every layer ran the reverse strategy (each :class:`LayerResult` names its own).
     strategy : str
-        ``"forward"`` or ``"reverse"``.
+        ``"forward"`` or ``"reverse"`` when every layer ran that strategy, ``"mixed"`` when the
+        plan split them (each :class:`LayerResult` names its own).
     input_shape : tuple of int
         The input's shape without the batch dimension.
     logits : Tensor or None
@@ -121,6 +126,10 @@ class ScanResult:
     conv_algorithms : dict of str to str
         For every convolution the forward strategy ran, the op it used (``"direct"``,
         ``"gemm"``, ``"gather"``, ``"implicit"``).
+    plan : Plan or None
+        The per-layer plan that ran (:class:`~nns_cuda.engine.plan.Plan`: each layer's
+        strategy, predicted time share and memory, the cut, the row bands); ``print`` it for a
+        table.
     """
 
     layers: Dict[str, LayerResult]
@@ -131,6 +140,7 @@ class ScanResult:
     precision: str = ""
     conv_algorithm: str = ""
     conv_algorithms: Dict[str, str] = field(default_factory=dict)
+    plan: Optional["Plan"] = None
 
     def __getitem__(self, name: str) -> LayerResult:
         if name not in self.layers:
