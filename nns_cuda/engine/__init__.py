@@ -17,6 +17,8 @@ Modules, in the order a scan uses them:
 ``rules``            the forward rule of every node kind (``RULES``: ``{kind: rule}``)
 ``propagate``        ``PatchPropagator``: forward patch propagation
 ``reverse``          the reverse strategy: batched vector–Jacobian products
+``plan``             the per-layer plan of ``strategy="auto"`` (cost model, cut); records in
+                     ``_plan_records`` (:class:`~nns_cuda.engine.plan.Plan`)
 ``results``          :class:`LayerResult`, :class:`ScanResult`
 ``scanner``          :class:`Scanner`
 ``functional``       :func:`learned_images`, :func:`filter_images`, :func:`layer_image`
