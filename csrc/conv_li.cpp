@@ -140,4 +140,20 @@ at::Tensor conv_offset_table(const ConvDims& g, const at::Tensor& ay_in, const a
 }
 #undef NNS_OP
 
+ConvLiSetup conv_li_setup(const at::Tensor& patches, const at::Tensor& ay_in, const at::Tensor& ax_in,
+                          const std::optional<at::Tensor>& in_active, const at::Tensor& weight,
+                          const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& gate,
+                          const at::Tensor& ay_out, const at::Tensor& ax_out, at::IntArrayRef stride,
+                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                          int64_t rh_out, int64_t rw_out, int64_t max_elems, const char* op) {
+  const ConvDims g = check_conv_li(patches, ay_in, ax_in, in_active, weight, scale, gate, ay_out,
+                                   ax_out, stride, padding, dilation, groups, rh_out, rw_out, op);
+  TORCH_CHECK_VALUE(max_elems >= 0, NNS_MSG(op, ": max_elems must be >= 0 (0: default), got ",
+                                            max_elems));
+  // validates that every tap's input window fits its output window (host copy of the anchors)
+  at::Tensor tab = conv_offset_table(g, ay_in, ax_in, ay_out, ax_out, op);
+  at::Tensor out = at::empty({g.B, g.Co, g.Ho, g.Wo, g.D, g.rho, g.rwo}, patches.options());
+  return ConvLiSetup{g, std::move(tab), std::move(out)};
+}
+
 }  // namespace nns_cuda

@@ -135,14 +135,12 @@ at::Tensor conv_li_gather(const at::Tensor& patches, const at::Tensor& ay_in, co
                           at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                           int64_t rh_out, int64_t rw_out, int64_t max_elems) {
   constexpr const char* op = "conv_li_gather";
-  const ConvDims g = check_conv_li(patches, ay_in, ax_in, in_active, weight, scale, gate, ay_out,
-                                   ax_out, stride, padding, dilation, groups, rh_out, rw_out, op);
-  TORCH_CHECK_VALUE(max_elems >= 0, NNS_MSG(op, ": max_elems must be >= 0 (0: default), got ",
-                                            max_elems));
   const at::OptionalDeviceGuard guard(at::device_of(patches));
-  // validates that every tap's input window fits its output window (host copy of the anchors)
-  const at::Tensor tab = conv_offset_table(g, ay_in, ax_in, ay_out, ax_out, op);
-  auto out = at::empty({g.B, g.Co, g.Ho, g.Wo, g.D, g.rho, g.rwo}, patches.options());
+  ConvLiSetup setup = conv_li_setup(patches, ay_in, ax_in, in_active, weight, scale, gate, ay_out, ax_out,
+                                    stride, padding, dilation, groups, rh_out, rw_out, max_elems, op);
+  const ConvDims& g = setup.g;
+  const at::Tensor& tab = setup.tab;
+  at::Tensor& out = setup.out;
   if (out.numel() == 0) return out;
   const int64_t K2 = g.Kh * g.Kw;
   const int64_t CK = g.Cig * K2;  // candidate pairs of one output position and group

@@ -210,6 +210,45 @@ def test_mixed_plans_equal_autograd(forward, cut):
     _check_against_autograd(model, x, res, layers, fg)
 
 
+@pytest.mark.parametrize("cut,per_sweep", [(None, 3), ("relu", 8)])
+def test_cpu_sweeps_stay_within_the_sweep_cap_whatever_the_budget(monkeypatch, cut, per_sweep):
+    """On the CPU a sweep plans its rows within ``CPU_SWEEP_BYTES`` (plus the cut's matrix) even
+    under a large ``max_memory``: more, smaller sweeps, the same exact results; the plan prices
+    the same rows."""
+    from nns_cuda.engine import backward as bw
+
+    model, x, layers = _case("small_resnet")
+    sc = nns.Scanner(model, layers, backend="reference", stats=True, filter_images=True, max_memory="4G")
+    graph = sc.graph(x)
+    nodes = [graph.resolve(n) for n in layers[1:]]
+    stop = None if cut is None else graph.resolve(cut).idx
+    per_row = bw.sweep_bytes_per_row(graph, nodes, stop, 1, x.element_size())
+    sizes = []
+    run = bw.BackwardSweep.run
+
+    def counted(self, blocks, stop_at_cut=False):
+        sizes.append(sum(b.rows for b in blocks))
+        return run(self, blocks, stop_at_cut)
+
+    monkeypatch.setattr(bw.BackwardSweep, "run", counted)
+    wide = sc.scan(x, plan=sc.plan(x, forward=["relu"], cut=cut))
+    assert len(sizes) == 1  # every row fits one sweep
+    rows = sum(sizes)
+    cap = per_sweep * per_row  # with a cut its contraction's temporaries take part of it
+    monkeypatch.setattr(bw, "CPU_SWEEP_BYTES", cap)
+    sizes.clear()
+    plan = sc.plan(x, forward=["relu"], cut=cut)
+    res = sc.scan(x, plan=plan)
+    assert sum(sizes) == rows and len(sizes) > 2 and max(sizes) <= per_sweep
+    if cut is None:  # without a cut the plan prices exactly these sweeps
+        assert max(sizes) == per_sweep and plan.reverse_memory == cap
+    for n in layers:
+        for key in ("filter_images", "stats"):
+            assert torch.equal(getattr(res[n], key), getattr(wide[n], key)) or \
+                rel_err(getattr(res[n], key), getattr(wide[n], key)) <= TOL, (n, key)
+    _check_against_autograd(model, x, res, layers)
+
+
 @pytest.mark.parametrize("cut", ["mixed", "pool"])
 def test_mixed_plan_with_a_cut_through_concatenations_equals_autograd(cut):
     """A cut at a forward layer (``mixed``, a concatenation) or at a node that is no requested

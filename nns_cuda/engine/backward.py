@@ -40,7 +40,8 @@ from nns_cuda.engine.rules import bn_scale
 from nns_cuda.ops.reference.stats import NUM_STATS
 
 __all__ = ["RowBlock", "ReverseRequest", "reverse_scan", "request_blocks", "BackwardSweep", "dominates", "grad_reach",
-           "no_gradient_path", "sweep_bytes_per_row", "channels_last_wanted", "CutMatrix", "cut_bytes", "cut_temp_elems"]
+           "no_gradient_path", "sweep_bytes_per_row", "channels_last_wanted", "CutMatrix", "cut_bytes", "cut_temp_elems",
+           "CPU_SWEEP_BYTES", "sweep_budget"]
 
 
 @dataclass
@@ -585,9 +586,25 @@ class CutMatrix:
         return canvas[:, :, oy: oy + H, ox: ox + W]
 
 
-def cut_bytes(patches: Optional[Patches], node: Optional[GNode], budget: int) -> int:
-    """Bytes of the cut's :class:`CutMatrix` (one sample) plus the contraction's temporaries
-    (a group of GEMM results and the canvas, :func:`cut_temp_elems`)."""
+#: Working-set bytes of one reverse sweep on the CPU (its cotangent rows and the cut's
+#: contraction temporaries; the cut's matrix comes on top), whatever larger budget is given:
+#: ResNet-18 at 224 x 224 on a 2-core VM ran its sweeps faster within 256 MiB than within 2 GiB
+#: (the maps of a few dozen rows stay in the caches; benchmarks/NOTES.md, "Reverse sweeps"),
+#: and the scan's peak stays below the batched VJP's. GPUs take the whole budget.
+CPU_SWEEP_BYTES = 256 << 20
+
+
+def sweep_budget(budget: int, device_type: str, cut_matrix: int = 0) -> int:
+    """The budget a reverse sweep plans its rows with: ``budget`` on CUDA; on the CPU at most
+    :data:`CPU_SWEEP_BYTES` plus the cut's matrix (``cut_matrix`` bytes)."""
+    if device_type == "cuda":
+        return budget
+    return min(budget, CPU_SWEEP_BYTES + cut_matrix)
+
+
+def cut_bytes(patches: Optional[Patches], node: Optional[GNode], budget: int, temps: bool = True) -> int:
+    """Bytes of the cut's :class:`CutMatrix` (one sample) plus, with ``temps``, the
+    contraction's temporaries (a group of GEMM results and the canvas, :func:`cut_temp_elems`)."""
     if patches is None or node is None:
         return 0
     B, C, Ho, Wo, D, Rh, Rw = patches.data.shape
@@ -598,7 +615,7 @@ def cut_bytes(patches: Optional[Patches], node: Optional[GNode], budget: int) ->
     else:
         row = D * Rh * Rw
         elems = patches.data[0].numel()
-    return (elems + 2 * cut_temp_elems(row, budget, esize)) * esize
+    return (elems + (2 * cut_temp_elems(row, budget, esize) if temps else 0)) * esize
 
 
 @dataclass
@@ -681,7 +698,8 @@ def reverse_scan(graph: ScanGraph, fwd: ForwardPass, x: torch.Tensor, fg: Option
         Foreground mask of the statistics.
     requests : sequence of ReverseRequest
     budget : int
-        Working-set bytes of a sweep; sets the rows per sweep (:func:`sweep_bytes_per_row`).
+        Working-set bytes of a sweep; sets the rows per sweep (:func:`sweep_bytes_per_row`),
+        on the CPU within :func:`sweep_budget`.
     stats_fn : callable
         ``stats_fn(li [B, n, D, H, W], x [B, D, H, W], fg) -> [B, n, NUM_STATS]``.
     cut, cut_patches : int, Patches or None
@@ -725,8 +743,9 @@ def reverse_scan(graph: ScanGraph, fwd: ForwardPass, x: torch.Tensor, fg: Option
             continue
         nodes = [b.node for _, b in group]
         per_row = sweep_bytes_per_row(graph, nodes, cut if stop else None, B, esize)
-        avail = budget - (cut_bytes(cut_patches, graph.nodes[cut], budget) if stop else 0)
-        sweep.cut_elems = cut_temp_elems(0, budget, esize)
+        sb = sweep_budget(budget, dev.type, cut_bytes(cut_patches, graph.nodes[cut], 0, temps=False) if stop else 0)
+        avail = sb - (cut_bytes(cut_patches, graph.nodes[cut], sb) if stop else 0)
+        sweep.cut_elems = cut_temp_elems(0, sb, esize)
         size = int(max(1, min(sum(b.rows for _, b in group), avail // max(1, per_row))))
         for chunk in _chunks(group, size):
             imgs = sweep.run([blk for _, blk, _ in chunk], stop_at_cut=stop)    # [R, B, *in]

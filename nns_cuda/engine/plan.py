@@ -36,7 +36,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
-from nns_cuda.engine.backward import cut_temp_elems, dominates, grad_reach, sweep_bytes_per_row
+from nns_cuda.engine.backward import cut_temp_elems, dominates, grad_reach, sweep_budget, sweep_bytes_per_row
 from nns_cuda.engine.forward import ForwardPass
 from nns_cuda.engine.graph import ACTIVATIONS, GNode, ScanGraph
 from nns_cuda.engine.inputs import image_dims
@@ -344,7 +344,7 @@ def _height(graph: ScanGraph, i: int) -> int:
 def make_plan(graph: ScanGraph, fwd: Optional[ForwardPass], names: Sequence[str], nodes: Sequence[GNode], *,
               backend: str, esize: int, budget: int, fit_budget: int, stats: bool, filters: bool, images: bool,
               allow_forward: bool = True, allow_reverse: bool = True, batch: int = 1,
-              forward: Optional[Sequence[str]] = None, cut: Optional[str] = "auto") -> Plan:
+              forward: Optional[Sequence[str]] = None, cut: Optional[str] = "auto", device_type: str = "cpu") -> Plan:
     """The cheapest per-layer plan (see the module notes).
 
     Parameters
@@ -370,6 +370,9 @@ def make_plan(graph: ScanGraph, fwd: Optional[ForwardPass], names: Sequence[str]
         Force these layers forward and the others reverse (None: chosen by cost).
     cut : str, None or "auto"
         The cut node: ``"auto"`` chosen by cost, None none, or the address of a forward layer.
+    device_type : str
+        Where the scan runs: a reverse sweep on the CPU plans its rows within
+        :func:`~nns_cuda.engine.backward.sweep_budget`.
 
     Returns
     -------
@@ -403,13 +406,15 @@ def make_plan(graph: ScanGraph, fwd: Optional[ForwardPass], names: Sequence[str]
             return 0.0, per_layer, 0
         total_rows = sum(costs.rows(g) for g in rev)
         # as reverse_scan chunks them: the cut's matrix first, then as many rows as fit
-        cut_mem = 0 if cut_idx is None else (costs.cut_elems(cut_idx) + 2 * cut_temp_elems(
-            costs.cut_elems(cut_idx) // max(1, graph.nodes[cut_idx].shape[0]), budget, esize)) * esize
+        matrix = 0 if cut_idx is None else costs.cut_elems(cut_idx) * esize
+        sb = sweep_budget(budget, device_type, matrix)
+        cut_mem = 0 if cut_idx is None else matrix + 2 * cut_temp_elems(
+            costs.cut_elems(cut_idx) // max(1, graph.nodes[cut_idx].shape[0]), sb, esize) * esize
         stopped = [g for g in rev if cut_idx is not None and dominates(graph, cut_idx, [g])]
         rest = [g for g in rev if g not in stopped]
         per_row_bytes = max([sweep_bytes_per_row(graph, grp, stop, batch, esize) // batch
                              for grp, stop in ((stopped, cut_idx), (rest, None)) if grp])
-        avail = budget - cut_mem
+        avail = sb - cut_mem
         if cut_idx is not None and avail < per_row_bytes * batch:  # (without a cut one row always runs)
             return math.inf, {g.idx: math.inf for g in rev}, cut_mem + per_row_bytes
         mem_rows = max(1, min(total_rows, avail // max(1, per_row_bytes * batch)))

@@ -213,7 +213,8 @@ class Scanner:
               cut: Optional[str] = "auto") -> Plan:
         esize = torch.empty((), dtype=ctx["storage"]).element_size()
         kw = dict(backend=ctx["backend"], esize=esize, budget=ctx["budget"], fit_budget=ctx["fit_budget"],
-                  stats=self.stats, filters=self.want_filters, images=self.keep_images, batch=max(1, x.shape[0]))
+                  stats=self.stats, filters=self.want_filters, images=self.keep_images, batch=max(1, x.shape[0]),
+                  device_type=x.device.type)
         if forward is not None:
             if not ctx["reverse_ok"] and len(set(forward)) < len(set(names)):
                 raise ValueError(f"precision={self.precision!r} needs the forward strategy for every layer: the "
