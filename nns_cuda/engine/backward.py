@@ -743,9 +743,10 @@ def reverse_scan(graph: ScanGraph, fwd: ForwardPass, x: torch.Tensor, fg: Option
             continue
         nodes = [b.node for _, b in group]
         per_row = sweep_bytes_per_row(graph, nodes, cut if stop else None, B, esize)
-        sb = sweep_budget(budget, dev.type, cut_bytes(cut_patches, graph.nodes[cut], 0, temps=False) if stop else 0)
-        avail = sb - (cut_bytes(cut_patches, graph.nodes[cut], sb) if stop else 0)
-        sweep.cut_elems = cut_temp_elems(0, sb, esize)
+        matrix = cut_bytes(cut_patches, graph.nodes[cut], 0, temps=False) if stop else 0
+        sb = sweep_budget(budget, dev.type, matrix)   # the rows and the contraction's temporaries get sb - matrix
+        avail = sb - (cut_bytes(cut_patches, graph.nodes[cut], sb - matrix) if stop else 0)
+        sweep.cut_elems = cut_temp_elems(0, sb - matrix, esize)
         size = int(max(1, min(sum(b.rows for _, b in group), avail // max(1, per_row))))
         for chunk in _chunks(group, size):
             imgs = sweep.run([blk for _, blk, _ in chunk], stop_at_cut=stop)    # [R, B, *in]

@@ -105,8 +105,9 @@ class _Costs:
     """Per-node forward costs and per-row reverse costs of one graph, input and batch activity."""
 
     def __init__(self, graph: ScanGraph, fwd: Optional[ForwardPass], requested: Sequence[GNode], rates: Rates,
-                 esize: int, stats: bool, filters: bool, images: bool):
+                 esize: int, stats: bool, filters: bool, images: bool, band_target: int = 0):
         self.graph, self.rates, self.esize = graph, rates, esize
+        self.band_target = band_target   # bytes: more bands down to this if they cost little more
         self.stats, self.filters, self.images = stats, filters, images
         self.req = list(requested)
         self.req_idx = {g.idx for g in requested}
@@ -270,6 +271,12 @@ class _Costs:
 
 
 # ----------------------------------------------------------------------------- the plan
+#: A forward part over the batching budget takes more bands of rows than the fewest that fit the
+#: per-sample bound, down to the batching budget, while they are predicted to cost at most this
+#: fraction more (a smaller working set for a few halo rows recomputed).
+BAND_SLACK = 0.05
+
+
 def _forward_part(costs: _Costs, fwd_nodes: List[GNode], fit: int, reference: bool, keep: Sequence[int] = (),
                   extra: Sequence[GNode] = ()) -> Tuple[float, int, int, int, Dict[int, float]]:
     """Cost, bands, peak bytes per sample and untiled need of propagating ``fwd_nodes`` (and
@@ -323,16 +330,32 @@ def _forward_part_uncached(costs: _Costs, fwd_nodes: List[GNode], extra: List[GN
         return peak + kept, factor  # a kept cut is assembled from the bands: all of it at the end
 
     thinnest = banded(max_rows)
-    if thinnest[0] <= fit:  # bands of one row fit: take the fewest bands that do
+    if thinnest[0] <= fit:  # bands of one row fit: the fewest bands that do, or more (below)
         sizes = [2]
         while sizes[-1] < max_rows:
             sizes.append(min(max_rows, sizes[-1] * 2 if sizes[-1] < 8 else sizes[-1] + max(1, sizes[-1] // 2)))
+
+        def cost_of(n: int, factor: Dict[int, float]) -> float:
+            return sum(base[i] * max(1.0, factor[i]) + (n - 1) * costs.rates.node_s for i in needed)
+
+        best = None
         for n in sizes:
             peak, factor = thinnest if n == max_rows else banded(n)
-            if peak <= fit:
-                for i in needed:
-                    shares[owner[i]] += base[i] * max(1.0, factor[i]) + (n - 1) * costs.rates.node_s
-                return sum(shares.values()), n, peak, untiled, shares
+            if peak > fit:
+                continue
+            c = cost_of(n, factor)
+            if best is None:
+                first = c
+            elif c > first * (1 + BAND_SLACK):
+                break
+            if best is None or peak < best[2]:
+                best = (c, n, peak, factor)
+            if peak <= costs.band_target:
+                break
+        c, n, peak, factor = best
+        for i in needed:
+            shares[owner[i]] += base[i] * max(1.0, factor[i]) + (n - 1) * costs.rates.node_s
+        return sum(shares.values()), n, peak, untiled, shares
     return math.inf, 1, untiled, untiled, shares
 
 
@@ -392,7 +415,7 @@ def make_plan(graph: ScanGraph, fwd: Optional[ForwardPass], names: Sequence[str]
     for g in nodes:
         uniq.setdefault(g.idx, g)
     req = sorted(uniq.values(), key=lambda g: g.idx)
-    costs = _Costs(graph, fwd, req, rates, esize, stats, filters, images)
+    costs = _Costs(graph, fwd, req, rates, esize, stats, filters, images, band_target=budget)
     reference = backend == "reference"
     batch = max(1, batch)
 
@@ -409,7 +432,7 @@ def make_plan(graph: ScanGraph, fwd: Optional[ForwardPass], names: Sequence[str]
         matrix = 0 if cut_idx is None else costs.cut_elems(cut_idx) * esize
         sb = sweep_budget(budget, device_type, matrix)
         cut_mem = 0 if cut_idx is None else matrix + 2 * cut_temp_elems(
-            costs.cut_elems(cut_idx) // max(1, graph.nodes[cut_idx].shape[0]), sb, esize) * esize
+            costs.cut_elems(cut_idx) // max(1, graph.nodes[cut_idx].shape[0]), sb - matrix, esize) * esize
         stopped = [g for g in rev if cut_idx is not None and dominates(graph, cut_idx, [g])]
         rest = [g for g in rev if g not in stopped]
         per_row_bytes = max([sweep_bytes_per_row(graph, grp, stop, batch, esize) // batch
