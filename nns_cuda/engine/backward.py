@@ -141,7 +141,9 @@ class BackwardSweep:
     cut : int or None
         Index of the cut node (see the module notes), or None: every row goes down to the input.
     cut_patches : Patches or None
-        The ungated learned images of the cut node on ``x`` (pending scale applied).
+        The ungated learned images of the cut node on ``x`` (pending scale applied). The sweep
+        owns them: their ``data`` is released once every sample's :class:`CutMatrix` is laid
+        out (the matrices hold the same values in the contraction's layout).
 
     Raises
     ------
@@ -454,7 +456,8 @@ class BackwardSweep:
         if b not in self._cut_cache:
             self._cut_cache[b] = CutMatrix(self._cut_patches, b, self.graph.nodes[self.cut], tuple(self.x.shape[1:]),
                                            self.dtype)
-            if len(self._cut_cache) == self.B:  # every sample laid out: the patches are not needed any more
+            if len(self._cut_cache) == self.B:  # every sample laid out: release the patches (the sweep owns them)
+                self._cut_patches.data = self._cut_patches.data.new_empty(0)
                 self._cut_patches = None
         return self._cut_cache[b]
 
@@ -704,7 +707,8 @@ def reverse_scan(graph: ScanGraph, fwd: ForwardPass, x: torch.Tensor, fg: Option
         ``stats_fn(li [B, n, D, H, W], x [B, D, H, W], fg) -> [B, n, NUM_STATS]``.
     cut, cut_patches : int, Patches or None
         The cut node and its ungated learned images (see the module notes); the rows of the
-        layers it dominates (:func:`dominates`) stop there.
+        layers it dominates (:func:`dominates`) stop there. The patches' ``data`` is released
+        during the scan (:class:`BackwardSweep`).
     on_rows : callable or None
         Called with the number of rows after each sweep (a progress bar).
 
@@ -747,6 +751,9 @@ def reverse_scan(graph: ScanGraph, fwd: ForwardPass, x: torch.Tensor, fg: Option
         sb = sweep_budget(budget, dev.type, matrix)   # the rows and the contraction's temporaries get sb - matrix
         avail = sb - (cut_bytes(cut_patches, graph.nodes[cut], sb - matrix) if stop else 0)
         sweep.cut_elems = cut_temp_elems(0, sb - matrix, esize)
+        if stop:  # lay the cut out before any rows are alive (the patches are released then)
+            for b in range(B):
+                sweep.cut_matrix(b)
         size = int(max(1, min(sum(b.rows for _, b in group), avail // max(1, per_row))))
         for chunk in _chunks(group, size):
             imgs = sweep.run([blk for _, blk, _ in chunk], stop_at_cut=stop)    # [R, B, *in]

@@ -73,9 +73,13 @@ class Scanner:
         RAM) for one sample before ``"auto"`` takes the reverse strategy:
         :func:`~nns_cuda.engine.memory.default_budget`). Larger work is chunked over the batch;
         a forward part whose one sample does not fit runs in bands of rows
-        (:func:`~nns_cuda.engine.propagate.row_tiles`) or, under ``"auto"``, moves to the
-        reverse strategy. The results themselves (statistics, filter images, dense images) are
-        not part of the working set.
+        (:func:`~nns_cuda.engine.propagate.row_tiles`; more bands than the fewest that fit
+        when that brings it within the batching budget for a few percent more work) or, under
+        ``"auto"``, moves to the reverse strategy. A reverse sweep on the CPU holds at most
+        256 MiB of rows beside the cut's matrix, whatever the budget
+        (:func:`~nns_cuda.engine.backward.sweep_budget`: faster there than larger sweeps). The
+        results themselves (statistics, filter images, dense images) are not part of the
+        working set.
     stats : bool
         Reduce the fused per-neuron statistics (docs/spec.md §2–§3) over the foreground mask
         given to :meth:`scan` (the whole image without one).
