@@ -728,6 +728,16 @@ def reverse_scan(graph: ScanGraph, fwd: ForwardPass, x: torch.Tensor, fg: Option
     sweep = BackwardSweep(graph, fwd, x, cut, cut_patches)
     sweep.check([q.node for q in requests])
     blocks = request_blocks(requests, dev)
+    deep = [t for t in blocks if cut is not None and dominates(graph, cut, [t[1].node])]
+    rest = [t for t in blocks if not (cut is not None and dominates(graph, cut, [t[1].node]))]
+    # the cut's matrix: its share of the sweep budget, then laid out before the results and any
+    # rows are allocated (its patches are released then)
+    matrix = cut_bytes(cut_patches, graph.nodes[cut], 0, temps=False) if deep else 0
+    cut_sb = sweep_budget(budget, dev.type, matrix)   # the rows and the contraction's temporaries get cut_sb - matrix
+    cut_all = cut_bytes(cut_patches, graph.nodes[cut], cut_sb - matrix) if deep else 0
+    if deep:
+        for b in range(B):
+            sweep.cut_matrix(b)
     out: Dict[str, Dict[str, torch.Tensor]] = {q.name: {} for q in requests}
     ins = tuple(x.shape[1:])
     for q in requests:
@@ -738,8 +748,6 @@ def reverse_scan(graph: ScanGraph, fwd: ForwardPass, x: torch.Tensor, fg: Option
             out[q.name]["stats"] = torch.zeros(B, n, NUM_STATS, dtype=dt, device=dev)
         if q.images:
             out[q.name]["images"] = torch.zeros(B, n, *ins, dtype=dt, device=dev)
-    deep = [t for t in blocks if cut is not None and dominates(graph, cut, [t[1].node])]
-    rest = [t for t in blocks if not (cut is not None and dominates(graph, cut, [t[1].node]))]
     esize = x.element_size()
     x4 = x.reshape(B, *ins)
     for group, stop in ((deep, True), (rest, False)):
@@ -747,13 +755,8 @@ def reverse_scan(graph: ScanGraph, fwd: ForwardPass, x: torch.Tensor, fg: Option
             continue
         nodes = [b.node for _, b in group]
         per_row = sweep_bytes_per_row(graph, nodes, cut if stop else None, B, esize)
-        matrix = cut_bytes(cut_patches, graph.nodes[cut], 0, temps=False) if stop else 0
-        sb = sweep_budget(budget, dev.type, matrix)   # the rows and the contraction's temporaries get sb - matrix
-        avail = sb - (cut_bytes(cut_patches, graph.nodes[cut], sb - matrix) if stop else 0)
-        sweep.cut_elems = cut_temp_elems(0, sb - matrix, esize)
-        if stop:  # lay the cut out before any rows are alive (the patches are released then)
-            for b in range(B):
-                sweep.cut_matrix(b)
+        avail = cut_sb - cut_all if stop else sweep_budget(budget, dev.type)
+        sweep.cut_elems = cut_temp_elems(0, cut_sb - matrix, esize)
         size = int(max(1, min(sum(b.rows for _, b in group), avail // max(1, per_row))))
         for chunk in _chunks(group, size):
             imgs = sweep.run([blk for _, blk, _ in chunk], stop_at_cut=stop)    # [R, B, *in]
