@@ -98,44 +98,34 @@ at::Tensor conv_gate_scale(const ConvDims& g, const std::optional<at::Tensor>& s
   return mul;
 }
 
+// One axis of conv_offset_table: t[o * K + k] for the n_out output positions, checked to fit.
+static void axis_offsets(int64_t* t, int64_t n_out, int64_t K, int64_t s, int64_t p, int64_t d, int64_t n_in,
+                         const int64_t* a_in, const int64_t* a_out, int64_t R_in, int64_t r_out, const char* op) {
+  for (int64_t o = 0; o < n_out; ++o) {
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t i = tap_index(o, k, s, p, d);
+      int64_t off = kNoTap;
+      if (i >= 0 && i < n_in) {
+        off = a_in[i] - a_out[o];
+        TORCH_CHECK_VALUE(window_fits(off, R_in, r_out),
+                          NNS_MSG(NNS_OP, ": an input window does not fit inside its output window (offset ",
+                          off, ", sizes ", R_in, " -> ", r_out,
+                          "); anchors must come from the receptive-field geometry (nns_cuda.graph)"));
+      }
+      t[o * K + k] = off;
+    }
+  }
+}
+
 at::Tensor conv_offset_table(const ConvDims& g, const at::Tensor& ay_in, const at::Tensor& ax_in,
                              const at::Tensor& ay_out, const at::Tensor& ax_out, const char* op) {
   auto h = host_longs({ay_in, ax_in, ay_out, ax_out});
-  const int64_t* ayi = h[0].data_ptr<int64_t>();
-  const int64_t* axi = h[1].data_ptr<int64_t>();
-  const int64_t* ayo = h[2].data_ptr<int64_t>();
-  const int64_t* axo = h[3].data_ptr<int64_t>();
   auto tab = at::empty({g.Ho * g.Kh + g.Wo * g.Kw}, at::TensorOptions().dtype(at::kLong));
   int64_t* t = tab.data_ptr<int64_t>();
-  for (int64_t y = 0; y < g.Ho; ++y) {
-    for (int64_t k = 0; k < g.Kh; ++k) {
-      const int64_t yi = tap_index(y, k, g.sh, g.ph, g.dh);
-      int64_t off = kNoTap;
-      if (yi >= 0 && yi < g.Hi) {
-        off = ayi[yi] - ayo[y];
-        TORCH_CHECK_VALUE(window_fits(off, g.Rhi, g.rho),
-                          NNS_MSG(NNS_OP, ": an input window does not fit inside its output window (offset ",
-                          off, ", sizes ", g.Rhi, " -> ", g.rho,
-                          "); anchors must come from the receptive-field geometry (nns_cuda.graph)"));
-      }
-      t[y * g.Kh + k] = off;
-    }
-  }
-  int64_t* tc = t + g.Ho * g.Kh;
-  for (int64_t x = 0; x < g.Wo; ++x) {
-    for (int64_t k = 0; k < g.Kw; ++k) {
-      const int64_t xi = tap_index(x, k, g.sw, g.pw, g.dw);
-      int64_t off = kNoTap;
-      if (xi >= 0 && xi < g.Wi) {
-        off = axi[xi] - axo[x];
-        TORCH_CHECK_VALUE(window_fits(off, g.Rwi, g.rwo),
-                          NNS_MSG(NNS_OP, ": an input window does not fit inside its output window (offset ",
-                          off, ", sizes ", g.Rwi, " -> ", g.rwo,
-                          "); anchors must come from the receptive-field geometry (nns_cuda.graph)"));
-      }
-      tc[x * g.Kw + k] = off;
-    }
-  }
+  axis_offsets(t, g.Ho, g.Kh, g.sh, g.ph, g.dh, g.Hi, h[0].data_ptr<int64_t>(), h[2].data_ptr<int64_t>(),
+               g.Rhi, g.rho, op);
+  axis_offsets(t + g.Ho * g.Kh, g.Wo, g.Kw, g.sw, g.pw, g.dw, g.Wi, h[1].data_ptr<int64_t>(),
+               h[3].data_ptr<int64_t>(), g.Rwi, g.rwo, op);
   return tab;
 }
 #undef NNS_OP

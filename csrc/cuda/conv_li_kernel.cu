@@ -155,12 +155,13 @@ at::Tensor conv_li_cuda(const at::Tensor& patches, const at::Tensor& ay_in, cons
                         const at::Tensor& ay_out, const at::Tensor& ax_out, at::IntArrayRef stride,
                         at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                         int64_t rh_out, int64_t rw_out) {
-  const ConvDims g = check_conv_li(patches, ay_in, ax_in, in_active, weight, scale, gate, ay_out,
-                                   ax_out, stride, padding, dilation, groups, rh_out, rw_out);
   const c10::cuda::CUDAGuard guard(patches.device());
   // host copy of the anchors (one small device->host copy), checked, then the tap table up
-  const at::Tensor tab = conv_offset_table(g, ay_in, ax_in, ay_out, ax_out).to(patches.device());
-  auto out = at::empty({g.B, g.Co, g.Ho, g.Wo, g.D, g.rho, g.rwo}, patches.options());
+  ConvLiSetup setup = conv_li_setup(patches, ay_in, ax_in, in_active, weight, scale, gate, ay_out, ax_out,
+                                    stride, padding, dilation, groups, rh_out, rw_out);
+  const ConvDims& g = setup.g;
+  const at::Tensor tab = setup.tab.to(patches.device());
+  at::Tensor& out = setup.out;
   if (out.numel() == 0) return out;
   const auto dt = patches.scalar_type();
   const auto ct = at::toOpMathType(dt);  // float32 for bfloat16 / float16 patches

@@ -39,8 +39,9 @@ at::Tensor conv_offset_table(const ConvDims& g, const at::Tensor& ay_in, const a
                              const at::Tensor& ay_out, const at::Tensor& ax_out,
                              const char* op = "conv_li");
 
-// The common start of conv_li_gemm and conv_li_gather: the argument check, the max_elems check,
-// the checked offset table and the (uninitialised) output [B, Co, Ho, Wo, D, rho, rwo].
+// The common start of conv_li (CPU and CUDA kernels), conv_li_gemm and conv_li_gather: the
+// argument check, the max_elems check (conv_li has none: 0), the checked offset table (on the
+// host) and the (uninitialised) output [B, Co, Ho, Wo, D, rho, rwo].
 struct ConvLiSetup {
   ConvDims g;
   at::Tensor tab;
@@ -51,6 +52,7 @@ ConvLiSetup conv_li_setup(const at::Tensor& patches, const at::Tensor& ay_in, co
                           const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& gate,
                           const at::Tensor& ay_out, const at::Tensor& ax_out, at::IntArrayRef stride,
                           at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                          int64_t rh_out, int64_t rw_out, int64_t max_elems, const char* op);
+                          int64_t rh_out, int64_t rw_out, int64_t max_elems = 0,
+                          const char* op = "conv_li");
 
 }  // namespace nns_cuda
