@@ -728,8 +728,9 @@ def reverse_scan(graph: ScanGraph, fwd: ForwardPass, x: torch.Tensor, fg: Option
     sweep = BackwardSweep(graph, fwd, x, cut, cut_patches)
     sweep.check([q.node for q in requests])
     blocks = request_blocks(requests, dev)
-    deep = [t for t in blocks if cut is not None and dominates(graph, cut, [t[1].node])]
-    rest = [t for t in blocks if not (cut is not None and dominates(graph, cut, [t[1].node]))]
+    stops = [cut is not None and dominates(graph, cut, [t[1].node]) for t in blocks]
+    deep = [t for t, stop in zip(blocks, stops) if stop]
+    rest = [t for t, stop in zip(blocks, stops) if not stop]
     # the cut's matrix: its share of the sweep budget, then laid out before the results and any
     # rows are allocated (its patches are released then)
     matrix = cut_bytes(cut_patches, graph.nodes[cut], 0, temps=False) if deep else 0

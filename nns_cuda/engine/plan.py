@@ -335,26 +335,26 @@ def _forward_part_uncached(costs: _Costs, fwd_nodes: List[GNode], extra: List[GN
         while sizes[-1] < max_rows:
             sizes.append(min(max_rows, sizes[-1] * 2 if sizes[-1] < 8 else sizes[-1] + max(1, sizes[-1] // 2)))
 
-        def cost_of(n: int, factor: Dict[int, float]) -> float:
-            return sum(base[i] * max(1.0, factor[i]) + (n - 1) * costs.rates.node_s for i in needed)
+        def node_cost(i: int, n: int, factor: Dict[int, float]) -> float:
+            return base[i] * max(1.0, factor[i]) + (n - 1) * costs.rates.node_s
 
-        best = None
+        best = first = None
         for n in sizes:
             peak, factor = thinnest if n == max_rows else banded(n)
             if peak > fit:
                 continue
-            c = cost_of(n, factor)
-            if best is None:
+            c = sum(node_cost(i, n, factor) for i in needed)
+            if first is None:
                 first = c
             elif c > first * (1 + BAND_SLACK):
                 break
-            if best is None or peak < best[2]:
-                best = (c, n, peak, factor)
+            if best is None or peak < best[1]:
+                best = (n, peak, factor)
             if peak <= costs.band_target:
                 break
-        c, n, peak, factor = best
+        n, peak, factor = best
         for i in needed:
-            shares[owner[i]] += base[i] * max(1.0, factor[i]) + (n - 1) * costs.rates.node_s
+            shares[owner[i]] += node_cost(i, n, factor)
         return sum(shares.values()), n, peak, untiled, shares
     return math.inf, 1, untiled, untiled, shares
 
