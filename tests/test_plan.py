@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import nns_cuda as nns
-from nns_cuda.engine.plan import Plan
+from nns_cuda.engine.plan import FIT_GAIN, Plan
 from nns_cuda.ops.reference.stats import li_stats_dense
 
 from _models import SmallResNet, make, randomize_bn
@@ -325,6 +325,43 @@ def test_auto_never_plans_forward_over_the_budget():
     with pytest.raises(MemoryError, match="strategy='reverse'"):
         nns.Scanner(model, layers, strategy="forward", max_memory=1000).plan(x)
 
+
+
+def test_auto_plan_stays_within_the_batching_budget_when_a_plan_fits_there(monkeypatch):
+    """Left to the cost model, a plan holds one sample within the batching budget when some plan
+    fits there, even if one over it (within the per-sample bound) is predicted cheaper; it uses
+    the per-sample bound only when nothing fits the batching budget. VGG-16 at 224 × 224 with
+    the CPU defaults of a 24 GB machine (2 GiB batching, 6 GiB per sample): the cheapest plan
+    within 6 GiB cuts at ``features.9`` with a matrix over 2 GiB."""
+    tv = pytest.importorskip("torchvision")
+    import nns_cuda.engine.scanner as scanner_mod
+
+    torch.manual_seed(0)
+    model = tv.models.vgg16().eval()
+    x = torch.rand(1, 3, 224, 224)
+    layers = [f"features.{k}" for k in (1, 3, 6, 8, 11, 13, 15, 18, 20, 22, 25, 27, 29)]
+    gib = 1 << 30
+    monkeypatch.setattr(scanner_mod, "default_budget", lambda device, fit=False: 6 * gib if fit else 2 * gib)
+    plan = nns.Scanner(model, layers, stats=False, filter_images=True).plan(x)
+    assert plan.fit_budget == 2 * gib and plan.budget == 2 * gib, str(plan)
+    assert max(plan.forward_memory, plan.reverse_memory) <= 2 * gib, str(plan)
+    assert plan.forward_layers and plan.reverse_layers, str(plan)
+
+    wide = nns.Scanner(model, layers, stats=False, filter_images=True, max_memory=6 * gib).plan(x)
+    assert max(wide.forward_memory, wide.reverse_memory) > 2 * gib, str(wide)
+    assert wide.predicted_s < plan.predicted_s
+
+    # statistics of every neuron at 32 x 32 (per-neuron reverse sweeps): forward patches over a
+    # 64 KiB batching budget are predicted far more than FIT_GAIN times faster, so one sample's
+    # bound decides
+    small, xs, names = _case("small_resnet")
+    tiny = 64 << 10
+    monkeypatch.setattr(scanner_mod, "default_budget", lambda device, fit=False: 6 * gib if fit else tiny)
+    wide = nns.Scanner(small, names, stats=True, filter_images=False).plan(xs)
+    assert wide.fit_budget == 6 * gib and wide.budget == tiny, str(wide)
+    assert wide.forward_layers and wide.forward_memory > tiny, str(wide)
+    narrow = nns.Scanner(small, names, stats=True, filter_images=False, max_memory=tiny).plan(xs)
+    assert narrow.predicted_s > FIT_GAIN * wide.predicted_s, (str(narrow), str(wide))
 
 # ----------------------------------------------------------------------------- measured memory
 _MEMORY_SCRIPT = r"""

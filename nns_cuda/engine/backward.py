@@ -465,6 +465,8 @@ class BackwardSweep:
         """``Σ_j cot_j · LI_j`` over the cut node's neurons for every row: [R, B, *input_shape]."""
         B = self.B
         rows = g.shape[0] // B
+        if B == 1 and rows == R:  # the contraction's result as it is (no copy)
+            return self.cut_matrix(0).contract(g, self.cut_elems).unsqueeze(1)
         out = torch.zeros(R, B, *self.x.shape[1:], dtype=self.dtype, device=self.device)
         for b in range(B):
             gb = g.view(rows, B, *g.shape[1:])[:, b]
@@ -572,7 +574,7 @@ class CutMatrix:
         C, Ho, Wo = self.C, self.Ho, self.Wo
         (Jy, Jx), (Ry, Rx), (oy, ox) = self.J, self.R, self.origin
         K = self.mat.shape[-1]
-        gp = g.permute(2, 3, 0, 1).reshape(Ho, Wo * rows, C).view(Ho, Wo, rows, C)    # [y, x, rows, C]
+        gp = g.permute(2, 3, 0, 1)   # [y, x, rows, C], a view: each group's rows are gathered by its GEMM
         mat = self.mat.view(Ho, Wo, C, K)
         canvas = g.new_zeros(rows, D, *self.canvas)
         per_y = max(1, max_elems // max(1, Wo * rows * K))
@@ -776,6 +778,7 @@ def reverse_scan(graph: ScanGraph, fwd: ForwardPass, x: torch.Tensor, fg: Option
                     res["stats"][:, pos] = stats_fn(li.reshape(B, li.shape[1], *x4.shape[1:]), x4, fg).to(dt)
                 if q.images:
                     res["images"][:, pos] = li
+            del imgs, part  # before the next sweep allocates its rows
             if on_rows is not None:
                 on_rows(sum(blk.rows for _, blk, _ in chunk))
     return out

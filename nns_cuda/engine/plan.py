@@ -13,7 +13,9 @@ very different things:
 
 :func:`make_plan` predicts both for every requested layer from the receptive-field geometry
 (:mod:`nns_cuda.engine.receptive_field`), the activity measured on the recorded forward pass
-(the fraction of gates that are on) and the memory budget, and picks the cheapest assignment:
+(the fraction of gates that are on) and the memory budget, and picks the cheapest assignment
+whose working set stays within the batching budget (the larger per-sample bound only for a plan
+predicted :data:`FIT_GAIN` times faster):
 the shallowest ``k`` layers forward (their propagation is shared), the rest reverse, for every
 ``k`` whose forward working set fits — untiled, or in bands of rows
 (:func:`~nns_cuda.engine.propagate.row_tiles`) when one sample does not fit. When a node lies on
@@ -43,7 +45,7 @@ from nns_cuda.engine.inputs import image_dims
 from nns_cuda.engine.memory import format_bytes, fused_nodes, node_patch_elems, propagation_peak
 from nns_cuda.engine.propagate import row_tiles, tile_blocker
 
-__all__ = ["Rates", "RATES", "LayerPlan", "Plan", "make_plan", "activity", "forced_plan"]
+__all__ = ["Rates", "RATES", "LayerPlan", "Plan", "make_plan", "activity", "forced_plan", "BAND_SLACK", "FIT_GAIN"]
 
 
 from nns_cuda.engine._plan_records import RATES, LayerPlan, Plan, Rates, _finite, _secs  # noqa: F401
@@ -276,6 +278,11 @@ class _Costs:
 #: fraction more (a smaller working set for a few halo rows recomputed).
 BAND_SLACK = 0.05
 
+#: Left to the cost model, a plan holds one sample within the batching budget unless a plan within
+#: the larger per-sample bound is predicted at least this many times faster (forward patches at a
+#: small input against per-neuron reverse sweeps: 10-10^4 times).
+FIT_GAIN = 2.0
+
 
 def _forward_part(costs: _Costs, fwd_nodes: List[GNode], fit: int, reference: bool, keep: Sequence[int] = (),
                   extra: Sequence[GNode] = ()) -> Tuple[float, int, int, int, Dict[int, float]]:
@@ -382,7 +389,9 @@ def make_plan(graph: ScanGraph, fwd: Optional[ForwardPass], names: Sequence[str]
     esize : int
         Bytes per element of the forward patches.
     budget, fit_budget : int
-        The batching budget and the bound on one sample's working set (bytes).
+        The batching budget and the bound on one sample's working set (bytes). The cost model's
+        choice (``forward`` left to it, both strategies allowed) holds one sample within
+        ``budget`` unless a plan within ``fit_budget`` is predicted :data:`FIT_GAIN` times faster.
     stats, filters, images : bool
         What the scan computes.
     allow_forward, allow_reverse : bool
@@ -466,9 +475,9 @@ def make_plan(graph: ScanGraph, fwd: Optional[ForwardPass], names: Sequence[str]
             return f"the cut {m.name!r} does not lie on every path to any reverse layer"
         return None
 
-    def cut_candidates(fwd_set: List[GNode], rev: List[GNode]) -> List[GNode]:
+    def cut_candidates(fwd_set: List[GNode], rev: List[GNode], bound: int) -> List[GNode]:
         """Nodes the sweeps of ``rev`` could stop at: on every path to one of them, ungated,
-        and with a contraction matrix within the per-sample budget."""
+        and with a contraction matrix within ``bound`` (bytes of one sample's working set)."""
         if not rev:
             return []
         out = []
@@ -476,26 +485,26 @@ def make_plan(graph: ScanGraph, fwd: Optional[ForwardPass], names: Sequence[str]
         for m in graph.nodes[:top]:
             if m.kind in ("input", "aux", "unsupported") or m.idx not in costs.needed:
                 continue
-            if (costs.cut_elems(m.idx) + costs.elems.get(m.idx, 0)) * esize > fit_budget:
+            if (costs.cut_elems(m.idx) + costs.elems.get(m.idx, 0)) * esize > bound:
                 continue
             if cut_ok(m, fwd_set, rev) is None:
                 out.append(m)
         return out
 
-    def evaluate(fwd_set: List[GNode], rev: List[GNode], cut_choice):
+    def evaluate(fwd_set: List[GNode], rev: List[GNode], cut_choice, bound: int = fit_budget):
         keep_options: List[Optional[GNode]] = [None]
         if cut_choice == "auto":
-            keep_options += cut_candidates(fwd_set, rev)
+            keep_options += cut_candidates(fwd_set, rev, bound)
         elif cut_choice is not None:
             keep_options = [cut_choice]
         best = None
         fwd_idx = {g.idx for g in fwd_set}
         for m in keep_options:
             extra = [] if m is None or m.idx in fwd_idx else [m]
-            f_cost, tiles, f_mem, need, shares = _forward_part(costs, fwd_set, fit_budget, reference,
+            f_cost, tiles, f_mem, need, shares = _forward_part(costs, fwd_set, bound, reference,
                                                               keep=() if m is None else (m.idx,), extra=extra)
             r_cost, r_shares, r_mem = reverse_cost(rev, None if m is None else m.idx)
-            if m is not None and (r_mem > fit_budget or not math.isfinite(r_cost)):
+            if m is not None and (r_mem > bound or not math.isfinite(r_cost)):
                 continue
             if m is not None and m.idx not in fwd_idx:  # the cut's own propagation: the first reverse layer's
                 r_shares[rev[0].idx] += shares.pop(m.idx, 0.0)
@@ -536,17 +545,26 @@ def make_plan(graph: ScanGraph, fwd: Optional[ForwardPass], names: Sequence[str]
         mode = "given"
         candidates = [(fwd_set, rev, best)]
     else:
-        candidates = []
         ks = range(len(req) + 1)
         if not allow_reverse:
             ks = [len(req)]
         elif not allow_forward:
             ks = [0]
-        for k in ks:
-            fwd_set, rev = req[:k], req[k:]
-            best = evaluate(fwd_set, rev, cut if cut in ("auto", None) else graph.resolve(cut))
-            if best is not None:
-                candidates.append((fwd_set, rev, best))
+        # the cheapest plan within the batching budget, unless one within one sample's bound is
+        # predicted FIT_GAIN times faster (the forced strategies take one sample's bound)
+        bounds = (min(budget, fit_budget), fit_budget) if allow_forward and allow_reverse else (fit_budget,)
+        tiers = []
+        for bound in dict.fromkeys(bounds):
+            cands = []
+            for k in ks:
+                fwd_set, rev = req[:k], req[k:]
+                best = evaluate(fwd_set, rev, cut if cut in ("auto", None) else graph.resolve(cut), bound)
+                if best is not None:
+                    cands.append((fwd_set, rev, best))
+            tiers.append((bound, cands, min((c[2][0] for c in cands), default=math.inf)))
+        fit_budget, candidates, _ = tiers[-1]
+        if len(tiers) == 2 and math.isfinite(tiers[0][2]) and tiers[0][2] <= FIT_GAIN * tiers[1][2]:
+            fit_budget, candidates, _ = tiers[0]   # what the plan holds one sample to (recorded below)
         mode = "auto" if allow_forward and allow_reverse else ("forward" if not allow_reverse else "reverse")
     feasible = [c for c in candidates if math.isfinite(c[2][0])]
     if not feasible:

@@ -332,7 +332,7 @@ class Scanner:
                                  f"runs autograd in the input's dtype ({x.dtype})")
         if (plan.mode == "auto" and plan.memory_bound and plan.strategy == "reverse" and not self._warned_reverse):
             self._warned_reverse = True
-            warnings.warn(reverse_fallback_message(plan.forward_need, ctx["fit_budget"]), UserWarning, stacklevel=3)
+            warnings.warn(reverse_fallback_message(plan.forward_need, plan.fit_budget), UserWarning, stacklevel=3)
         fplan = ScanPlan(prec, storage, out_dtype, ctx["algo"], gemm_max_elems(budget, storage))
         rplan = ScanPlan(prec, x.dtype, x.dtype, "autograd", 0)
         any_forward = bool(plan.forward_layers)
