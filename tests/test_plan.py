@@ -249,6 +249,58 @@ def test_cpu_sweeps_stay_within_the_sweep_cap_whatever_the_budget(monkeypatch, c
     _check_against_autograd(model, x, res, layers)
 
 
+
+def _one_channel_net():
+    """Convs the row-by-row transposed conv takes (3 × 3 padded and valid, dilated, 1 × 1) and
+    ones it leaves to the dense conv (stride 2, grouped, padding beyond the kernel's reach)."""
+    torch.manual_seed(5)
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(),                # 1
+        nn.Conv2d(6, 8, 3, stride=2, padding=1), nn.ReLU(),      # 3: strided
+        nn.Conv2d(8, 8, 3, padding=2, dilation=2), nn.ReLU(),    # 5: dilated
+        nn.Conv2d(8, 8, 3, groups=2, padding=1), nn.ReLU(),      # 7: grouped
+        nn.Conv2d(8, 6, 1, padding=1), nn.ReLU(),                # 9: padding beyond a 1 x 1 kernel
+        nn.Conv2d(6, 5, 3), nn.ReLU(),                           # 11: valid
+        nn.Conv2d(5, 4, 1), nn.BatchNorm2d(4), nn.ReLU(),        # 14: BN scale folded into a 1 x 1
+    ).double().eval()
+
+
+@pytest.mark.parametrize("case", ["small_resnet", "small_resnet_b2", "one_channel_net"])
+def test_one_channel_rows_take_the_row_by_row_transposed_conv_with_the_same_results(monkeypatch, case):
+    """A layer's own cotangent rows are non-zero in one channel each (filter rows, and one-hot
+    neuron rows): through gates, BN scales and residual sums to the first transposed conv, which
+    then runs as one small GEMM per row. With and without it the reverse scans agree and equal
+    autograd."""
+    from nns_cuda.engine import backward as bw
+
+    if case == "one_channel_net":
+        model = randomize_bn(_one_channel_net())
+        x = torch.rand(2, 3, 13, 13, generator=torch.Generator().manual_seed(4), dtype=torch.float64) - 0.3
+        layers = ["1", "3", "5", "7", "9", "11", "14"]
+    else:
+        model, x, layers = _case("small_resnet", 2 if case.endswith("b2") else 1)
+    taken = []
+    conv = bw.BackwardSweep._conv
+
+    def counted(self, node, g, owned):
+        taken.append(self._chan is not None and bw.one_channel_ok(node))
+        return conv(self, node, g, owned)
+
+    monkeypatch.setattr(bw.BackwardSweep, "_conv", counted)
+    out = {}
+    for on in (True, False):
+        if not on:
+            monkeypatch.setattr(bw, "one_channel_ok", lambda node: False)
+        taken.clear()
+        sc = nns.Scanner(model, layers, backend="reference", stats=True, filter_images=True, strategy="reverse")
+        out[on] = sc.scan(x)
+        assert any(taken) == on and not all(taken)
+    for n in layers:
+        for key in ("filter_images", "stats"):
+            assert rel_err(getattr(out[True][n], key), getattr(out[False][n], key)) <= TOL, (n, key)
+    _check_against_autograd(model, x, out[True], layers)
+
+
 @pytest.mark.parametrize("cut", ["mixed", "pool"])
 def test_mixed_plan_with_a_cut_through_concatenations_equals_autograd(cut):
     """A cut at a forward layer (``mixed``, a concatenation) or at a node that is no requested

@@ -40,8 +40,8 @@ from nns_cuda.engine.rules import bn_scale
 from nns_cuda.ops.reference.stats import NUM_STATS
 
 __all__ = ["RowBlock", "ReverseRequest", "reverse_scan", "request_blocks", "BackwardSweep", "dominates", "grad_reach",
-           "no_gradient_path", "sweep_bytes_per_row", "channels_last_wanted", "CutMatrix", "cut_bytes", "cut_temp_elems",
-           "CPU_SWEEP_BYTES", "sweep_budget"]
+           "no_gradient_path", "sweep_bytes_per_row", "one_channel_ok", "channels_last_wanted", "CutMatrix",
+           "cut_bytes", "cut_temp_elems", "CPU_SWEEP_BYTES", "sweep_budget"]
 
 
 @dataclass
@@ -117,6 +117,21 @@ def channels_last_wanted(shape: Tuple[int, ...]) -> bool:
     return len(shape) == 3 and shape[1] * shape[2] >= 196
 
 
+#: node kinds whose VJP keeps a row's single non-zero channel (elementwise gates, per-channel
+#: scales, sums handing the same cotangent to their operands)
+CHANNEL_WISE = frozenset(ACTIVATIONS) | {"bn", "identity", "add"}
+
+
+def one_channel_ok(node: GNode) -> bool:
+    """Whether the transposed conv of ``node`` (a conv) runs row by row when each row is
+    non-zero in one channel (:meth:`BackwardSweep._conv_one_channel`): ungrouped, stride 1, and
+    a padding within the dilated kernel's reach (the windows of the transposed map)."""
+    a = node.attrs
+    if node.kind != "conv" or len(node.shape) != 3 or int(a["groups"]) != 1 or tuple(a["stride"]) != (1, 1):
+        return False
+    return all(0 <= p <= d * (k - 1) for k, p, d in zip(a["kernel"], a["padding"], a["dilation"]))
+
+
 def sweep_bytes_per_row(graph: ScanGraph, nodes: Sequence[GNode], cut: Optional[int], batch: int,
                         esize: int) -> int:
     """Working-set bytes of one cotangent row in a sweep for ``nodes`` (stopping at ``cut``):
@@ -167,6 +182,7 @@ class BackwardSweep:
         self._fold: Set[int] = set()       # convs whose BN scale this sweep folds into the weights
         self._own: Dict[int, list] = {}
         self._stop: Optional[int] = None
+        self._chan: Optional[torch.Tensor] = None   # the node being swept: its rows' one channel, or None
         self.cut_elems = CUT_CHUNK_ELEMS  # bound of the cut contraction's result groups
         self.gate_outputs = fwd.gate_outputs
         self.vjps: Dict[str, Callable] = {
@@ -257,15 +273,16 @@ class BackwardSweep:
         stop = self.cut if stop_at_cut else None
         self._own, self._stop, self._fold = own, stop, set()
         need = self.graph.ancestors(list(own))
-        pending: Dict[int, List[Tuple[torch.Tensor, bool]]] = {}
+        pending: Dict[int, List[Tuple[torch.Tensor, bool, Optional[torch.Tensor]]]] = {}
         for node in reversed(self.graph.nodes):
             if node.idx not in need or node.idx not in self.reach:
                 continue
             contribs = pending.pop(node.idx, [])
             if not contribs and node.idx not in own:
                 continue
-            g, owned = self._gather(node, contribs, own.get(node.idx, []))
+            g, owned, chan = self._gather(node, contribs, own.get(node.idx, []))
             del contribs
+            self._chan = chan
             if node.idx == stop:
                 return self._contract(g, R)
             if node.kind == "input":
@@ -276,42 +293,75 @@ class BackwardSweep:
                 return out
             if not _passes_gradient(node):
                 continue
+            keeps = chan if node.kind in CHANNEL_WISE else None  # the rows' single channel passes through
             for i, contrib, c_owned in self.vjps.get(node.kind, self._unhandled)(node, g, owned):
                 if i in self.reach:
-                    pending.setdefault(i, []).append((contrib, c_owned))
+                    pending.setdefault(i, []).append((contrib, c_owned, keeps))
             del g
         raise AssertionError("the sweep did not reach the input")  # pragma: no cover - check() guards it
 
-    def _gather(self, node: GNode, contribs: List[Tuple[torch.Tensor, bool]],
-                own: List[Tuple[int, RowBlock]]) -> Tuple[torch.Tensor, bool]:
-        """The cotangent of ``node`` over rows ``[0, end)`` and whether it is owned: the users'
-        contributions (each over a prefix of the rows) summed — into an owned full-length one
-        where there is one — and the node's own rows placed at their offsets."""
+    def _gather(self, node: GNode, contribs: List[Tuple[torch.Tensor, bool, Optional[torch.Tensor]]],
+                own: List[Tuple[int, RowBlock]]) -> Tuple[torch.Tensor, bool, Optional[torch.Tensor]]:
+        """The cotangent of ``node`` over rows ``[0, end)``, whether it is owned, and its rows'
+        channels (:meth:`_channels`): the users' contributions (each over a prefix of the rows)
+        summed — into an owned full-length one where there is one — and the node's own rows
+        placed at their offsets."""
         B = self.B
         mine = [(s * B, self.cotangent(b)) for s, b in own]
-        end = max([c.shape[0] for c, _ in contribs] + [s + m.shape[0] for s, m in mine])
+        end = max([c.shape[0] for c, _, _ in contribs] + [s + m.shape[0] for s, m in mine])
+        chan = self._channels(end, contribs, own)
         if len(contribs) == 1 and not mine and contribs[0][0].shape[0] == end:
-            return contribs[0]
+            return contribs[0][0], contribs[0][1], chan
         if not contribs and len(mine) == 1 and mine[0][0] == 0:
-            return mine[0][1], True
+            return mine[0][1], True, chan
         if len(contribs) == 1 and len(mine) == 1 and mine[0][0] == contribs[0][0].shape[0]:
-            return torch.cat([contribs[0][0], mine[0][1]]), True
-        base = next((k for k, (c, o) in enumerate(contribs) if o and c.shape[0] == end), None)
+            return torch.cat([contribs[0][0], mine[0][1]]), True, chan
+        base = next((k for k, (c, o, _) in enumerate(contribs) if o and c.shape[0] == end), None)
         if base is None:
             cl = any(c.dim() == 4 and c.is_contiguous(memory_format=torch.channels_last) and not c.is_contiguous()
-                     for c, _ in contribs) or (node.shape and channels_last_wanted(node.shape) and not contribs)
+                     for c, _, _ in contribs) or (node.shape and channels_last_wanted(node.shape) and not contribs)
             if cl and len(node.shape) == 3:
                 g = _zeros_cl((end, *node.shape), self.dtype, self.device)
             else:
                 g = torch.zeros(end, *node.shape, dtype=self.dtype, device=self.device)
         else:
             g = contribs[base][0]
-        for k, (c, _) in enumerate(contribs):
+        for k, (c, _, _) in enumerate(contribs):
             if k != base:
                 g[: c.shape[0]] += c
         for s, m in mine:
             g[s: s + m.shape[0]] += m
-        return g, True
+        return g, True, chan
+
+    def _channels(self, end: int, contribs: List[Tuple[torch.Tensor, bool, Optional[torch.Tensor]]],
+                  own: List[Tuple[int, RowBlock]]) -> Optional[torch.Tensor]:
+        """For each of the ``end`` cotangent rows of a node, the one channel it is non-zero in, or
+        -1 ([end] int64; None when no row has one): a layer's own rows are (a filter's ``g ⊙ a``
+        sits in its channel, a neuron's one-hot in the neuron's), and a contribution keeps its
+        rows' channels through gates, per-channel scales and sums (:data:`CHANNEL_WISE`). A row
+        that several sources cover counts as dense."""
+        srcs = [(0, c.shape[0], ch) for c, _, ch in contribs]
+        srcs += [(s * self.B, (s + b.rows) * self.B, self._row_channels(b)) for s, b in own]
+        if all(ch is None for _, _, ch in srcs):
+            return None
+        chan = torch.full((end,), -1, dtype=torch.long, device=self.device)
+        count = torch.zeros(end, dtype=torch.long, device=self.device)
+        for lo, hi, ch in srcs:
+            count[lo:hi] += 1
+            if ch is not None:
+                chan[lo:hi] = ch
+        chan[count != 1] = -1
+        return chan if bool((chan >= 0).any()) else None
+
+    def _row_channels(self, block: RowBlock) -> Optional[torch.Tensor]:
+        """The one channel each of the block's cotangent rows is non-zero in ([rows·B], row-major
+        over the samples), for a layer of shape [C, H, W]; None otherwise."""
+        node = block.node
+        if len(node.shape) != 3:
+            return None
+        idx = block.index.to(self.device)
+        ch = idx if block.kind == "filters" else idx // (node.shape[1] * node.shape[2])
+        return ch.repeat_interleave(self.B)
 
     # ------------------------------------------------------------------ node VJPs
     # each returns [(input index, contribution, owned)]
@@ -356,11 +406,40 @@ class BackwardSweep:
             if node.idx in self._fold:  # the BN scale this sweep skipped
                 g = g * bn_scale(self.graph.nodes[node.users[0]].module, self.dtype).view(-1, 1, 1)
             return self._by_autograd(node, g, owned)
+        chan, k = self._chan, g.shape[0]
+        if chan is not None and one_channel_ok(node):
+            pure = chan >= 0   # rows non-zero in one channel: a suffix of the rows (a layer's own rows) or all
+            k = int(pure.numel() - pure.flip(0).cumprod(0).sum())
+            if k == 0:
+                return [(node.inputs[0], self._conv_one_channel(node, g, chan), True)]
         cl = channels_last_wanted(node.shape)
-        g = g.contiguous(memory_format=torch.channels_last) if cl else g.contiguous()
+        dense = g[:k] if k < g.shape[0] else g
+        dense = dense.contiguous(memory_format=torch.channels_last) if cl else dense.contiguous()
         w = self._weight(node, cl)
-        out = F.conv_transpose2d(g, w, None, (sh, sw), (ph, pw), (oph, opw), int(a["groups"]), (dh, dw))
+        out = F.conv_transpose2d(dense, w, None, (sh, sw), (ph, pw), (oph, opw), int(a["groups"]), (dh, dw))
+        if k < g.shape[0]:
+            rest = self._conv_one_channel(node, g[k:], chan[k:])
+            out = torch.cat([out, rest.contiguous(memory_format=torch.channels_last if _is_cl(out)
+                                                  else torch.contiguous_format)])
         return [(node.inputs[0], out, True)]
+
+    def _conv_one_channel(self, node: GNode, g: torch.Tensor, chan: torch.Tensor) -> torch.Tensor:
+        """The transposed conv (stride 1, :func:`one_channel_ok`) of rows that are non-zero in one
+        channel each (``chan`` [rows]): row ``r`` is its map ``g[r, chan[r]]`` correlated with the
+        flipped filter ``W[chan[r]]`` — the map's windows (``F.unfold``) times the filter, one GEMM
+        per row with ``K = k_h·k_w`` (the dense transposed conv would multiply every channel's
+        zeros). Channels-last when the input map runs so (:func:`channels_last_wanted`)."""
+        a = node.attrs
+        src = self.graph.nodes[node.inputs[0]]
+        n, (C, H, W) = g.shape[0], node.shape
+        Ci, Hi, Wi = src.shape
+        (kh, kw), (ph, pw), (dh, dw) = a["kernel"], a["padding"], a["dilation"]
+        sel = g.gather(1, chan.view(n, 1, 1, 1).expand(n, 1, H, W))
+        cols = F.unfold(sel, (kh, kw), dilation=(dh, dw), padding=(dh * (kh - 1) - ph, dw * (kw - 1) - pw))
+        w = self._weight(node)[chan].flip(2, 3).reshape(n, Ci, kh * kw)   # [n, C_in, taps]
+        if channels_last_wanted(src.shape):
+            return torch.bmm(cols.transpose(1, 2), w.transpose(1, 2)).view(n, Hi, Wi, Ci).permute(0, 3, 1, 2)
+        return torch.bmm(w, cols).view(n, Ci, Hi, Wi)
 
     def _weight(self, node: GNode, cl: bool = False) -> torch.Tensor:
         """The node's weight in the sweep's dtype (a conv's with the scale of a BN this sweep
@@ -565,8 +644,9 @@ class CutMatrix:
     def contract(self, g: torch.Tensor, max_elems: int = CUT_CHUNK_ELEMS) -> torch.Tensor:
         """``Σ_j g[r, j] · LI_j`` for cotangent rows ``g`` [rows, *node shape]: [rows, D, H, W].
 
-        All rows at once, the positions in groups (grid rows of the cut) whose GEMM results
-        hold at most ``max_elems`` elements; each window is added into the canvas right away."""
+        All rows at once, the positions in groups (grid rows of the cut) whose GEMM results and
+        their transpose hold at most ``max_elems`` elements together; each group's windows are
+        overlap-added into the canvas by one ``F.fold`` (col2im)."""
         rows = g.shape[0]
         D, H, W = self.input_shape
         if self.dense:
@@ -577,17 +657,22 @@ class CutMatrix:
         gp = g.permute(2, 3, 0, 1)   # [y, x, rows, C], a view: each group's rows are gathered by its GEMM
         mat = self.mat.view(Ho, Wo, C, K)
         canvas = g.new_zeros(rows, D, *self.canvas)
-        per_y = max(1, max_elems // max(1, Wo * rows * K))
+        # a group's GEMM results and their transpose for the overlap-add are alive together
+        per_y = max(1, max_elems // max(1, 2 * Wo * rows * K))
+        bw = (Wo - 1) * Jx + Rx
+        cx = ox - self.P[1]
         for y0 in range(0, Ho, per_y):
             y1 = min(Ho, y0 + per_y)
             n = (y1 - y0) * Wo
-            vals = torch.bmm(gp[y0:y1].reshape(n, rows, C), mat[y0:y1].reshape(n, C, K))
-            vals = vals.view(y1 - y0, Wo, rows, D, Ry, Rx)
-            for y in range(y0, y1):
-                cy = y * Jy - self.P[0] + oy
-                for x in range(Wo):
-                    cx = x * Jx - self.P[1] + ox
-                    canvas[:, :, cy: cy + Ry, cx: cx + Rx] += vals[y - y0, x]
+            vals = torch.bmm(gp[y0:y1].reshape(n, rows, C), mat[y0:y1].reshape(n, C, K))     # [n, rows, K]
+            # overlap-add of the group's windows (one grid row every Jy rows, one window every Jx
+            # columns): col2im of the windows as columns [rows, K, n]
+            bh = (y1 - y0 - 1) * Jy + Ry
+            band = F.fold(vals.permute(1, 2, 0), (bh, bw), (Ry, Rx), stride=(Jy, Jx))          # [rows, D, bh, bw]
+            del vals
+            cy = y0 * Jy - self.P[0] + oy
+            canvas[:, :, cy: cy + bh, cx: cx + bw] += band
+            del band
         return canvas[:, :, oy: oy + H, ox: ox + W]
 
 
