@@ -287,6 +287,21 @@ def test_one_channel_rows_take_the_row_by_row_transposed_conv_with_the_same_resu
         return conv(self, node, g, owned)
 
     monkeypatch.setattr(bw.BackwardSweep, "_conv", counted)
+    # one layer per scan: the convs that took the row-by-row path are the ones the plan prices so
+    from nns_cuda.engine.plan import RATES, _Costs
+    sc = nns.Scanner(model, layers, backend="reference", stats=False, filter_images=True, strategy="reverse")
+    graph = sc.graph(x)
+    seen = []
+    one = bw.BackwardSweep._conv_one_channel
+    monkeypatch.setattr(bw.BackwardSweep, "_conv_one_channel",
+                        lambda self, node, g, chan: seen.append(node.idx) or one(self, node, g, chan))
+    for n in layers:
+        node = graph.resolve(n)
+        seen.clear()
+        nns.Scanner(model, [n], backend="reference", stats=False, filter_images=True, strategy="reverse").scan(x)
+        costs = _Costs(graph, None, [node], RATES["cpu"], 8, False, True, False)
+        assert costs.one_channel_convs(node, costs.swept([node], None)) == set(seen), n
+    monkeypatch.setattr(bw.BackwardSweep, "_conv_one_channel", one)
     out = {}
     for on in (True, False):
         if not on:
