@@ -2,7 +2,7 @@
 against the batched VJP users write themselves.
 
     python -m benchmarks.bench_res224 [--quick] [--json PATH] [--workloads resnet18_filters,...]
-                                      [--vjp-chunks N] [--stats-layers 5] [--max-memory 3G]
+                                      [--vjp-chunks N] [--stats-layers 5] [--max-memory 3G] [--repeats N]
 
 Workloads (one image ``torch.rand(1, 3, S, S)``, torchvision models with random weights, seed 0,
 float32, torch's default threads):
@@ -35,7 +35,9 @@ or the sampled filters / neurons' statistics) to a scratch folder; the scanner's
 its own output with it before reporting — ``torch.allclose(ours, theirs, rtol=0, atol=1e-4 ·
 max|theirs|)`` per layer for filter images, :func:`benchmarks.common.stats_errors` ≤ 1e-4 for
 statistics — and a row that fails is marked ``verified: false`` (its time is then not used for
-the ratio). ``uptime`` is recorded before and after the run (the machine is shared).
+the ratio). ``uptime`` is recorded before and after the run (the machine is shared). With
+``--repeats N`` the two methods run N times each, alternating; a row's time is the median of its
+runs (all recorded, with each run's ratio) and its peak the largest.
 
 ``--quick`` runs the same code on ResNet-18 at 32 × 32 (every workload but VGG-16; three filter
 layers, two statistics layers, one baseline chunk per layer) in seconds (``tests/test_benchmarks.py``). Nothing here asserts a speed: figures are measured and reported.
@@ -50,6 +52,7 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import resource  # noqa: E402
+import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -300,13 +303,27 @@ def _units(spec: Dict[str, Any]) -> int:
     return sum(s[0] if spec["task"] == "filters" else math.prod(s) for s in shapes)
 
 
+def _combine(rs: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """One row from a method's runs: the first run's record with the median time (and every run's
+    time) and the largest peak (and every run's peak)."""
+    if any("error" in r for r in rs):
+        return next(r for r in rs if "error" in r)
+    row = dict(rs[0])
+    if len(rs) > 1:
+        row["runs_s"] = [r["total_s"] for r in rs]
+        row["total_s"] = statistics.median(row["runs_s"])
+        row["peak_runs_bytes"] = [r["peak_growth_bytes"] for r in rs]
+        row["peak_growth_bytes"] = max(row["peak_runs_bytes"])
+    return row
+
+
 def run(names: Sequence[str], quick: bool, stats_layers: int, vjp_chunks: Optional[int], max_memory: Optional[str],
-        timeout: Optional[float], log=print) -> Dict[str, Any]:
+        timeout: Optional[float], log=print, repeats: int = 1) -> Dict[str, Any]:
     from .common import env_info
 
     doc: Dict[str, Any] = {"schema": SCHEMA, "env": env_info("cpu"), "uptime_before": _uptime(),
                            "config": {"quick": quick, "workloads": list(names), "stats_layers": stats_layers,
-                                      "vjp_chunks": vjp_chunks, "max_memory": max_memory,
+                                      "vjp_chunks": vjp_chunks, "max_memory": max_memory, "repeats": repeats,
                                       "filters_per_call": FILTERS_PER_CALL, "tol": TOL},
                            "workloads": {}, "rows": []}
     t_start = time.time()
@@ -318,34 +335,46 @@ def run(names: Sequence[str], quick: bool, stats_layers: int, vjp_chunks: Option
                                   "task": spec["task"], unit: units, "vjp_chunks_per_layer": spec["chunks"] or "all"}
         log(f"[{name}] {spec['model']} @{spec['size']}: {len(spec['layers'])} layers, {units:,} {unit}")
         with tempfile.TemporaryDirectory(prefix="nns-res224-") as ref:
+            runs: Dict[str, List[Dict[str, Any]]] = {"user_vjp": [], "scanner": []}
+            for k in range(repeats):   # the methods alternate: the machine's drift reaches both
+                for method in ("user_vjp", "scanner"):
+                    w = dict(spec, method=method, ref_dir=ref, max_memory=max_memory)
+                    r = _run_worker(w, timeout)
+                    runs[method].append(r)
+                    if "error" in r:
+                        log(f"  {method}: ERROR {r['error'][:400]}")
+                        break
+                    log(f"  {method}{f' (run {k + 1}/{repeats})' if repeats > 1 else ''}: {r['total_s']:.2f} s"
+                        f"{' (extrapolated)' if r.get('extrapolated') else ''}, "
+                        f"{units / r['total_s']:,.1f} {unit}/s, peak +{r['peak_growth_bytes'] / 2**20:,.0f} MiB"
+                        + (f", check {'ok' if r['check']['verified'] else 'FAILED'} (rel. err "
+                           f"{r['check']['rel_err']:.1e})" if method == "scanner" else ""))
+                    if method == "scanner" and k == 0:
+                        log("    " + r["plan_text"].replace("\n", "\n    "))
+                if any("error" in r for rs in runs.values() for r in rs):
+                    break
             rows = {}
-            for method in ("user_vjp", "scanner"):
-                w = dict(spec, method=method, ref_dir=ref, max_memory=max_memory)
-                r = _run_worker(w, timeout)
-                row = {"workload": name, "method": method, "units": units, "unit": unit, **r}
-                if "error" not in r:
-                    row["units_per_s"] = units / r["total_s"]
+            for method, rs in runs.items():
+                if not rs:
+                    continue
+                row = {"workload": name, "method": method, "units": units, "unit": unit, **_combine(rs)}
+                if "error" not in row:
+                    row["units_per_s"] = units / row["total_s"]
                     if method == "scanner":
-                        row["verified"] = r["check"]["verified"]
-                        row["rel_err"] = r["check"]["rel_err"]
+                        row["verified"] = all(r["check"]["verified"] for r in rs)
+                        row["rel_err"] = max(r["check"]["rel_err"] for r in rs)
                     else:
                         row["verified"] = True  # the reference itself
-                    log(f"  {method}: {r['total_s']:.2f} s{' (extrapolated)' if r.get('extrapolated') else ''}, "
-                        f"{row['units_per_s']:,.1f} {unit}/s, peak +{r['peak_growth_bytes'] / 2**20:,.0f} MiB"
-                        + (f", check {'ok' if row['verified'] else 'FAILED'} (rel. err {row['rel_err']:.1e})"
-                           if method == "scanner" else ""))
-                    if method == "scanner":
-                        log("    " + r["plan_text"].replace("\n", "\n    "))
-                else:
-                    log(f"  {method}: ERROR {r['error'][:400]}")
                 rows[method] = row
                 doc["rows"].append(row)
-                if method == "user_vjp" and "error" in r:
-                    break
             b, s = rows.get("user_vjp", {}), rows.get("scanner", {})
             if s.get("verified") and "total_s" in b and "total_s" in s:
                 s["speedup_vs_user_vjp"] = b["total_s"] / s["total_s"]
-                log(f"  scanner / user_vjp: {s['speedup_vs_user_vjp']:.2f}x")
+                if repeats > 1:
+                    s["speedup_per_run"] = [x / y for x, y in zip(b["runs_s"], s["runs_s"])]
+                log(f"  scanner / user_vjp: {s['speedup_vs_user_vjp']:.2f}x"
+                    + (f" (medians of {repeats} runs; per run "
+                       f"{', '.join(f'{v:.2f}' for v in s['speedup_per_run'])})" if repeats > 1 else ""))
     doc["uptime_after"] = _uptime()
     doc["wall_s"] = time.time() - t_start
     doc["goals"] = [{"goal": f"{r['workload']}: scanner vs users' batched VJP", "target": f">= {GOAL:g}x",
@@ -382,6 +411,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "2 for VGG-16 and the statistics), extrapolated to all")
     p.add_argument("--max-memory", default=None, help="the scanner's max_memory (default: its own default)")
     p.add_argument("--timeout", type=float, default=None, help="seconds per worker")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="runs of each method, alternating (times: medians; peaks: the largest)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     a = p.parse_args(list(argv) if argv is not None else None)
     if a.worker:
@@ -393,8 +424,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if n not in WORKLOADS:
             print(f"unknown workload {n!r}; known: {list(WORKLOADS)}", file=sys.stderr)
             return 1
+    if a.repeats < 1:
+        print(f"--repeats must be at least 1, got {a.repeats}", file=sys.stderr)
+        return 1
     doc = run(names, a.quick, a.stats_layers, a.vjp_chunks, a.max_memory, a.timeout,
-              log=lambda m: print(m, file=sys.stderr, flush=True))
+              log=lambda m: print(m, file=sys.stderr, flush=True), repeats=a.repeats)
     if a.json:
         from .common import write_json
 

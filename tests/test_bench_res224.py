@@ -57,3 +57,20 @@ def test_workload_specs_name_the_layers_of_the_full_run():
     assert len(vgg["layers"]) == 13 and vgg["chunks"] == 2
     stats = bench_res224.workload_spec("resnet18_stats", False, 5, None)
     assert stats["layers"] == full["layers"][:5] and stats["task"] == "stats"
+
+
+def test_repeats_alternate_the_methods_and_report_medians_and_the_largest_peak(tmp_path):
+    out = tmp_path / "res224.json"
+    rc = bench_res224.main(["--quick", "--workloads", "resnet18_filters", "--repeats", "2", "--json", str(out)])
+    assert rc == 0
+    doc = json.loads(out.read_text())
+    assert doc["config"]["repeats"] == 2
+    rows = {r["method"]: r for r in doc["rows"]}
+    for r in rows.values():
+        assert len(r["runs_s"]) == 2 and len(r["peak_runs_bytes"]) == 2
+        assert min(r["runs_s"]) <= r["total_s"] <= max(r["runs_s"])
+        assert r["peak_growth_bytes"] == max(r["peak_runs_bytes"])
+    s, b = rows["scanner"], rows["user_vjp"]
+    assert s["verified"] and s["speedup_vs_user_vjp"] == b["total_s"] / s["total_s"]
+    assert s["speedup_per_run"] == [x / y for x, y in zip(b["runs_s"], s["runs_s"])]
+    assert bench_res224.main(["--quick", "--repeats", "0"]) == 1
