@@ -126,6 +126,8 @@ class _Costs:
         self._fwd_node: Dict[int, float] = {}
         self._rev_node: Dict[int, float] = {}
         self.parts: Dict[tuple, tuple] = {}
+        # peak and per-node row factors of a propagation in n bands: whatever bound it is held to
+        self.bands: Dict[tuple, Tuple[int, Dict[int, float]]] = {}
 
     # --------------------------------------------------------------- forward
     def window(self, g: GNode) -> int:
@@ -368,6 +370,9 @@ def _forward_part_uncached(costs: _Costs, fwd_nodes: List[GNode], extra: List[GN
     max_rows = max(graph.nodes[i].shape[1] for i in req)
 
     def banded(n: int) -> Tuple[int, Dict[int, float]]:
+        key = (tuple(req), tuple(keep), reference, n)
+        if key in costs.bands:
+            return costs.bands[key]
         peak, factor = 0, {i: 0.0 for i in needed}
         for t in row_tiles(graph, req, n):
             elems = {i: costs.elems[i] * (t.rows[i][1] - t.rows[i][0]) // max(1, _height(graph, i))
@@ -375,7 +380,8 @@ def _forward_part_uncached(costs: _Costs, fwd_nodes: List[GNode], extra: List[GN
             peak = max(peak, propagation_peak(graph, [r for r in req if r in t.rows], elems, costs.esize, reference))
             for i, (lo, hi) in t.rows.items():
                 factor[i] += (hi - lo) / max(1, _height(graph, i))
-        return peak + kept, factor  # a kept cut is assembled from the bands: all of it at the end
+        costs.bands[key] = (peak + kept, factor)  # a kept cut is assembled from the bands: all of it at the end
+        return costs.bands[key]
 
     thinnest = banded(max_rows)
     if thinnest[0] <= fit:  # bands of one row fit: the fewest bands that do, or more (below)
